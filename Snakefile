@@ -1,0 +1,23 @@
+# Decoupled training experiments: data -> training -> evaluation -> tables and figures.
+# Run `snakemake --cores all` (add `--use-conda` to let Snakemake build the envs in envs/).
+# The rules live in workflow/rules/; the work is done by the `decoupled` package's CLI (src/).
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/tracking.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        report_outputs(),
+    default_target: True

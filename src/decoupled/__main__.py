@@ -1,0 +1,5 @@
+import sys
+
+from decoupled.cli import main
+
+sys.exit(main())

@@ -1,0 +1,198 @@
+"""``decoupled``: the command line the Snakemake rules call (and users may call by hand).
+
+Every subcommand takes what it needs and no more, so that Snakemake re-runs a step only
+when its own settings change. Input problems end with one line, ``decoupled: error: ...``,
+and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from decoupled.errors import UserError
+
+
+def _json_arg(text: str, what: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{what} is not valid JSON: {e}") from None
+
+
+def _experiment_config(args) -> dict:
+    from decoupled import config
+
+    if getattr(args, "config_json", None) is not None:
+        return config.validate(_json_arg(args.config_json, "--config-json"))
+    return config.load(args.config)
+
+
+def _tracking(path: str | None) -> dict | None:
+    from decoupled.files import read_json
+
+    return read_json(path) if path else None
+
+
+def cmd_prepare_data(args) -> None:
+    from decoupled import data
+
+    if args.dataset_json is not None:
+        from decoupled import config
+
+        dataset = config.validate_section("dataset", _json_arg(args.dataset_json, "--dataset-json"))
+    else:
+        dataset = _experiment_config(args)["dataset"]
+    summary = data.prepare(
+        dataset["name"],
+        args.out,
+        dataset["root"],
+        download=dataset["download"],
+        download_dir=str(Path(args.out).parent / "downloads"),
+        subset_per_class=dataset["subset_per_class"],
+        test_subset_per_class=dataset["test_subset_per_class"],
+        verify_checksums=dataset["verify_checksums"],
+    )
+    print(f"prepared {summary['name']}: {summary['n_train']} train / {summary['n_test']} test images from {summary['source']} -> {args.out}", file=sys.stderr)
+
+
+def cmd_init_tracking(args) -> None:
+    from decoupled.files import write_json
+    from decoupled.tracking import init_experiment
+
+    if args.config is not None:
+        cfg = _experiment_config(args)
+    elif args.experiment is not None:
+        cfg = {"experiment": args.experiment, "tracking_uri": args.tracking_uri}
+    else:
+        raise UserError("init-tracking needs --config, or --experiment (with --tracking-uri)")
+    info = init_experiment(cfg)
+    write_json(args.out, info)
+    print(f"MLflow experiment '{info['experiment']}' ({info['tracking_uri']}), parent run {info['parent_run_id']}", file=sys.stderr)
+
+
+def cmd_train(args) -> None:
+    from decoupled import grid
+    from decoupled.train import run_job
+
+    if args.job_json is not None:
+        job = grid.check_job(_json_arg(args.job_json, "--job-json"))
+    else:
+        if None in (args.method, args.K, args.seed):
+            raise UserError("train needs --job-json, or --config with --method, --K and --seed")
+        job = grid.job_config(_experiment_config(args), grid.RunKey(args.method, args.mode, args.K, args.seed))
+    tags = {}
+    for item in args.tag:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--tag '{item}' must look like name=value")
+        tags[name] = value
+    run_job(job, args.data, args.out, _tracking(args.tracking), tags)
+
+
+def cmd_evaluate(args) -> None:
+    from decoupled import model
+    from decoupled.data import load_prepared
+    from decoupled.evaluate import evaluate
+    from decoupled.files import write_json
+    from decoupled.train import load_checkpoint
+
+    checkpoint = load_checkpoint(Path(args.run) / "checkpoint.pt")
+    job = checkpoint["job"]
+    data = load_prepared(args.data)
+    import torch
+
+    torch.set_num_threads(job["train"]["threads"])
+    net = model.build(job["model"], job["run"]["K"], data.in_channels, data.num_classes)
+    net.load_state_dict(checkpoint["net"])
+    result = {**job["run"], **evaluate(net, data.test_x, data.test_y, job["train"]["eval_batch_size"])}
+    write_json(args.out, result)
+    experiment = _tracking(args.tracking)
+    if experiment is not None:
+        from decoupled.tracking import ChildRun
+
+        run = ChildRun.attach(experiment, checkpoint["mlflow_run_id"])
+        final = {"final_test_acc": result["test_acc"], "final_test_loss": result["test_loss"]}
+        final.update({f"final_test_acc_m{k}": a for k, a in enumerate(result["test_acc_per_module"])})
+        run.log_metrics(final, step=checkpoint["epoch"])
+        run.log_artifact(args.out)
+    print(f"[{Path(args.run)}] final test accuracy {100 * result['test_acc']:.2f}%", file=sys.stderr)
+
+
+def cmd_report(args) -> None:
+    from decoupled.report import build_report
+
+    written = build_report([Path(r) for r in args.runs], Path(args.tables), Path(args.figures))
+    experiment = _tracking(args.tracking)
+    if experiment is not None:
+        from decoupled.tracking import log_to_parent
+
+        log_to_parent(experiment, written)
+    for path in written:
+        print(f"wrote {path}", file=sys.stderr)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="decoupled", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sp = sub.add_parser("prepare-data", help="read, check and store a dataset as tensors")
+    group = sp.add_mutually_exclusive_group(required=True)
+    group.add_argument("--config", help="experiment config YAML file (its dataset section is used)")
+    group.add_argument("--config-json", help="experiment config as a JSON string")
+    group.add_argument("--dataset-json", help="the dataset section alone, as JSON")
+    sp.add_argument("--out", required=True, help="prepared file to write (.pt)")
+    sp.set_defaults(func=cmd_prepare_data)
+
+    sp = sub.add_parser("init-tracking", help="create the MLflow experiment and parent run once, before any job")
+    sp.add_argument("--config", help="experiment config YAML file")
+    sp.add_argument("--experiment", help="experiment name (instead of --config)")
+    sp.add_argument("--tracking-uri", default="sqlite:///results/mlflow/mlflow.db", help="with --experiment")
+    sp.add_argument("--out", required=True, help="JSON file that jobs read to attach to the experiment")
+    sp.set_defaults(func=cmd_init_tracking)
+
+    sp = sub.add_parser("train", help="train one job of the grid")
+    group = sp.add_mutually_exclusive_group(required=True)
+    group.add_argument("--job-json", help="resolved job config as JSON (what the workflow passes)")
+    group.add_argument("--config", help="experiment config YAML file; pick the job with --method/--mode/--K/--seed")
+    group.add_argument("--config-json", help=argparse.SUPPRESS)
+    sp.add_argument("--method")
+    sp.add_argument("--mode", default="sync")
+    sp.add_argument("--K", type=int)
+    sp.add_argument("--seed", type=int)
+    sp.add_argument("--data", required=True, help="prepared dataset file")
+    sp.add_argument("--out", required=True, help="run directory")
+    sp.add_argument("--tracking", help="JSON written by init-tracking (default: create/attach here)")
+    sp.add_argument("--tag", action="append", default=[], help="extra MLflow tag name=value (repeatable)")
+    sp.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser("evaluate", help="test accuracy of every head of a trained run")
+    sp.add_argument("--run", required=True, help="run directory holding checkpoint.pt")
+    sp.add_argument("--data", required=True, help="prepared dataset file")
+    sp.add_argument("--out", required=True, help="JSON file to write")
+    sp.add_argument("--tracking", help="JSON written by init-tracking; logs the results to the run")
+    sp.set_defaults(func=cmd_evaluate)
+
+    sp = sub.add_parser("report", help="tables and figures from finished runs")
+    sp.add_argument("--runs", nargs="+", required=True, help="run directories")
+    sp.add_argument("--tables", required=True, help="directory for summary.csv/.md/.tex")
+    sp.add_argument("--figures", required=True, help="directory for PNG/PDF figures")
+    sp.add_argument("--tracking", help="JSON written by init-tracking; attaches the outputs to the parent run")
+    sp.set_defaults(func=cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"decoupled: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Experiment configs: load, validate against the schema, fill in defaults.
+
+The schema (``schema.yaml`` in this package, linked from ``config/schema.yaml``) is the one
+description of every key. Snakemake validates the workflow's config with it and this module
+validates each job with it, so a job started by hand obeys the same rules.
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from decoupled.errors import UserError
+
+
+@cache
+def schema() -> dict:
+    return yaml.safe_load(resources.files("decoupled").joinpath("schema.yaml").read_text())
+
+
+def _with_defaults(validator_class):
+    """A validator that also writes each property's default into the instance (as Snakemake does)."""
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, sub_schema):
+        if isinstance(instance, dict):
+            for name, prop in properties.items():
+                if "default" in prop and name not in instance:
+                    instance[name] = copy.deepcopy(prop["default"])
+        yield from validate_properties(validator, properties, instance, sub_schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+_Validator = _with_defaults(jsonschema.Draft202012Validator)
+
+
+def describe(error: jsonschema.ValidationError) -> str:
+    """One line naming the key (as a dotted path) and what is wrong with it."""
+    where = ".".join(str(p) for p in error.absolute_path) or "<top level>"
+    return f"config key '{where}': {error.message}"
+
+
+def validate(config: dict[str, Any]) -> dict[str, Any]:
+    """Return a validated copy of ``config`` with defaults filled in; UserError on the first problem."""
+    config = copy.deepcopy(config)
+    error = jsonschema.exceptions.best_match(_Validator(schema()).iter_errors(config))
+    if error is not None:
+        raise UserError(describe(error))
+    return config
+
+
+def validate_section(name: str, value: Any) -> Any:
+    """Validate one top-level section (e.g. ``dataset``) on its own, defaults filled in."""
+    wrapped = {name: copy.deepcopy(value)}
+    section_schema = {"type": "object", "properties": {name: schema()["properties"][name]}}
+    error = jsonschema.exceptions.best_match(_Validator(section_schema).iter_errors(wrapped))
+    if error is not None:
+        raise UserError(describe(error))
+    return wrapped[name]
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file and validate it."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"config file {path} must hold a mapping of keys")
+    return validate(raw)
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """``base`` with ``override``'s values put in, recursing into nested mappings."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 0.1}}`` -> ``{"train.lr": 0.1}``: the form MLflow params take."""
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat

@@ -1,0 +1,25 @@
+"""Test accuracy of every head of a SplitNet, in large batches without gradients."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from decoupled.model import SplitNet
+
+
+@torch.no_grad()
+def evaluate(net: SplitNet, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> dict:
+    """``test_acc_per_module[k]`` is head k's accuracy; the last one is the network's output."""
+    was_training = net.training
+    net.eval()
+    correct = torch.zeros(net.K, dtype=torch.long)
+    final_loss = 0.0
+    for start in range(0, len(x), batch_size):
+        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+        logits = net.forward_all_heads(xb)
+        correct += torch.stack([(out.argmax(1) == yb).sum() for out in logits])
+        final_loss += F.cross_entropy(logits[-1], yb, reduction="sum").item()
+    net.train(was_training)
+    per_module = (correct.double() / len(x)).tolist()
+    return {"test_acc": per_module[-1], "test_acc_per_module": per_module, "test_loss": final_loss / len(x), "n_test": len(x)}

@@ -1,0 +1,20 @@
+"""The method registry: every ``<name>.py`` in this folder (but ``base``) is a method.
+
+``get(name)`` imports ``decoupled.methods.<name>`` and returns its ``METHOD`` class. Names are
+found from the file names alone (see ``decoupled.grid.method_names``), so the workflow can
+check a config without importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from decoupled.errors import UserError
+
+
+def get(name: str):
+    from decoupled.grid import method_names
+
+    if name not in method_names():
+        raise UserError(f"unknown method '{name}' (known: {', '.join(method_names())})")
+    return importlib.import_module(f"decoupled.methods.{name}").METHOD

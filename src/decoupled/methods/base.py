@@ -1,0 +1,46 @@
+"""The interface every method implements (see the package docstring for the contract)."""
+
+from __future__ import annotations
+
+from typing import ClassVar, NamedTuple
+
+import torch
+
+from decoupled.model import SplitNet
+
+
+class ModuleStep(NamedTuple):
+    outputs: torch.Tensor  # what module k hands to module k+1
+    loss: torch.Tensor | None  # module k's training loss on this batch (detached), if it has one
+
+
+class Method:
+    """A rule for updating a SplitNet, one module at a time.
+
+    The engine owns data, order and clock; it calls ``module_step(k, inputs, labels)`` for the
+    modules in the order its schedule says and passes ``outputs`` on. The method owns the
+    optimizers and decides what each module learns from.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, net: SplitNet, train_cfg: dict, total_steps: int):
+        self.net = net
+        self.train_cfg = train_cfg
+        self.total_steps = total_steps
+
+    def module_step(self, k: int, inputs: torch.Tensor, labels: torch.Tensor) -> ModuleStep:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """Optimizer and scheduler states (the engine saves the network's own state)."""
+        return {
+            "optimizers": [o.state_dict() for o in self.optimizers],
+            "schedulers": [s.state_dict() for s in self.schedulers],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for o, s in zip(self.optimizers, state["optimizers"]):
+            o.load_state_dict(s)
+        for sch, s in zip(self.schedulers, state["schedulers"]):
+            sch.load_state_dict(s)

@@ -1,0 +1,80 @@
+"""A network split into K modules, each with a classifier head.
+
+``SplitNet.blocks[k]`` is module k (``blocks`` because ``nn.Module.modules`` is taken) and
+``SplitNet.heads[k]`` reads its output. For k < K-1 the head is module k's auxiliary
+classifier; ``heads[K-1]`` is the network's final head, so in DGL the last module's aux head
+*is* the output layer, as in the DGL paper. Every method trains the same SplitNet, built from
+the same seed, so methods differ only in how they update it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def conv_layer(in_channels: int, out_channels: int) -> nn.Sequential:
+    """conv3x3 - BN - ReLU - maxpool2: each layer halves the resolution."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2, ceil_mode=True),
+    )
+
+
+class AuxHead(nn.Sequential):
+    """Spatial pooling, a small MLP, then a linear layer to the classes (as the DGL code's aux nets)."""
+
+    def __init__(self, channels: int, num_classes: int, pool: int, hidden: int):
+        features = channels * pool * pool
+        mlp = [nn.Linear(features, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes)] if hidden else [nn.Linear(features, num_classes)]
+        super().__init__(nn.AdaptiveAvgPool2d(pool), nn.Flatten(), *mlp)
+
+
+def split_layers(n_layers: int, K: int) -> list[int]:
+    """How many layers each of the K modules gets: as even as possible, the extra ones to the last modules."""
+    if not 1 <= K <= n_layers:
+        raise ValueError(f"cannot cut {n_layers} layers into K={K} modules")
+    base, extra = divmod(n_layers, K)
+    return [base + (1 if k >= K - extra else 0) for k in range(K)]
+
+
+class SplitNet(nn.Module):
+    def __init__(self, blocks: list[nn.Module], heads: list[nn.Module]):
+        super().__init__()
+        assert len(blocks) == len(heads)
+        self.blocks = nn.ModuleList(blocks)
+        self.heads = nn.ModuleList(heads)
+
+    @property
+    def K(self) -> int:
+        return len(self.blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.heads[-1](x)
+
+    def forward_all_heads(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Logits of every head, module by module (for layer-wise evaluation)."""
+        logits = []
+        for block, head in zip(self.blocks, self.heads):
+            x = block(x)
+            logits.append(head(x))
+        return logits
+
+
+def build(model_cfg: dict, K: int, in_channels: int, num_classes: int) -> SplitNet:
+    """The CNN of ``model_cfg`` cut into K modules; parameters drawn from torch's global RNG."""
+    widths = model_cfg["widths"]
+    layers, channels = [], in_channels
+    for width in widths:
+        layers.append(conv_layer(channels, width))
+        channels = width
+    blocks, heads, start = [], [], 0
+    for count in split_layers(len(widths), K):
+        blocks.append(nn.Sequential(*layers[start : start + count]))
+        start += count
+        heads.append(AuxHead(widths[start - 1], num_classes, model_cfg["aux_pool"], model_cfg["aux_hidden"]))
+    return SplitNet(blocks, heads)

@@ -1,0 +1,20 @@
+"""The optimizer every method uses, so methods differ only in what gradients they feed it."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+
+def make_optimizer(params: Iterable[torch.nn.Parameter], train_cfg: dict, total_steps: int):
+    """SGD with momentum and weight decay, plus a per-step learning-rate schedule."""
+    optimizer = torch.optim.SGD(
+        params, lr=train_cfg["lr"], momentum=train_cfg["momentum"], weight_decay=train_cfg["weight_decay"]
+    )
+    if train_cfg["lr_schedule"] == "cosine":
+        factor = lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))  # noqa: E731
+    else:
+        factor = lambda step: 1.0  # noqa: E731
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,0 +1,103 @@
+"""Config validation: bad input stops with one line naming the culprit."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from decoupled import config, grid
+from decoupled.errors import UserError
+
+from conftest import REPO
+
+
+def base():
+    return yaml.safe_load((REPO / "config/smoke.yaml").read_text())
+
+
+def test_shipped_configs_are_valid():
+    for name in ("config.yaml", "smoke.yaml"):
+        cfg = config.load(REPO / "config" / name)
+        assert grid.runs(cfg)
+
+
+def test_defaults_are_filled_in():
+    cfg = config.validate({"experiment": "x", "grid": {"methods": ["dgl"]}})
+    assert cfg["train"]["epochs"] == 5 and cfg["grid"]["modes"] == ["sync"] and cfg["model"]["widths"] == [16, 32, 64]
+
+
+@pytest.mark.parametrize(
+    "change, culprit",
+    [
+        (lambda c: c["train"].update(lr=-1), "train.lr"),
+        (lambda c: c["train"].update(epochs="many"), "train.epochs"),
+        (lambda c: c["train"].update(learning_rate=0.1), "learning_rate"),
+        (lambda c: c["dataset"].update(name="imagenet"), "dataset.name"),
+        (lambda c: c["grid"].update(modes=["sideways"]), "grid.modes.0"),
+        (lambda c: c.update(overrides={"dgl": {"train": {"lr": 0}}}), "train.lr"),
+    ],
+)
+def test_bad_values_name_the_key(change, culprit):
+    cfg = base()
+    change(cfg)
+    with pytest.raises(UserError) as err:
+        grid.runs(cfg)
+    message = str(err.value)
+    assert culprit in message and "\n" not in message
+
+
+def test_unknown_method_and_too_many_modules():
+    cfg = base()
+    cfg["grid"]["methods"] = ["dgl", "dni2"]
+    with pytest.raises(UserError, match="unknown method 'dni2'"):
+        grid.runs(cfg)
+    cfg = base()
+    cfg["grid"]["K"] = [5]
+    with pytest.raises(UserError, match="K=5"):
+        grid.runs(cfg)
+
+
+def test_overrides_apply_to_one_method_only():
+    cfg = config.validate(base())
+    dgl = grid.job_config(cfg, grid.RunKey("dgl", "sync", 2, 0))
+    bp = grid.job_config(cfg, grid.RunKey("backprop", "sync", 2, 0))
+    assert dgl["train"]["lr"] == 0.08 and bp["train"]["lr"] == 0.05
+    assert grid.check_job(json.loads(json.dumps(dgl))) == dgl
+
+
+def cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "decoupled", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_cli_unknown_method_is_one_line_and_leaves_nothing(tmp_path):
+    cfg = base()
+    cfg["grid"]["methods"] = ["sgd-magic"]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    result = cli("train", "--config", "c.yaml", "--method", "sgd-magic", "--K", "2", "--seed", "0", "--data", "x.pt", "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["decoupled: error: unknown method 'sgd-magic' (known: backprop, dgl)"]
+    assert not out.exists() and not (tmp_path / "results").exists()
+
+
+def test_cli_bad_config_value_is_one_line(tmp_path):
+    cfg = base()
+    cfg["model"]["widths"] = [8, -3]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    result = cli("train", "--config", "c.yaml", "--method", "dgl", "--K", "2", "--seed", "0", "--data", "x.pt", "--out", "run", cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "model.widths.1" in lines[0]
+
+
+def test_cli_missing_dataset_is_one_line_and_leaves_nothing(tmp_path):
+    cfg = base()
+    cfg["dataset"]["root"] = str(tmp_path / "no-such-dir")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    result = cli("prepare-data", "--config", "c.yaml", "--out", "data/f.pt", cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no-such-dir" in lines[0]
+    assert not (tmp_path / "data" / "f.pt").exists()

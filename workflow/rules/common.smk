@@ -1,0 +1,86 @@
+# Shared set-up and input functions. The grid logic lives in the package (decoupled.grid),
+# imported from src/ so that the workflow and the CLI agree on every job; it needs only
+# pyyaml and jsonschema, which Snakemake itself depends on.
+import json
+import os
+import sys
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+REPO = Path(workflow.basedir)
+sys.path.insert(0, str(REPO / "src"))
+
+from decoupled import grid as decoupled_grid  # noqa: E402
+from decoupled.config import describe  # noqa: E402
+from decoupled.errors import UserError  # noqa: E402
+
+# Jobs run `python -m decoupled`: the package comes from this checkout (PYTHONPATH), the
+# interpreter from --use-conda's env if any, else the one running Snakemake (its bin/ first
+# on PATH, so an unactivated venv works too). Set here because jobs inherit this environment,
+# also when a cluster job re-reads this file.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))
+os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+try:
+    validate(config, schema="../../config/schema.yaml")
+except WorkflowError as e:
+    # Snakemake's message holds the whole schema; keep the line that names the key.
+    cause = next((a for a in e.args if hasattr(a, "absolute_path")), None)
+    raise WorkflowError(describe(cause) if cause is not None else str(e).splitlines()[0]) from None
+
+try:
+    RUNS = decoupled_grid.runs(config)
+except UserError as e:
+    raise WorkflowError(str(e)) from None
+
+RESULTS = "results"
+DATASET = config["dataset"]["name"]
+PREPARED = f"{RESULTS}/data/{DATASET}.pt"
+TRACKING = f"{RESULTS}/mlflow/experiment.json"
+RUN_DIR = RESULTS + "/runs/{method}/{mode}/K{K}/seed{seed}"
+PLOT_CODE = sorted(str(p) for p in (REPO / "src/decoupled/report").glob("*.py"))
+
+
+wildcard_constraints:
+    method=r"[a-z0-9_]+",
+    mode=r"[a-z]+",
+    K=r"\d+",
+    seed=r"\d+",
+
+
+def run_key(wildcards):
+    return decoupled_grid.RunKey(wildcards.method, wildcards.mode, int(wildcards.K), int(wildcards.seed))
+
+
+def job_json(wildcards):
+    """The resolved config of one job, as the JSON string its CLI call takes."""
+    return json.dumps(decoupled_grid.job_config(config, run_key(wildcards)), sort_keys=True)
+
+
+def job_threads(wildcards):
+    return decoupled_grid.job_config(config, run_key(wildcards))["train"]["threads"]
+
+
+def run_tags(wildcards):
+    """MLflow tags naming the rule and its wildcards, so a run can be traced to its job."""
+    wc = ",".join(f"{k}={v}" for k, v in wildcards.items())
+    return f"--tag rule=train --tag 'wildcards={wc}'"
+
+
+def run_dirs():
+    return [f"{RESULTS}/{key.path}" for key in RUNS]
+
+
+def report_tables():
+    return [f"{RESULTS}/tables/summary.{ext}" for ext in ("csv", "md", "tex")]
+
+
+def report_figures():
+    return [f"{RESULTS}/figures/{name}.{ext}" for name in ("test_acc_vs_epoch", "layerwise_acc") for ext in ("png", "pdf")]
+
+
+def report_outputs():
+    return report_tables() + report_figures()

@@ -1,0 +1,16 @@
+rule evaluate:
+    input:
+        data=PREPARED,
+        tracking=TRACKING,
+        checkpoint=f"{RUN_DIR}/checkpoint.pt",
+    output:
+        f"{RUN_DIR}/eval.json",
+    params:
+        run_dir=RUN_DIR,
+    log:
+        f"{RESULTS}/logs/evaluate/{{method}}_{{mode}}_K{{K}}_seed{{seed}}.log",
+    conda:
+        "../../envs/train.yaml"
+    shell:
+        "python -m decoupled evaluate --run {params.run_dir} --data {input.data} --tracking {input.tracking}"
+        " --out {output} 2>&1 | tee {log}"

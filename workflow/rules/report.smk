@@ -1,0 +1,22 @@
+# The plot code is an input, so editing it re-runs this rule alone: training outputs do not
+# depend on it.
+rule report:
+    input:
+        metrics=expand("{run}/metrics.json", run=run_dirs()),
+        evals=expand("{run}/eval.json", run=run_dirs()),
+        tracking=TRACKING,
+        plot_code=PLOT_CODE,
+    output:
+        tables=report_tables(),
+        figures=report_figures(),
+    params:
+        runs=run_dirs(),
+        tables=f"{RESULTS}/tables",
+        figures=f"{RESULTS}/figures",
+    log:
+        f"{RESULTS}/logs/report.log",
+    conda:
+        "../../envs/report.yaml"
+    shell:
+        "python -m decoupled report --runs {params.runs} --tables {params.tables} --figures {params.figures}"
+        " --tracking {input.tracking} 2>&1 | tee {log}"

@@ -1,0 +1,20 @@
+rule train:
+    input:
+        data=PREPARED,
+        tracking=TRACKING,
+    output:
+        checkpoint=f"{RUN_DIR}/checkpoint.pt",
+        metrics=f"{RUN_DIR}/metrics.json",
+        config=f"{RUN_DIR}/config.json",
+    params:
+        job=job_json,
+        tags=run_tags,
+        run_dir=RUN_DIR,
+    threads: job_threads
+    log:
+        f"{RESULTS}/logs/train/{{method}}_{{mode}}_K{{K}}_seed{{seed}}.log",
+    conda:
+        "../../envs/train.yaml"
+    shell:
+        "python -m decoupled train --job-json {params.job:q} --data {input.data} --tracking {input.tracking}"
+        " --out {params.run_dir} {params.tags} 2>&1 | tee {log}"
