@@ -2,11 +2,11 @@
 # imported from src/ so that the workflow and the CLI agree on every job; it needs only
 # pyyaml and jsonschema, which Snakemake itself depends on.
 import json
-import os
 import sys
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
+from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import validate
 
 REPO = Path(workflow.basedir)
@@ -16,20 +16,21 @@ from decoupled import grid as decoupled_grid  # noqa: E402
 from decoupled.config import describe  # noqa: E402
 from decoupled.errors import UserError  # noqa: E402
 
-# Jobs run `python -m decoupled`: the package comes from this checkout (PYTHONPATH), the
+# Jobs run `python -m decoupled` with the package taken from this checkout (PYTHONPATH) and the
 # interpreter from --use-conda's env if any, else the one running Snakemake (its bin/ first
-# on PATH, so an unactivated venv works too). Set here because jobs inherit this environment,
-# also when a cluster job re-reads this file.
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))
-os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# on PATH, so an unactivated venv works too). A shell prefix, so that cluster jobs, which
+# re-read this file, get the same. (Braces are doubled: Snakemake formats the prefix.)
+_prefix = ["set -euo pipefail;", f'export PYTHONPATH="{REPO / "src"}${{{{PYTHONPATH:+:$PYTHONPATH}}}}" MLFLOW_DISABLE_TELEMETRY=true;']
+if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
+    _prefix.append(f'export PATH="{Path(sys.executable).parent}:$PATH";')
+shell.prefix(" ".join(_prefix) + " ")
 
 try:
     validate(config, schema="../../config/schema.yaml")
 except WorkflowError as e:
-    # Snakemake's message holds the whole schema; keep the line that names the key.
-    cause = next((a for a in e.args if hasattr(a, "absolute_path")), None)
-    raise WorkflowError(describe(cause) if cause is not None else str(e).splitlines()[0]) from None
+    # Snakemake's message holds the whole schema; keep one line that names the key.
+    cause = e.__context__  # the jsonschema ValidationError it was raised from
+    raise WorkflowError(describe(cause) if hasattr(cause, "absolute_path") else str(e).splitlines()[0]) from None
 
 try:
     RUNS = decoupled_grid.runs(config)
@@ -40,7 +41,7 @@ RESULTS = "results"
 DATASET = config["dataset"]["name"]
 PREPARED = f"{RESULTS}/data/{DATASET}.pt"
 TRACKING = f"{RESULTS}/mlflow/experiment.json"
-RUN_DIR = RESULTS + "/runs/{method}/{mode}/K{K}/seed{seed}"
+RUN_DIR = f"{RESULTS}/runs/{{method}}/{{mode}}/K{{K}}/seed{{seed}}"
 PLOT_CODE = sorted(str(p) for p in (REPO / "src/decoupled/report").glob("*.py"))
 
 
@@ -83,4 +84,4 @@ def report_figures():
 
 
 def report_outputs():
-    return report_tables() + report_figures()
+    return [*report_tables(), *report_figures()]

@@ -6,7 +6,7 @@ rule evaluate:
     output:
         f"{RUN_DIR}/eval.json",
     params:
-        run_dir=RUN_DIR,
+        run_dir=lambda wildcards, input: Path(input.checkpoint).parent,
     log:
         f"{RESULTS}/logs/evaluate/{{method}}_{{mode}}_K{{K}}_seed{{seed}}.log",
     conda:

@@ -11,8 +11,8 @@ rule report:
         figures=report_figures(),
     params:
         runs=run_dirs(),
-        tables=f"{RESULTS}/tables",
-        figures=f"{RESULTS}/figures",
+        tables=lambda wildcards, output: Path(output.tables[0]).parent,
+        figures=lambda wildcards, output: Path(output.figures[0]).parent,
     log:
         f"{RESULTS}/logs/report.log",
     conda:

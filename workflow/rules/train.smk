@@ -9,7 +9,7 @@ rule train:
     params:
         job=job_json,
         tags=run_tags,
-        run_dir=RUN_DIR,
+        run_dir=lambda wildcards, output: Path(output.metrics).parent,
     threads: job_threads
     log:
         f"{RESULTS}/logs/train/{{method}}_{{mode}}_K{{K}}_seed{{seed}}.log",

@@ -1,0 +1,148 @@
+"""The whole workflow on config/smoke.yaml, in a temporary directory, read back as a user would."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import REPO, needs_fashion_mnist
+
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--cores", "2"]
+
+
+def snakemake(workdir: Path, *args, configfile=REPO / "config/smoke.yaml"):
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return subprocess.run(
+        [*SNAKEMAKE, "--directory", str(workdir), "--configfile", str(configfile), *args],
+        capture_output=True, text=True, env=env, timeout=900,
+    )
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("smoke")
+    result = snakemake(workdir)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return workdir, result
+
+
+@needs_fashion_mnist
+def test_summary_table(smoke):
+    workdir, _ = smoke
+    summary = pd.read_csv(workdir / "results/tables/summary.csv")
+    assert list(summary.columns[:7]) == ["method", "mode", "K", "seeds", "test_acc_mean", "test_acc_std", "train_time_s"]
+    assert sorted(summary["method"]) == ["backprop", "dgl"]
+    assert (summary["seeds"] == 2).all() and (summary["K"] == 2).all()
+    assert summary["test_acc_mean"].between(0, 1).all() and summary["test_acc_std"].notna().all()
+    for ext in ("md", "tex"):
+        text = (workdir / f"results/tables/summary.{ext}").read_text()
+        assert "backprop" in text and "dgl" in text
+
+
+@needs_fashion_mnist
+def test_figures(smoke):
+    workdir, _ = smoke
+    for name in ("test_acc_vs_epoch", "layerwise_acc"):
+        assert (workdir / f"results/figures/{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (workdir / f"results/figures/{name}.pdf").read_bytes()[:4] == b"%PDF"
+
+
+@needs_fashion_mnist
+def test_progress_lines_on_the_terminal(smoke):
+    _, result = smoke
+    out = result.stdout + result.stderr
+    for method in ("backprop", "dgl"):
+        for epoch in (1, 2, 3):
+            assert f"[{method}-sync-K2-seed0] epoch {epoch}/3" in out
+
+
+@needs_fashion_mnist
+def test_mlflow_runs(smoke):
+    workdir, _ = smoke
+    os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir}/results/mlflow/mlflow.db")
+    experiment = client.get_experiment_by_name("smoke")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("decoupled.role") == "parent"]
+    children = [r for r in runs if r.data.tags.get("decoupled.role") == "child"]
+    assert len(parents) == 1 and len(children) == 4 and len(runs) == 5
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    parent_files = {f.path for d in ("tables", "figures") for f in client.list_artifacts(parent.info.run_id, d)}
+    assert {"tables/summary.csv", "tables/summary.md", "tables/summary.tex", "figures/layerwise_acc.png", "figures/test_acc_vs_epoch.pdf"} <= parent_files
+
+    seen = set()
+    for run in children:
+        tags, params = run.data.tags, run.data.params
+        assert run.info.status == "FINISHED"
+        assert tags["mlflow.parentRunId"] == parent.info.run_id
+        key = (tags["method"], tags["mode"], tags["K"], tags["seed"])
+        seen.add(key)
+        assert tags["rule"] == "train"
+        assert tags["wildcards"] == f"method={key[0]},mode={key[1]},K={key[2]},seed={key[3]}"
+        assert len(tags["git_commit"]) == 40 or tags["git_commit"] == "unknown"
+        # params: the whole resolved job config, overrides applied
+        assert params["run.method"] == key[0] and params["model.widths"] == "[8, 16]"
+        assert params["train.lr"] == ("0.08" if key[0] == "dgl" else "0.05")
+        assert params["dataset.subset_per_class"] == "100"
+        history = client.get_metric_history(run.info.run_id, "test_acc")
+        assert [m.step for m in history] == [1, 2, 3]
+        for name in ("train_loss", "test_acc_m0", "test_acc_m1", "wall_time_s", "images_per_s", "final_test_acc"):
+            assert name in run.data.metrics, name
+        artifacts = {f.path for f in client.list_artifacts(run.info.run_id)}
+        assert {"metrics.json", "config.json", "eval.json"} <= artifacts
+    assert len(seen) == 4
+
+
+@needs_fashion_mnist
+def test_rerun_does_nothing_and_plot_code_reruns_only_the_report(smoke):
+    workdir, _ = smoke
+    again = snakemake(workdir)
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+    plot_code = REPO / "src/decoupled/report/figures.py"
+    stat = plot_code.stat()
+    os.utime(plot_code, (stat.st_atime, stat.st_mtime + 3600))  # as if the plot code had been edited
+    try:
+        dry = snakemake(workdir, "--dry-run", "--quiet", "rules")
+    finally:
+        os.utime(plot_code, (stat.st_atime, stat.st_mtime))
+    assert dry.returncode == 0, dry.stderr
+    planned = dry.stdout + dry.stderr
+    assert "report" in planned
+    for rule in ("train", "evaluate", "prepare_data", "init_tracking"):
+        assert rule not in planned, planned
+
+
+def test_bad_config_stops_before_any_job(tmp_path):
+    cfg = yaml.safe_load((REPO / "config/smoke.yaml").read_text())
+    cfg["train"]["lr"] = "fast"
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
+    result = snakemake(tmp_path, configfile=tmp_path / "bad.yaml")
+    assert result.returncode != 0
+    assert "config key 'train.lr': 'fast' is not of type 'number'" in result.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_unknown_method_stops_before_any_job(tmp_path):
+    cfg = yaml.safe_load((REPO / "config/smoke.yaml").read_text())
+    cfg["grid"]["methods"] = ["backprop", "dgll"]
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
+    result = snakemake(tmp_path, configfile=tmp_path / "bad.yaml")
+    assert result.returncode != 0
+    assert "unknown method 'dgll' (known: backprop, dgl)" in result.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_lint_is_clean():
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--lint", "--snakefile", str(REPO / "Snakefile")],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Congratulations" in result.stdout + result.stderr
