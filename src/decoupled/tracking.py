@@ -62,8 +62,9 @@ def init_experiment(config: dict) -> dict[str, str]:
 
 
 def git_commit() -> str:
+    """The commit of the code that runs (this package's checkout), not of the working directory."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=Path(__file__).parent)
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return out.stdout.strip() if out.returncode == 0 else "unknown"
