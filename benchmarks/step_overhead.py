@@ -6,7 +6,7 @@ and the method's ``module_step``, the bare side is the loop one would write by h
 ratio (framework images/s ÷ bare images/s) should be >= 0.95. Repeats alternate between the
 two sides so that machine noise hits both alike; the median is reported.
 
-    python benchmarks/step_overhead.py [--steps 60] [--repeats 5] [--threads 1]
+    python benchmarks/step_overhead.py [--steps 60] [--repeats 7] [--threads 1]
 
 Writes results/benchmarks/step_overhead.json.
 """
@@ -104,7 +104,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default=str(REPO / "config/config.yaml"))
     p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="results/benchmarks/step_overhead.json")
     args = p.parse_args()

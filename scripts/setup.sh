@@ -7,16 +7,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null; then
+python="${PYTHON:-python3}"
+packages=()
+[ -d /usr/share/datasets/fashion-mnist ] || packages+=(dataset-fashion-mnist)
+# Debian's own python3 has no venv/ensurepip until python3-venv is installed.
+"$python" -c "import ensurepip, venv" 2>/dev/null || packages+=(python3-venv)
+if [ ${#packages[@]} -gt 0 ] && command -v apt-get >/dev/null; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    echo "setup: installing dataset-fashion-mnist with apt-get" >&2
-    if ! { $sudo apt-get update -qq && $sudo apt-get install -y -qq dataset-fashion-mnist; } >&2; then
-        echo "setup: warning: apt-get failed; Fashion-MNIST will be downloaded by torchvision instead" >&2
+    echo "setup: installing ${packages[*]} with apt-get" >&2
+    if ! { $sudo apt-get update -qq && $sudo apt-get install -y -qq "${packages[@]}"; } >&2; then
+        echo "setup: warning: apt-get failed; without dataset-fashion-mnist the data is downloaded by torchvision" >&2
     fi
 fi
 
-python="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv with $python" >&2
     "$python" -m venv .venv

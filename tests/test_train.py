@@ -34,3 +34,22 @@ def test_same_seed_same_numbers(fashion_subset):
     first, second = strip(fit(job("dgl", epochs=1), data)), strip(fit(job("dgl", epochs=1), data))
     assert first == second
     assert strip(fit(job("dgl", seed=1, epochs=1), data)) != first
+
+
+def test_diverging_job_fails_its_run_and_leaves_no_outputs(fashion_subset, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    from mlflow.tracking import MlflowClient
+
+    from decoupled.train import OUTPUTS, TrainingDiverged, run_job
+
+    bad = job("backprop", epochs=1)
+    bad["train"]["lr"] = 1e12
+    bad["tracking_uri"] = f"sqlite:///{tmp_path}/mlflow.db"
+    with pytest.raises(TrainingDiverged, match="lower train.lr"):
+        run_job(bad, fashion_subset, tmp_path / "run", None, {})
+    assert not any((tmp_path / "run" / name).exists() for name in OUTPUTS)
+    runs = MlflowClient(bad["tracking_uri"]).search_runs(
+        [MlflowClient(bad["tracking_uri"]).get_experiment_by_name("t").experiment_id], filter_string="tags.`decoupled.role` = 'child'"
+    )
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert "training loss is nan" in runs[0].data.tags["error"]

@@ -25,6 +25,10 @@ from decoupled.grid import RunKey
 OUTPUTS = ("checkpoint.pt", "metrics.json", "config.json")
 
 
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite: a setting (usually the learning rate) does not suit the job."""
+
+
 def run_key(job: dict) -> RunKey:
     return RunKey(**job["run"])
 
@@ -55,7 +59,7 @@ def fit(job: dict, data: Dataset, on_epoch: Callable[[dict, dict], None] | None 
         losses = stats["train_loss_per_module"]
         train_loss = losses[-1]
         if train_loss is None or not math.isfinite(train_loss):
-            raise FloatingPointError(f"{key.name}: training loss is {train_loss} at epoch {epoch}")
+            raise TrainingDiverged(f"{key.name}: training loss is {train_loss} at epoch {epoch} (try a lower train.lr)")
         ev = evaluate(net, data.test_x, data.test_y, job["train"]["eval_batch_size"])
         record = {
             "epoch": epoch,

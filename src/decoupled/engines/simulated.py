@@ -31,8 +31,7 @@ class SimulatedEngine:
         """One pass over the training set; returns mean losses per module, images seen and seconds."""
         K = self.method.net.K
         self.method.net.train()
-        loss_sums = torch.zeros(K, dtype=torch.float64)
-        loss_counts = torch.zeros(K, dtype=torch.long)
+        loss_sums, loss_counts = [0.0] * K, [0] * K
         order = torch.randperm(len(self.train_x), generator=self.order_rng)
         start = time.perf_counter()
         for step in range(self.steps_per_epoch):
@@ -44,8 +43,7 @@ class SimulatedEngine:
                     loss_sums[k] += loss.item()
                     loss_counts[k] += 1
         seconds = time.perf_counter() - start
-        mean = (loss_sums / loss_counts.clamp(min=1)).tolist()
-        losses = [m if c else None for m, c in zip(mean, loss_counts.tolist())]
+        losses = [total / count if count else None for total, count in zip(loss_sums, loss_counts)]
         return {"train_loss_per_module": losses, "images": self.steps_per_epoch * self.batch_size, "seconds": seconds}
 
     def state_dict(self) -> dict:
