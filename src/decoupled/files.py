@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from decoupled.errors import UserError
 
 
 @contextlib.contextmanager
@@ -15,9 +16,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path``, on error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp)
+    # Same directory, so the final rename is atomic; pid-named rather than mkstemp'd, so the
+    # file gets the usual umask permissions (mkstemp makes it 0600).
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp
         os.replace(tmp, path)
@@ -25,18 +26,28 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def write_json(path: str | Path, data) -> None:
+def write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        tmp.write_text(text, encoding="utf-8", newline="")
 
 
-def read_json(path: str | Path):
-    from decoupled.errors import UserError
+def write_json(path: str | Path, data) -> None:
+    write_text(path, json.dumps(data, indent=2) + "\n")
 
+
+def read_json(path: str | Path) -> dict:
+    """A JSON object from a file; UserError naming the file if it is missing, malformed or not an object."""
     path = Path(path)
     try:
-        return json.loads(path.read_text())
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise UserError(f"file not found: {path}") from None
+        raise UserError(f"{path}: file not found") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON: {e}") from None
+        raise UserError(f"{path}: malformed JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object at the top level")
+    return data

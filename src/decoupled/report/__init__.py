@@ -10,13 +10,13 @@ Bad input (a missing file, broken JSON, a missing key) is the user's to fix, so 
 ``UserError`` with one line naming the file rather than a pandas traceback.
 """
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
 
 from decoupled.errors import UserError
+from decoupled.files import read_json
 
 __all__ = ["load_runs", "build_report"]
 
@@ -62,7 +62,7 @@ def load_runs(run_dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
 def _load_run(run_dir: Path) -> tuple[dict, list[dict]]:
     """Validate one run's two files and flatten them into a run row and epoch rows."""
     metrics_path, eval_path = run_dir / "metrics.json", run_dir / "eval.json"
-    metrics, evaluation = _read_json(metrics_path), _read_json(eval_path)
+    metrics, evaluation = read_json(metrics_path), read_json(eval_path)
 
     ident = {
         "method": _get(metrics, "method", str, metrics_path),
@@ -105,22 +105,6 @@ def _load_run(run_dir: Path) -> tuple[dict, list[dict]]:
         "images_per_s": sum(speeds) / len(speeds),
     }
     return run_row, epoch_rows
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path}: file not found") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: malformed JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object at the top level")
-    return data
 
 
 def _get(data: dict, key: str, kind: type, where: object):

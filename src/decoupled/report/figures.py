@@ -5,7 +5,6 @@ method × mode × K, averaged over seeds; the legend sits outside the axes so it
 curve, whatever the number of runs.
 """
 
-import os
 from pathlib import Path
 
 import matplotlib
@@ -15,6 +14,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (must follow the backend choice)
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from decoupled.files import atomic_path  # noqa: E402
 
 GROUP = ["method", "mode", "K"]
 
@@ -76,13 +77,8 @@ def _finish(fig, ax, stem: Path) -> list[Path]:
 
 
 def _save_atomic(fig, path: Path) -> Path:
-    """Save via a temp file in the same directory so a reader never sees half an image."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    """Save via a temp file so a reader never sees half an image."""
+    with atomic_path(path) as tmp:
         # bbox_inches="tight" grows the canvas to include the legend outside the axes.
         fig.savefig(tmp, format=path.suffix[1:], dpi=150, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path

@@ -5,10 +5,11 @@ reading, so accuracies become percentages with two decimals and ``mean ± std``.
 """
 
 import math
-import os
 from pathlib import Path
 
 import pandas as pd
+
+from decoupled.files import write_text
 
 GROUP = ["method", "mode", "K"]
 _PM = "\x00PM\x00"  # placeholder so LaTeX escaping cannot mangle the ± sign
@@ -71,7 +72,7 @@ def write_summary(df: pd.DataFrame, tables_dir: Path) -> list[Path]:
     paths = []
     for name, text in outputs.items():
         paths.append(tables_dir / name)
-        _write_atomic(paths[-1], text)
+        write_text(paths[-1], text)
     return paths
 
 
@@ -108,15 +109,3 @@ def _pct(mean: float, std: float = math.nan) -> str:
 
 def _latex_escape(text: str) -> str:
     return "".join(_LATEX_SPECIALS.get(ch, ch) for ch in text)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write via a temp file in the same directory so readers never see a half-written table."""
-    # A pid-named temp (not mkstemp) so the file gets the usual umask permissions, not 0600.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8", newline="")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
