@@ -78,7 +78,7 @@ def test_cli_unknown_method_is_one_line_and_leaves_nothing(tmp_path):
     out = tmp_path / "run"
     result = cli("train", "--config", "c.yaml", "--method", "sgd-magic", "--K", "2", "--seed", "0", "--data", "x.pt", "--out", str(out), cwd=tmp_path)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == ["decoupled: error: unknown method 'sgd-magic' (known: backprop, dgl)"]
+    assert result.stderr.strip().splitlines() == ["decoupled: error: unknown method 'sgd-magic' (known: backprop, cdni, ddg, dgl, dni, fdg)"]
     assert not out.exists() and not (tmp_path / "results").exists()
 
 

@@ -19,11 +19,13 @@ def job(method, seed=0, epochs=2):
     return grid.job_config(cfg, grid.RunKey(method, "sync", 2, seed))
 
 
-@pytest.mark.parametrize("method", ["backprop", "dgl"])
+@pytest.mark.parametrize("method", ["backprop", "dgl", "dni", "cdni", "ddg", "fdg"])
 def test_short_training_is_well_above_chance(fashion_subset, method):
     metrics = fit(job(method), load_prepared(fashion_subset))
     last = metrics["epochs"][-1]
-    assert last["test_acc"] > 0.6, last  # chance is 0.1 on 10 balanced classes
+    # chance is 0.1 on 10 balanced classes. DNI's lower modules learn only as fast as their
+    # synthesizers (which start at zero), so 80 steps take them less far.
+    assert last["test_acc"] > (0.45 if method in ("dni", "cdni") else 0.6), last
     assert all(a > 0.4 for a in last["test_acc_per_module"]), last
     assert metrics["epochs"][0]["train_loss"] > last["train_loss"]
 

@@ -22,6 +22,9 @@ def snakemake(workdir: Path, *args, configfile="config/smoke.yaml", snakefile=No
     )
 
 
+METHODS = yaml.safe_load((REPO / "config/smoke.yaml").read_text())["grid"]["methods"]
+
+
 def copy_repo(dest: Path) -> Path:
     """A committed copy of the repository, so tests may edit its code and its runs get a real commit."""
     ignore = shutil.ignore_patterns(".git", ".venv", "results", ".snakemake", "__pycache__", ".pytest_cache", "*.egg-info")
@@ -45,12 +48,12 @@ def test_summary_table(smoke):
     workdir, _ = smoke
     summary = pd.read_csv(workdir / "results/tables/summary.csv")
     assert list(summary.columns[:7]) == ["method", "mode", "K", "seeds", "test_acc_mean", "test_acc_std", "train_time_s"]
-    assert sorted(summary["method"]) == ["backprop", "dgl"]
+    assert sorted(summary["method"]) == sorted(METHODS)
     assert (summary["seeds"] == 2).all() and (summary["K"] == 2).all()
     assert summary["test_acc_mean"].between(0, 1).all() and summary["test_acc_std"].notna().all()
     for ext in ("md", "tex"):
         text = (workdir / f"results/tables/summary.{ext}").read_text()
-        assert "backprop" in text and "dgl" in text
+        assert all(method in text for method in METHODS)
 
 
 @needs_fashion_mnist
@@ -65,7 +68,7 @@ def test_figures(smoke):
 def test_progress_lines_on_the_terminal(smoke):
     _, result = smoke
     out = result.stdout + result.stderr
-    for method in ("backprop", "dgl"):
+    for method in METHODS:
         for epoch in (1, 2, 3):
             assert f"[{method}-sync-K2-seed0] epoch {epoch}/3" in out
 
@@ -81,7 +84,7 @@ def test_mlflow_runs(smoke):
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if r.data.tags.get("decoupled.role") == "parent"]
     children = [r for r in runs if r.data.tags.get("decoupled.role") == "child"]
-    assert len(parents) == 1 and len(children) == 4 and len(runs) == 5
+    assert len(parents) == 1 and len(children) == 2 * len(METHODS) and len(runs) == 2 * len(METHODS) + 1
     parent = parents[0]
     assert parent.info.status == "FINISHED"
     parent_files = {f.path for d in ("tables", "figures") for f in client.list_artifacts(parent.info.run_id, d)}
@@ -108,7 +111,7 @@ def test_mlflow_runs(smoke):
             assert name in run.data.metrics, name
         artifacts = {f.path for f in client.list_artifacts(run.info.run_id)}
         assert {"metrics.json", "config.json", "eval.json"} <= artifacts
-    assert len(seen) == 4
+    assert len(seen) == 2 * len(METHODS)
 
 
 @needs_fashion_mnist
@@ -142,7 +145,7 @@ def test_unknown_method_stops_before_any_job(tmp_path):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
     result = snakemake(tmp_path, configfile=tmp_path / "bad.yaml", snakefile=REPO / "Snakefile")
     assert result.returncode != 0
-    assert "unknown method 'dgll' (known: backprop, dgl)" in result.stderr
+    assert "unknown method 'dgll' (known: backprop, cdni, ddg, dgl, dni, fdg)" in result.stderr
     assert not (tmp_path / "results").exists()
 
 

@@ -12,17 +12,21 @@ from decoupled.model import SplitNet
 class ModuleStep(NamedTuple):
     outputs: torch.Tensor  # what module k hands to module k+1
     loss: torch.Tensor | None  # module k's training loss on this batch (detached), if it has one
+    input_grad: torch.Tensor | None = None  # d loss / d inputs, sent back to module k-1 (DNI, DDG)
 
 
 class Method:
     """A rule for updating a SplitNet, one module at a time.
 
     The engine owns data, order and clock; it calls ``module_step(k, inputs, labels)`` for the
-    modules in the order its schedule says and passes ``outputs`` on. The method owns the
-    optimizers and decides what each module learns from.
+    modules in the order its schedule says and passes ``outputs`` on. When a step returns an
+    ``input_grad``, the engine delivers it to module k-1 with ``receive_gradient``, in the order
+    the gradients were sent, ``gradient_delay`` steps later (a pipeline's backward travel time).
+    The method owns the optimizers and decides what each module learns from.
     """
 
     name: ClassVar[str]
+    gradient_delay: int = 0  # steps a gradient takes to cross one module boundary in sync mode
 
     def __init__(self, net: SplitNet, train_cfg: dict, total_steps: int):
         self.net = net
@@ -31,6 +35,13 @@ class Method:
 
     def module_step(self, k: int, inputs: torch.Tensor, labels: torch.Tensor) -> ModuleStep:
         raise NotImplementedError
+
+    def receive_gradient(self, k: int, grad: torch.Tensor) -> torch.Tensor | None:
+        """Module k gets d loss / d outputs for its oldest batch still waiting for one.
+
+        Returns the gradient to pass on to module k-1, or None.
+        """
+        raise NotImplementedError(f"{self.name} sends no gradients between modules")
 
     def state_dict(self) -> dict:
         """Optimizer and scheduler states (the engine saves the network's own state)."""

@@ -1,0 +1,125 @@
+"""Decoupled Neural Interfaces with synthetic gradients (Jaderberg et al., 2017).
+
+Between module k and k+1 sits a synthesizer that predicts d loss / d h_k from h_k alone.
+Module k updates at once with that prediction instead of waiting for the true gradient;
+when module k+1 has processed h_k, it sends the true gradient back and the synthesizer is
+regressed onto it (MSE). Module k+1's "true" gradient is itself computed from its own
+synthetic gradient (bootstrapping), except at the last module, which has the real loss.
+The synthesizers' last layer starts at zero, so training begins with zero synthetic
+gradients, as in the paper.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from decoupled.methods.base import Method, ModuleStep
+from decoupled.optim import make_optimizer
+
+
+class Synthesizer(nn.Module):
+    """Two 3x3 convolutions from the activations (and, for cDNI, label maps) to a gradient of the same shape."""
+
+    def __init__(self, channels: int, context_channels: int, hidden: int):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Conv2d(channels + context_channels, hidden, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, channels, 3, padding=1),
+        )
+        nn.init.zeros_(self.layers[-1].weight)
+        nn.init.zeros_(self.layers[-1].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class DNI(Method):
+    name = "dni"
+    conditioned = False  # cDNI: the synthesizer also sees the label
+
+    def __init__(self, net, train_cfg, total_steps):
+        super().__init__(net, train_cfg, total_steps)
+        self.num_classes = net.heads[-1][-1].out_features
+        self.probe_heads = train_cfg["probe_heads"]
+        pairs = []
+        for k, block in enumerate(net.blocks):
+            params = list(block.parameters())
+            if k == net.K - 1 or self.probe_heads:
+                params += list(net.heads[k].parameters())
+            pairs.append(make_optimizer(params, train_cfg, total_steps))
+        self.optimizers = [o for o, _ in pairs]
+        self.schedulers = [s for _, s in pairs]
+        context = self.num_classes if self.conditioned else 0
+        channels = [block_out_channels(b) for b in net.blocks[:-1]]
+        self.synthesizers = nn.ModuleList(Synthesizer(c, context, train_cfg["synth_hidden"]) for c in channels)
+        self.synth_optimizers = [torch.optim.Adam(s.parameters(), lr=train_cfg["synth_lr"]) for s in self.synthesizers]
+        # activations (and labels) of module k waiting for their true gradient, oldest first
+        self.waiting: list[collections.deque] = [collections.deque() for _ in channels]
+
+    def synth_input(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if not self.conditioned:
+            return h
+        one_hot = F.one_hot(labels, self.num_classes).to(h.dtype)
+        return torch.cat([h, one_hot[:, :, None, None].expand(-1, -1, *h.shape[2:])], dim=1)
+
+    # The gradient of a batch-mean loss w.r.t. one activation is O(1/batch): tiny targets that
+    # Adam's scale-free steps overshoot at once. The synthesizers predict the gradient times the
+    # batch size (that of the per-sample loss) instead, and the modules use it divided back.
+    def synthetic_gradient(self, k: int, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.synthesizers[k](self.synth_input(h, labels)) / len(h)
+
+    def module_step(self, k, inputs, labels):
+        inputs = inputs.detach().requires_grad_(k > 0)  # module k-1 wants d loss / d inputs
+        optimizer = self.optimizers[k]
+        optimizer.zero_grad(set_to_none=True)
+        outputs = self.net.blocks[k](inputs)
+        if k == self.net.K - 1:
+            loss = F.cross_entropy(self.net.heads[k](outputs), labels)
+            loss.backward()
+        else:
+            outputs.backward(self.synthetic_gradient(k, outputs.detach(), labels))
+            self.waiting[k].append((outputs.detach(), labels))
+            loss = None
+            if self.probe_heads:  # heads on detached features measure the module, change nothing
+                loss = F.cross_entropy(self.net.heads[k](outputs.detach()), labels)
+                loss.backward()
+        optimizer.step()
+        self.schedulers[k].step()
+        return ModuleStep(outputs.detach(), None if loss is None else loss.detach(), inputs.grad)
+
+    def receive_gradient(self, k, grad):
+        h, labels = self.waiting[k].popleft()
+        optimizer = self.synth_optimizers[k]
+        optimizer.zero_grad(set_to_none=True)
+        F.mse_loss(self.synthesizers[k](self.synth_input(h, labels)), grad * len(h)).backward()
+        optimizer.step()
+        return None
+
+    def state_dict(self):
+        return {
+            **super().state_dict(),
+            "synthesizers": self.synthesizers.state_dict(),
+            "synth_optimizers": [o.state_dict() for o in self.synth_optimizers],
+            "waiting": [list(q) for q in self.waiting],
+        }
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.synthesizers.load_state_dict(state["synthesizers"])
+        for o, s in zip(self.synth_optimizers, state["synth_optimizers"]):
+            o.load_state_dict(s)
+        self.waiting = [collections.deque(q) for q in state["waiting"]]
+
+
+def block_out_channels(block: nn.Module) -> int:
+    """Channels of a block's output: those of its last convolution."""
+    return [m for m in block.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
+
+
+METHOD = DNI
