@@ -147,7 +147,6 @@ def run_engine_steps(net, method, steps, K):
     xs = torch.cat([batch(seed=100 + s)[0] for s in range(steps)])
     ys = torch.cat([batch(seed=100 + s)[1] for s in range(steps)])
     engine = SimulatedEngine(method, xs, ys, batch_size=16, seed=0)
-    engine.order_rng = None  # fixed order: the batches as listed
     for s in range(steps):
         idx = torch.arange(s * 16, (s + 1) * 16)
         h, y = xs[idx], ys[idx]

@@ -1,44 +1,133 @@
-"""Tests of the report: tables, figures and input validation, on synthetic run directories."""
+"""Tests of the report: tables, figures and input validation, on synthetic run directories.
+
+The synthetic experiment has base settings K=3, no slowdown, buffer 10 and (FDG) beta 0.5;
+around its reference runs it sweeps the slowdown (S in {2, 4} on module 1 or 2), the buffer
+size, K and FDG's beta, the way ``decoupled.grid`` names and marks such runs.
+"""
 
 import json
 import math
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from decoupled.errors import UserError
-from decoupled.report import build_report, load_runs
-from decoupled.report.tables import summary, write_summary
+from decoupled.report import FIGURE_NAMES, TABLE_NAMES, build_report, figures, load_runs
+from decoupled.report.tables import main_table, summary, write_main, write_summary
 
-# Final (eval.json) per-module accuracies of each synthetic run; the last module is the output.
-FINAL = {
-    ("backprop", "sync", 3, 0): [0.40, 0.60, 0.885],
-    ("backprop", "sync", 3, 1): [0.42, 0.62, 0.889],
-    ("dgl", "sync", 3, 0): [0.83, 0.87, 0.880],
-    ("dgl", "sync", 3, 1): [0.81, 0.85, 0.876],
-    ("dgl", "async", 2, 0): [0.82, 0.871],  # the single-seed group, with fewer modules
-}
+BASE = {"K": 3, "slowdown_factor": 1.0, "slowed_module": None, "buffer_size": 10, "beta": 0.5}
 TRAIN_TIME = {0: 130.0, 1: 134.0}
 
 
-def write_run(root: Path, method: str, mode: str, k: int, seed: int, final: list[float]) -> Path:
+def _sweep_acc(factor: float, module: int, seed: int) -> float:
+    """DGL's async accuracy falls with the slowdown, more when the first hidden module is slowed."""
+    return round(0.870 - 0.01 * math.log2(factor) * (2 if module == 1 else 1) - 0.002 * seed, 4)
+
+
+# Final (eval.json) per-module accuracies of each run, by (method, mode, K, variant, seed);
+# the last module is the output.
+FINAL = {
+    # Reference runs (nothing differs from the base settings).
+    ("backprop", "sync", 3, "default", 0): [0.40, 0.60, 0.885],
+    ("backprop", "sync", 3, "default", 1): [0.42, 0.62, 0.889],
+    ("dgl", "sync", 3, "default", 0): [0.83, 0.87, 0.880],
+    ("dgl", "sync", 3, "default", 1): [0.81, 0.85, 0.876],
+    ("dgl", "async", 3, "S1_B10", 0): [0.82, 0.86, 0.870],
+    ("dgl", "async", 3, "S1_B10", 1): [0.82, 0.86, 0.868],
+    ("fdg", "sync", 3, "beta0.5", 0): [0.50, 0.70, 0.884],
+    ("fdg", "async", 3, "S1_B10_beta0.5", 0): [0.50, 0.70, 0.860],  # the single-seed group
+    # FDG's beta sweep.
+    ("fdg", "sync", 3, "beta0.25", 0): [0.50, 0.70, 0.874],
+    # Slowdown sweep: DGL with two seeds on module 1 and 2, FDG with one on module 1.
+    **{("dgl", "async", 3, f"S{s}m{m}_B10", seed): [0.8, 0.85, _sweep_acc(s, m, seed)]
+       for s in (2, 4) for m in (1, 2) for seed in (0, 1)},
+    ("fdg", "async", 3, "S4m1_B10_beta0.5", 0): [0.50, 0.70, 0.840],
+    # Buffer-size sweep, with and without a slowdown.
+    ("dgl", "async", 3, "S1_B2", 0): [0.8, 0.85, 0.850],
+    ("dgl", "async", 3, "S1_B50", 0): [0.8, 0.85, 0.872],
+    ("dgl", "async", 3, "S4m1_B2", 0): [0.8, 0.85, 0.820],
+    ("dgl", "async", 3, "S4m1_B50", 0): [0.8, 0.85, 0.845],
+    # K sweep.
+    ("backprop", "sync", 2, "default", 0): [0.60, 0.881],
+    ("backprop", "sync", 4, "default", 0): [0.40, 0.50, 0.60, 0.887],
+    ("dgl", "sync", 2, "default", 0): [0.85, 0.872],
+    ("dgl", "sync", 4, "default", 0): [0.80, 0.84, 0.86, 0.878],
+}
+SYNC_REFERENCE = {key: final for key, final in FINAL.items()
+                  if key[1] == "sync" and key[2] == 3 and key[3] in ("default", "beta0.5")}
+
+
+def settings_of(method: str, mode: str, variant: str) -> dict:
+    """The ``settings`` training writes for a variant name such as ``S4m1_B10_beta0.5``."""
+    asynchronous = mode == "async"
+    settings = {
+        "slowdown_factor": BASE["slowdown_factor"] if asynchronous else None,
+        "slowed_module": None,
+        "buffer_size": BASE["buffer_size"] if asynchronous else None,
+        "beta": BASE["beta"] if method == "fdg" else None,
+        "schedule": "categorical" if asynchronous else None,
+    }
+    for part in [] if variant == "default" else variant.split("_"):
+        if match := re.fullmatch(r"S([\d.]+)(?:m(\d+))?", part):
+            settings["slowdown_factor"] = float(match[1])
+            settings["slowed_module"] = int(match[2]) if match[2] else None
+        elif match := re.fullmatch(r"B(\d+)", part):
+            settings["buffer_size"] = int(match[1])
+        elif match := re.fullmatch(r"beta([\d.]+)", part):
+            settings["beta"] = float(match[1])
+        else:
+            raise AssertionError(part)
+    return settings
+
+
+def varied_of(k: int, settings: dict) -> list[str]:
+    """The swept axes on which a run differs from BASE (None = does not apply)."""
+    varied = ["K"] if k != BASE["K"] else []
+    if settings["slowdown_factor"] is not None and (
+            (settings["slowdown_factor"], settings["slowed_module"])
+            != (BASE["slowdown_factor"], BASE["slowed_module"])):
+        varied.append("slowdown")
+    varied += [n for n in ("buffer_size", "beta") if settings[n] not in (None, BASE[n])]
+    return sorted(varied)
+
+
+def write_run(root: Path, method: str, mode: str, k: int, variant: str, seed: int,
+              final: list[float], varied: list[str] | None = None) -> Path:
     """Write metrics.json and eval.json in the exact formats training and evaluation produce."""
-    run_dir = root / "runs" / method / mode / f"K{k}" / f"seed{seed}"
+    run_dir = root / "runs" / method / mode / f"K{k}" / variant / f"seed{seed}"
     run_dir.mkdir(parents=True)
+    settings = settings_of(method, mode, variant)
     epochs, wall = [], 0.0
     for epoch in (1, 2, 3):
         scale = 1.0 - 0.05 * (3 - epoch)  # accuracies rise towards the final values
         per_module = [round(a * scale, 4) for a in final]
         wall += 25.0 + seed
-        epochs.append({
+        record = {
             "epoch": epoch, "train_loss": round(1.0 / epoch, 3),
             "train_loss_per_module": [round(1.2 / epoch - 0.1 * i, 3) for i in range(k)],
             "test_acc": per_module[-1], "test_acc_per_module": per_module,
             "epoch_time_s": 25.0 + seed, "wall_time_s": wall, "images_per_s": 2400.0 - 10 * epoch,
-        })
-    ident = {"method": method, "mode": mode, "K": k, "seed": seed}
-    metrics = {**ident, "dataset": "fashion_mnist", "mlflow_run_id": f"run{seed}",
+        }
+        if mode == "async":
+            # Staleness is cumulative, so only the last epoch's means describe the whole run;
+            # module 0 reads no buffer and the output module receives no gradient: null means.
+            record["train_loss_per_module"][0] = None if epoch == 1 else record["train_loss_per_module"][0]
+            record["steps_per_module"] = [100] * (k - 1) + [90 + epoch]
+            record["idle_per_module"] = [5] * k
+            stale = [{"mean": None, "max": None, "histogram": {}}] + [
+                {"mean": 0.5 * epoch, "max": 2, "histogram": {"0": 10, "1": 3}} for _ in range(k - 1)]
+            record["input_staleness"] = stale
+            record["grad_staleness"] = stale[::-1]
+        epochs.append(record)
+    ident = {"method": method, "mode": mode, "K": k, "variant": variant, "seed": seed}
+    varied = varied_of(k, settings) if varied is None else varied
+    metrics = {**ident, "varied": varied, "settings": settings,
+               "dataset": "fashion_mnist", "mlflow_run_id": f"run{seed}",
                "epochs": epochs, "train_time_s": TRAIN_TIME[seed]}
     evaluation = {**ident, "test_acc": final[-1], "test_acc_per_module": final,
                   "test_loss": 0.33, "n_test": 10000}
@@ -47,40 +136,70 @@ def write_run(root: Path, method: str, mode: str, k: int, seed: int, final: list
     return run_dir
 
 
+def write_runs(root: Path, finals: dict) -> list[Path]:
+    return [write_run(root, *key, final) for key, final in finals.items()]
+
+
 @pytest.fixture
 def run_dirs(tmp_path: Path) -> list[Path]:
-    return [write_run(tmp_path, *key, final) for key, final in FINAL.items()]
+    return write_runs(tmp_path, FINAL)
 
 
 @pytest.fixture
-def table(run_dirs: list[Path]) -> pd.DataFrame:
-    runs_df, _ = load_runs(run_dirs)
+def runs_df(run_dirs: list[Path]) -> pd.DataFrame:
+    return load_runs(run_dirs)[0]
+
+
+@pytest.fixture
+def table(runs_df: pd.DataFrame) -> pd.DataFrame:
     return summary(runs_df)
 
 
-def row(table: pd.DataFrame, method: str, mode: str) -> pd.Series:
-    (match,) = table.index[(table["method"] == method) & (table["mode"] == mode)]
+def row(table: pd.DataFrame, method: str, mode: str, k: int = 3, variant: str = "default") -> pd.Series:
+    (match,) = table.index[(table["method"] == method) & (table["mode"] == mode)
+                           & (table["K"] == k) & (table["variant"] == variant)]
     return table.loc[match]
 
 
 def test_load_runs_frames(run_dirs):
     runs_df, epochs_df = load_runs(run_dirs)
-    assert len(runs_df) == 5 and len(epochs_df) == 15
+    assert len(runs_df) == len(FINAL) and len(epochs_df) == 3 * len(FINAL)
     first = runs_df.iloc[0]
     assert first["test_acc"] == 0.885  # from eval.json, not the last epoch of metrics.json
     assert first["test_acc_per_module"] == [0.40, 0.60, 0.885]
     assert first["epochs"] == 3
     assert first["images_per_s"] == pytest.approx(2380.0)
-    assert list(epochs_df.columns) == ["method", "mode", "K", "seed", "epoch", "test_acc",
-                                       "train_loss", "wall_time_s"]
+    assert first["variant"] == "default" and first["varied"] == []
+    # A sync run: no async settings and no async statistics.
+    assert pd.isna(first["slowdown_factor"]) and pd.isna(first["slowed_module"])
+    assert pd.isna(first["buffer_size"]) and pd.isna(first["beta"])
+    assert first["steps_per_module"] is None and first["input_staleness_mean"] is None
+
+    slowed = runs_df[(runs_df["variant"] == "S4m1_B10") & (runs_df["seed"] == 0)].iloc[0]
+    assert slowed["varied"] == ["slowdown"]
+    assert (slowed["slowdown_factor"], slowed["slowed_module"], slowed["buffer_size"]) == (4.0, 1, 10)
+    assert pd.isna(slowed["beta"])
+    assert slowed["steps_per_module"] == [300, 300, 91 + 92 + 93]  # summed over epochs
+    assert slowed["input_staleness_mean"] == [None, 1.5, 1.5]  # the last epoch's
+    assert slowed["grad_staleness_mean"] == [1.5, 1.5, None]
+
+    fdg = runs_df[runs_df["variant"] == "beta0.25"].iloc[0]
+    assert fdg["beta"] == 0.25 and fdg["varied"] == ["beta"]
+    assert str(runs_df["slowed_module"].dtype) == "Int64"  # module 1 stays 1, not 1.0
+
+    assert list(epochs_df.columns) == ["method", "mode", "K", "variant", "seed", "varied", "epoch",
+                                       "test_acc", "train_loss", "wall_time_s"]
+    assert epochs_df[epochs_df["variant"] == "S4m1_B10"]["varied"].iloc[0] == ["slowdown"]
 
 
 def test_summary_numbers_and_columns(table):
     assert list(table.columns) == [
-        "method", "mode", "K", "seeds", "test_acc_mean", "test_acc_std", "train_time_s",
-        "images_per_s", "epochs", "aux_acc_mean_m1", "aux_acc_mean_m2", "aux_acc_mean_m3"]
-    assert list(zip(table["method"], table["mode"])) == [
-        ("backprop", "sync"), ("dgl", "async"), ("dgl", "sync")]
+        "method", "mode", "K", "variant", "seeds", "test_acc_mean", "test_acc_std", "train_time_s",
+        "images_per_s", "epochs", "slowdown_factor", "slowed_module", "buffer_size", "beta",
+        "aux_acc_mean_m1", "aux_acc_mean_m2", "aux_acc_mean_m3", "aux_acc_mean_m4"]
+    groups = {key[:4] for key in FINAL}
+    assert len(table) == len(groups)
+    assert set(zip(table["method"], table["mode"], table["K"], table["variant"])) == groups
 
     dgl = row(table, "dgl", "sync")
     # By hand: mean(0.880, 0.876) = 0.878; std (ddof=1) = |0.880 - 0.876| / sqrt(2).
@@ -91,13 +210,20 @@ def test_summary_numbers_and_columns(table):
     assert dgl["aux_acc_mean_m3"] == pytest.approx(0.878)
     assert dgl["train_time_s"] == pytest.approx(132.0)
     assert dgl["epochs"] == 3
+    assert pd.isna(dgl["slowdown_factor"]) and pd.isna(dgl["beta"])
+
+    slowed = row(table, "dgl", "async", 3, "S4m2_B10")
+    assert (slowed["slowdown_factor"], slowed["slowed_module"], slowed["buffer_size"]) == (4.0, 2, 10)
+    assert slowed["test_acc_mean"] == pytest.approx((_sweep_acc(4, 2, 0) + _sweep_acc(4, 2, 1)) / 2)
+    assert row(table, "fdg", "sync", 3, "beta0.25")["beta"] == 0.25
 
 
 def test_single_seed_group_has_nan_std_and_missing_modules(table):
-    single = row(table, "dgl", "async")
+    single = row(table, "fdg", "async", 3, "S1_B10_beta0.5")
     assert single["seeds"] == 1
     assert math.isnan(single["test_acc_std"])
-    assert math.isnan(single["aux_acc_mean_m3"])  # K=2 has no third module
+    assert math.isnan(row(table, "dgl", "sync", 2)["aux_acc_mean_m3"])  # K=2 has no third module
+    assert row(table, "dgl", "sync", 4)["aux_acc_mean_m4"] == pytest.approx(0.878)
 
 
 def test_written_tables_are_formatted(table, tmp_path):
@@ -106,20 +232,26 @@ def test_written_tables_are_formatted(table, tmp_path):
 
     csv = pd.read_csv(paths[0])
     assert list(csv.columns) == list(table.columns)
+    assert len(csv) == len(table)
 
     md = paths[1].read_text()
     assert "88.70 ± 0.28" in md  # backprop: mean(0.885, 0.889), std 0.002 * sqrt(2)
     assert "87.80 ± 0.28" in md
     assert "82.00" in md  # aux head m1 of dgl/sync keeps its two decimals
-    single_line = next(line for line in md.splitlines() if "async" in line)
-    assert "87.10" in single_line and "±" not in single_line
+    single_line = next(line for line in md.splitlines() if "S1_B10_beta0.5" in line)
+    assert "86.00" in single_line and "±" not in single_line
+    slowed_line = next(line for line in md.splitlines() if "S4m1_B10 " in line)
+    # slowdown, slowed module, buffer, beta (none for DGL)
+    assert re.search(r"\|\s+4 \|\s+1 \|\s+10 \|\s+– \|", slowed_line)
 
     tex = paths[2].read_text()
     assert r"\begin{tabular}" in tex
     assert r"88.70 $\pm$ 0.28" in tex
     assert r"test acc (\%)" in tex
-    single_tex = next(line for line in tex.splitlines() if "async" in line)
+    assert r"S4m1\_B10" in tex
+    single_tex = next(line for line in tex.splitlines() if r"S1\_B10\_beta0.5" in line)
     assert r"\pm" not in single_tex
+    assert " -- " in single_tex or "& -- &" in single_tex  # no slowed module: LaTeX's en dash
 
 
 def test_latex_escapes_method_names(table, tmp_path):
@@ -128,20 +260,166 @@ def test_latex_escapes_method_names(table, tmp_path):
     assert r"end\_to\_end" in tex
 
 
+def test_main_table_values(runs_df, tmp_path):
+    main = main_table(runs_df)
+    # Reference runs only, all at K=3, so no K column.
+    assert list(main.columns) == ["method", "sync_mean", "sync_std", "async_mean", "async_std"]
+    assert list(main["method"]) == ["backprop", "dgl", "fdg"]
+    dgl = main.set_index("method").loc["dgl"]
+    # By hand: sync mean(0.880, 0.876) = 0.878, std 0.004 / sqrt(2); async mean(0.870, 0.868).
+    assert dgl["sync_mean"] == pytest.approx(0.878)
+    assert dgl["sync_std"] == pytest.approx(0.004 / math.sqrt(2))
+    assert dgl["async_mean"] == pytest.approx(0.869)
+    assert dgl["async_std"] == pytest.approx(0.002 / math.sqrt(2))
+    backprop = main.set_index("method").loc["backprop"]
+    assert math.isnan(backprop["async_mean"]) and math.isnan(backprop["async_std"])
+    fdg = main.set_index("method").loc["fdg"]
+    assert fdg["sync_mean"] == pytest.approx(0.884)  # beta0.5 only; beta0.25 varies beta
+    assert fdg["async_mean"] == pytest.approx(0.860) and math.isnan(fdg["async_std"])
+
+    paths = write_main(main, tmp_path)
+    assert [p.name for p in paths] == ["main.csv", "main.md", "main.tex"]
+    csv = pd.read_csv(paths[0])
+    assert list(csv.columns) == list(main.columns)
+    assert csv.loc[1, "sync_mean"] == pytest.approx(0.878)
+
+    md_lines = paths[1].read_text().splitlines()
+    assert "sync (%)" in md_lines[0] and md_lines[0].index("sync") < md_lines[0].index("async")
+    dgl_md = next(line for line in md_lines if line.startswith("| dgl"))
+    assert "87.80 ± 0.28" in dgl_md and "86.90 ± 0.14" in dgl_md
+    backprop_md = next(line for line in md_lines if line.startswith("| backprop"))
+    assert "88.70 ± 0.28" in backprop_md and re.search(r"\|\s+– \|$", backprop_md)
+    fdg_md = next(line for line in md_lines if line.startswith("| fdg"))
+    assert "88.40" in fdg_md and "86.00" in fdg_md and "±" not in fdg_md  # one seed each
+
+    tex = paths[2].read_text()
+    assert r"87.80 $\pm$ 0.28 & 86.90 $\pm$ 0.14" in tex
+    assert re.search(r"backprop & 88.70 \$\\pm\$ 0.28 & -- \\\\", tex)
+
+
+def test_main_table_with_several_reference_k(tmp_path):
+    # Two experiments merged, with base K 2 and 3: K becomes a second index column.
+    dirs = write_runs(tmp_path, {("dgl", "sync", 3, "default", 0): [0.8, 0.85, 0.88],
+                                 ("backprop", "sync", 3, "default", 0): [0.4, 0.6, 0.89]})
+    k2 = write_run(tmp_path, "dgl", "sync", 2, "default", 0, [0.8, 0.86], varied=[])
+    main = main_table(load_runs(dirs + [k2])[0])
+    assert list(main.columns) == ["method", "K", "sync_mean", "sync_std"]
+    assert list(zip(main["method"], main["K"])) == [("backprop", 3), ("dgl", 2), ("dgl", 3)]
+    header = write_main(main, tmp_path / "t")[1].read_text().splitlines()[0]
+    assert [c.strip() for c in header.strip("|").split("|")] == ["method", "K", "sync (%)"]
+
+
+def _magic_ok(path: Path) -> bool:
+    magic = {".png": b"\x89PNG\r\n\x1a\n", ".pdf": b"%PDF"}
+    return path.read_bytes().startswith(magic[path.suffix])
+
+
 def test_build_report_writes_everything(run_dirs, tmp_path):
     paths = build_report(run_dirs, tmp_path / "out" / "tables", tmp_path / "out" / "figures")
-    names = {p.name for p in paths}
-    assert names == {"summary.csv", "summary.md", "summary.tex", "test_acc_vs_epoch.png",
-                     "test_acc_vs_epoch.pdf", "layerwise_acc.png", "layerwise_acc.pdf"}
+    expected = ([f"{t}.{ext}" for t in TABLE_NAMES for ext in ("csv", "md", "tex")]
+                + [f"{f}.{ext}" for f in FIGURE_NAMES for ext in ("png", "pdf")])
+    assert len(paths) == 16 and [p.name for p in paths] == expected
     for path in paths:
         assert path.is_file() and path.stat().st_size > 0
-    magic = {".png": b"\x89PNG\r\n\x1a\n", ".pdf": b"%PDF"}
-    for path in paths:
-        if path.suffix in magic:
-            assert path.read_bytes().startswith(magic[path.suffix])
+        if path.suffix in (".png", ".pdf"):
+            assert path.parent.name == "figures" and _magic_ok(path)
     # Atomic writes leave no temp files behind.
     leftovers = [p for p in (tmp_path / "out").rglob(".*") if p.is_file()]
     assert leftovers == []
+
+
+def test_figures_are_written_without_their_data(tmp_path):
+    """Sync-only reference runs: the sweep figures are empty axes with a note, but exist."""
+    dirs = write_runs(tmp_path, SYNC_REFERENCE)
+    paths = build_report(dirs, tmp_path / "tables", tmp_path / "figures")
+    for name in FIGURE_NAMES:
+        for ext in (".png", ".pdf"):
+            path = tmp_path / "figures" / f"{name}{ext}"
+            assert path in paths and _magic_ok(path)
+    main = pd.read_csv(tmp_path / "tables" / "main.csv")
+    assert list(main.columns) == ["method", "sync_mean", "sync_std"]
+
+
+def _capture(monkeypatch) -> dict:
+    """Record each figure's error-bar lines (label, x, y) instead of only saving it."""
+    seen, finish = {}, figures._finish
+
+    def spy(fig, ax, stem):
+        seen[stem.name] = {c.get_label(): (list(c.lines[0].get_xdata()), list(c.lines[0].get_ydata()))
+                           for c in ax.containers}
+        seen[stem.name]["_texts"] = [t.get_text() for t in ax.texts]
+        return finish(fig, ax, stem)
+
+    monkeypatch.setattr(figures, "_finish", spy)
+    return seen
+
+
+def test_sweep_figures_plot_the_right_runs(runs_df, tmp_path, monkeypatch):
+    seen = _capture(monkeypatch)
+    figures.plot_accuracy_vs_slowdown(runs_df, tmp_path)
+    figures.plot_accuracy_vs_buffer_size(runs_df, tmp_path)
+    figures.plot_accuracy_vs_K(runs_df, tmp_path)
+
+    slowdown = seen["acc_vs_slowdown"]
+    assert [k for k in slowdown if k != "_texts"] == [
+        "dgl, module 1 slowed (2 seeds)", "dgl, module 2 slowed (2 seeds)", "fdg, module 1 slowed (1 seed)"]
+    x, y = slowdown["dgl, module 1 slowed (2 seeds)"]
+    # S=1 is the shared start (the reference async runs); buffer-sweep runs are left out.
+    assert x == [1, 2, 4]
+    assert y == pytest.approx([86.9, 100 * (_sweep_acc(2, 1, 0) + _sweep_acc(2, 1, 1)) / 2,
+                               100 * (_sweep_acc(4, 1, 0) + _sweep_acc(4, 1, 1)) / 2])
+    assert slowdown["dgl, module 2 slowed (2 seeds)"][1][0] == pytest.approx(86.9)
+    assert slowdown["fdg, module 1 slowed (1 seed)"] == ([1, 4], pytest.approx([86.0, 84.0]))
+
+    # Settings run at one buffer size only (S=2, FDG) are single points there: left out.
+    buffer = seen["acc_vs_buffer_size"]
+    assert list(buffer) == ["dgl, no slowdown (1–2 seeds)", "dgl, S=4 on module 1 (1–2 seeds)", "_texts"]
+    assert buffer["dgl, no slowdown (1–2 seeds)"] == ([2, 10, 50], pytest.approx([85.0, 86.9, 87.2]))
+    assert buffer["dgl, S=4 on module 1 (1–2 seeds)"][0] == [2, 10, 50]
+
+    k = seen["acc_vs_K"]
+    assert list(k) == ["backprop / sync (1–2 seeds)", "dgl / sync (1–2 seeds)", "_texts"]
+    assert k["dgl / sync (1–2 seeds)"] == ([2, 3, 4], pytest.approx([87.2, 87.8, 87.8]))
+
+
+def test_empty_sweep_figures_say_why(tmp_path, monkeypatch):
+    seen = _capture(monkeypatch)
+    runs_df = load_runs(write_runs(tmp_path, SYNC_REFERENCE))[0]
+    figures.plot_accuracy_vs_slowdown(runs_df, tmp_path)
+    figures.plot_accuracy_vs_buffer_size(runs_df, tmp_path)
+    figures.plot_accuracy_vs_K(runs_df, tmp_path)
+    assert seen["acc_vs_slowdown"]["_texts"] == ["no runs vary the slowdown"]
+    assert seen["acc_vs_buffer_size"]["_texts"] == ["no runs vary the buffer size"]
+    assert seen["acc_vs_K"]["_texts"] == ["no runs vary K"]
+
+
+def test_reference_figures_use_reference_runs_only(run_dirs, tmp_path, monkeypatch):
+    seen = _capture(monkeypatch)
+    runs_df, epochs_df = load_runs(run_dirs)
+    figures.plot_layerwise_accuracy(runs_df, tmp_path)
+    assert list(seen["layerwise_acc"]) == [
+        "backprop / sync / K=3 (2 seeds)", "dgl / sync / K=3 (2 seeds)", "dgl / async / K=3 (2 seeds)",
+        "fdg / sync / K=3 (1 seed)", "fdg / async / K=3 (1 seed)", "_texts"]
+    figures.plot_accuracy_vs_epoch(epochs_df, tmp_path)
+    assert (tmp_path / "test_acc_vs_epoch.png").is_file()
+
+
+def test_report_package_does_not_import_matplotlib():
+    # The workflow imports the output names; that must stay cheap and headless.
+    code = ("import sys, decoupled.report as r; "
+            "assert r.FIGURE_NAMES and 'matplotlib' not in sys.modules, sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_duplicate_check_includes_the_variant(run_dirs, tmp_path):
+    # Same method/mode/K/seed in two variants: two different runs.
+    slowed = [d for d in run_dirs if d.parent.name == "S4m1_B10" and d.name == "seed0"]
+    assert len(load_runs(slowed + [d for d in run_dirs if d.parent.name == "S2m1_B10"])[0]) == 3
+    copy = tmp_path / "elsewhere" / "seed0"
+    shutil.copytree(slowed[0], copy)
+    with pytest.raises(UserError, match="same method/mode/K/variant/seed") as info:
+        load_runs(slowed + [copy])
+    assert str(copy) in str(info.value)
 
 
 def test_malformed_metrics_names_the_file(run_dirs):
@@ -152,14 +430,35 @@ def test_malformed_metrics_names_the_file(run_dirs):
     assert str(bad) in str(info.value) and "\n" not in str(info.value)
 
 
-def test_missing_eval_and_missing_key_name_the_file(run_dirs):
+def _edit(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d.pop("train_time_s"), "missing key 'train_time_s'"),
+    (lambda d: d.pop("variant"), "missing key 'variant'"),
+    (lambda d: d.pop("varied"), "missing key 'varied'"),
+    (lambda d: d["varied"].append("lr"), "'varied' must list"),
+    (lambda d: d["settings"].pop("buffer_size"), r"missing key 'settings\.buffer_size'"),
+    (lambda d: d["settings"].update(buffer_size=None), r"'settings\.buffer_size' must be set"),
+    (lambda d: d["epochs"][1].pop("steps_per_module"), r"epochs\[1\]: missing key 'steps_per_module'"),
+    (lambda d: d["epochs"][2]["grad_staleness"].pop(), r"epochs\[2\]: 'grad_staleness' must be 3"),
+])
+def test_bad_metrics_name_the_file(run_dirs, change, message):
+    run_dir = next(d for d in run_dirs if d.parent.name == "S4m1_B10")
+    _edit(run_dir / "metrics.json", change)
+    with pytest.raises(UserError, match=message) as info:
+        load_runs([run_dir])
+    assert str(run_dir / "metrics.json") in str(info.value) and "\n" not in str(info.value)
+
+
+def test_missing_eval_and_mismatched_variant_name_the_file(run_dirs):
     (run_dirs[1] / "eval.json").unlink()
     with pytest.raises(UserError, match=r"eval\.json: file not found"):
         load_runs(run_dirs)
 
-    metrics = run_dirs[2] / "metrics.json"
-    data = json.loads(metrics.read_text())
-    del data["train_time_s"]
-    metrics.write_text(json.dumps(data))
-    with pytest.raises(UserError, match="train_time_s"):
+    _edit(run_dirs[2] / "eval.json", lambda d: d.update(variant="S4m1_B10"))
+    with pytest.raises(UserError, match=r"eval\.json: variant does not match"):
         load_runs(run_dirs[2:])

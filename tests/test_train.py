@@ -7,26 +7,34 @@ from decoupled.data import load_prepared
 from decoupled.train import fit
 
 
-def job(method, seed=0, epochs=2):
+def job(method, seed=0, epochs=2, mode="sync"):
     cfg = config.validate(
         {
             "experiment": "t",
             "model": {"widths": [8, 16], "aux_hidden": 32},
             "train": {"epochs": epochs, "batch_size": 50, "lr": 0.05},
-            "grid": {"methods": [method], "K": [2]},
+            "grid": {"methods": [method], "K": [2], "modes": [mode]},
         }
     )
-    return grid.job_config(cfg, grid.RunKey(method, "sync", 2, seed))
+    return grid.job_config(cfg, grid.runs(cfg)[0] if seed == 0 else grid.RunKey(method, mode, 2, seed, grid.runs(cfg)[0].variant))
 
 
-@pytest.mark.parametrize("method", ["backprop", "dgl", "dni", "cdni", "ddg", "fdg"])
-def test_short_training_is_well_above_chance(fashion_subset, method):
-    metrics = fit(job(method), load_prepared(fashion_subset))
+@pytest.mark.parametrize(
+    "method, mode",
+    [(m, "sync") for m in ("backprop", "dgl", "dni", "cdni", "ddg", "fdg")] + [(m, "async") for m in ("dgl", "dni", "cdni", "ddg", "fdg")],
+)
+def test_short_training_is_well_above_chance(fashion_subset, method, mode):
+    # async runs get an epoch more: with random draws, a module idles while its input queue
+    # is empty, so an epoch holds fewer updates than in lockstep
+    metrics = fit(job(method, mode=mode, epochs=3 if mode == "async" else 2), load_prepared(fashion_subset))
     last = metrics["epochs"][-1]
     # chance is 0.1 on 10 balanced classes. DNI's lower modules learn only as fast as their
     # synthesizers (which start at zero), so 80 steps take them less far.
     assert last["test_acc"] > (0.45 if method in ("dni", "cdni") else 0.6), last
-    assert all(a > 0.4 for a in last["test_acc_per_module"]), last
+    # and every head learned; under async DNI the lower module trains on synthetic gradients
+    # regressed onto stale targets, so its probe lags most
+    floor = 0.25 if (method in ("dni", "cdni") and mode == "async") else 0.4
+    assert all(a > floor for a in last["test_acc_per_module"]), last
     assert metrics["epochs"][0]["train_loss"] > last["train_loss"]
 
 

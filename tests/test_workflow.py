@@ -47,8 +47,14 @@ def smoke(tmp_path_factory):
 def test_summary_table(smoke):
     workdir, _ = smoke
     summary = pd.read_csv(workdir / "results/tables/summary.csv")
-    assert list(summary.columns[:7]) == ["method", "mode", "K", "seeds", "test_acc_mean", "test_acc_std", "train_time_s"]
-    assert sorted(summary["method"]) == sorted(METHODS)
+    assert list(summary.columns[:8]) == ["method", "mode", "K", "variant", "seeds", "test_acc_mean", "test_acc_std", "train_time_s"]
+    # every method in sync mode; every method but backprop in async mode, with and without slowdown
+    rows = set(zip(summary["method"], summary["mode"], summary["variant"]))
+    expected = {(m, "sync", "beta0.5" if m == "fdg" else "default") for m in METHODS}
+    for m in set(METHODS) - {"backprop"}:
+        beta = "_beta0.5" if m == "fdg" else ""
+        expected |= {(m, "async", f"S1_B4{beta}"), (m, "async", f"S2m1_B4{beta}")}
+    assert rows == expected
     assert (summary["seeds"] == 2).all() and (summary["K"] == 2).all()
     assert summary["test_acc_mean"].between(0, 1).all() and summary["test_acc_std"].notna().all()
     for ext in ("md", "tex"):
@@ -57,9 +63,24 @@ def test_summary_table(smoke):
 
 
 @needs_fashion_mnist
+def test_main_table(smoke):
+    workdir, _ = smoke
+    main = pd.read_csv(workdir / "results/tables/main.csv")
+    assert list(main["method"]) == ["backprop", "dgl", "dni", "cdni", "ddg", "fdg"]
+    assert main.set_index("method").loc["dgl", ["sync_mean", "async_mean"]].between(0, 1).all()
+    assert pd.isna(main.set_index("method").loc["backprop", "async_mean"])  # no async backprop
+    # the async cell is the no-slowdown run, read back from its eval.json files
+    import json
+
+    accs = [json.loads((workdir / f"results/runs/dgl/async/K2/S1_B4/seed{s}/eval.json").read_text())["test_acc"] for s in (0, 1)]
+    assert main.set_index("method").loc["dgl", "async_mean"] == pytest.approx(sum(accs) / 2)
+    assert "±" in (workdir / "results/tables/main.md").read_text()
+
+
+@needs_fashion_mnist
 def test_figures(smoke):
     workdir, _ = smoke
-    for name in ("test_acc_vs_epoch", "layerwise_acc"):
+    for name in ("test_acc_vs_epoch", "layerwise_acc", "acc_vs_slowdown", "acc_vs_buffer_size", "acc_vs_K"):
         assert (workdir / f"results/figures/{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert (workdir / f"results/figures/{name}.pdf").read_bytes()[:4] == b"%PDF"
 
@@ -69,8 +90,9 @@ def test_progress_lines_on_the_terminal(smoke):
     _, result = smoke
     out = result.stdout + result.stderr
     for method in METHODS:
+        name = f"{method}-sync-K2-beta0.5-seed0" if method == "fdg" else f"{method}-sync-K2-seed0"
         for epoch in (1, 2, 3):
-            assert f"[{method}-sync-K2-seed0] epoch {epoch}/3" in out
+            assert f"[{name}] epoch {epoch}/3" in out
 
 
 @needs_fashion_mnist
@@ -84,7 +106,8 @@ def test_mlflow_runs(smoke):
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if r.data.tags.get("decoupled.role") == "parent"]
     children = [r for r in runs if r.data.tags.get("decoupled.role") == "child"]
-    assert len(parents) == 1 and len(children) == 2 * len(METHODS) and len(runs) == 2 * len(METHODS) + 1
+    n_jobs = 2 * (len(METHODS) + 2 * (len(METHODS) - 1))  # seeds x (sync + async x 2 slowdowns)
+    assert len(parents) == 1 and len(children) == n_jobs and len(runs) == n_jobs + 1
     parent = parents[0]
     assert parent.info.status == "FINISHED"
     parent_files = {f.path for d in ("tables", "figures") for f in client.list_artifacts(parent.info.run_id, d)}
@@ -95,10 +118,10 @@ def test_mlflow_runs(smoke):
         tags, params = run.data.tags, run.data.params
         assert run.info.status == "FINISHED"
         assert tags["mlflow.parentRunId"] == parent.info.run_id
-        key = (tags["method"], tags["mode"], tags["K"], tags["seed"])
+        key = (tags["method"], tags["mode"], tags["K"], tags["variant"], tags["seed"])
         seen.add(key)
         assert tags["rule"] == "train"
-        assert tags["wildcards"] == f"method={key[0]},mode={key[1]},K={key[2]},seed={key[3]}"
+        assert tags["wildcards"] == f"method={key[0]},mode={key[1]},K={key[2]},variant={key[3]},seed={key[4]}"
         commit = subprocess.run(["git", "-C", str(workdir), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
         assert tags["git_commit"] == commit and len(commit) == 40
         # params: the whole resolved job config, overrides applied
@@ -109,9 +132,12 @@ def test_mlflow_runs(smoke):
         assert [m.step for m in history] == [1, 2, 3]
         for name in ("train_loss", "test_acc_m0", "test_acc_m1", "wall_time_s", "images_per_s", "final_test_acc"):
             assert name in run.data.metrics, name
+        if key[1] == "async":  # per-worker progress of the simulator
+            assert {"steps_m0", "steps_m1", "idle_m1", "input_staleness_mean_m1"} <= set(run.data.metrics)
+            assert params["async.slowdown_factor"] == ("2" if key[3].startswith("S2") else "1")
         artifacts = {f.path for f in client.list_artifacts(run.info.run_id)}
         assert {"metrics.json", "config.json", "eval.json"} <= artifacts
-    assert len(seen) == 2 * len(METHODS)
+    assert len(seen) == n_jobs
 
 
 @needs_fashion_mnist

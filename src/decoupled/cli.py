@@ -82,7 +82,14 @@ def cmd_train(args) -> None:
     else:
         if None in (args.method, args.K, args.seed):
             raise UserError("train needs --job-json, or --config with --method, --K and --seed")
-        job = grid.job_config(_experiment_config(args), grid.RunKey(args.method, args.mode, args.K, args.seed))
+        cfg = _experiment_config(args)
+        variant = args.variant
+        if variant is None:
+            names = list(grid.variants(cfg, args.method, args.mode))
+            if len(names) > 1:
+                raise UserError(f"the grid has several variants of {args.method}/{args.mode}: pick one with --variant ({', '.join(names)})")
+            variant = names[0]
+        job = grid.job_config(cfg, grid.RunKey(args.method, args.mode, args.K, args.seed, variant))
     tags = {}
     for item in args.tag:
         name, sep, value = item.partition("=")
@@ -162,6 +169,7 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--mode", default="sync")
     sp.add_argument("--K", type=int)
     sp.add_argument("--seed", type=int)
+    sp.add_argument("--variant", help="swept settings, e.g. S4m1_B10 (default: the grid's only one)")
     sp.add_argument("--data", required=True, help="prepared dataset file")
     sp.add_argument("--out", required=True, help="run directory")
     sp.add_argument("--tracking", help="JSON written by init-tracking (default: create/attach here)")

@@ -1,8 +1,12 @@
 """The experiment grid: which training jobs an experiment config asks for, and each job's config.
 
-An experiment config names lists under ``grid`` (methods × modes × K × seeds) and may give
-per-method ``overrides``. A *job* config is one point of that grid with the overrides applied:
-the shared sections (dataset, model, train, ...) plus ``run: {method, mode, K, seed}``.
+An experiment config names lists under ``grid``: methods × modes × K × seeds, and, where they
+apply, settings swept per run: ``slowdown`` and ``buffer_size`` (async runs) and ``beta``
+(methods that have one, FDG). The swept settings of a run make its *variant*, a short name
+such as ``S4m1_B10`` (slowdown 4 on module 1, buffer 10), ``beta0.5``, or ``default``.
+A *job* config is one point of the grid with per-method ``overrides`` applied: the shared
+sections (dataset, model, train, async, ...) plus ``run: {method, mode, K, variant, seed}``.
+
 Snakemake imports this module to expand its wildcards and the CLI uses it to resolve and
 re-check a job, so both agree on every job. It must not import torch: Snakemake's own
 environment may not have it.
@@ -31,60 +35,157 @@ class RunKey:
     mode: str
     K: int
     seed: int
+    variant: str = "default"
 
     @property
     def path(self) -> str:
         """Where the run's outputs live, relative to the results directory."""
-        return f"runs/{self.method}/{self.mode}/K{self.K}/seed{self.seed}"
+        return f"runs/{self.method}/{self.mode}/K{self.K}/{self.variant}/seed{self.seed}"
 
     @property
     def name(self) -> str:
-        return f"{self.method}-{self.mode}-K{self.K}-seed{self.seed}"
+        parts = [self.method, self.mode, f"K{self.K}"] + ([self.variant] if self.variant != "default" else []) + [f"seed{self.seed}"]
+        return "-".join(parts)
 
 
 def runs(config: dict[str, Any]) -> list[RunKey]:
     """Every job of the grid, after checking that each one can be built."""
+    from decoupled.methods import SYNC_ONLY
+
     config = config_lib.validate(config)
     grid = config["grid"]
-    keys = [
-        RunKey(method, mode, K, seed)
-        for method in grid["methods"]
-        for mode in grid["modes"]
-        for K in grid["K"]
-        for seed in grid["seeds"]
-    ]
+    known = method_names()
+    keys = []
+    for method in grid["methods"]:
+        if method not in known:
+            raise UserError(f"unknown method '{method}' (known: {', '.join(known)})")
+        for mode in grid["modes"]:
+            if mode == "async" and method in SYNC_ONLY:
+                continue  # e.g. backprop: the locked baseline has no async form
+            for K, variant in _points(config, method, mode):
+                keys += [RunKey(method, mode, K, seed, variant) for seed in grid["seeds"]]
+    if not keys:
+        raise UserError("config key 'grid': no job to run (every method listed is sync-only and modes has only async)")
     for key in keys:
         job_config(config, key)  # raises on the first job that cannot run
     return keys
 
 
+Option = tuple[str, dict[str, Any]]  # (part of a variant name, the settings it stands for)
+
+
+def _axes(config: dict[str, Any], method: str, mode: str) -> list[tuple[Option, list[Option]]]:
+    """Each swept setting that applies to ``method`` in ``mode``: its base option and the grid's options."""
+    from decoupled.methods import USES_BETA
+
+    grid, base_async = config["grid"], config["async"]
+    axes = []
+    if mode == "async":
+        base = {"factor": base_async["slowdown_factor"], "module": base_async["slowed_module"]}
+        axes.append((_slowdown(base), [_slowdown(s) for s in grid.get("slowdown") or [base]]))
+        size = base_async["buffer_size"]
+        axes.append(((f"B{size}", {"buffer_size": size}), [(f"B{b}", {"buffer_size": b}) for b in grid.get("buffer_size") or [size]]))
+    if method in USES_BETA:
+        beta = config["train"]["beta"]
+        axes.append(((f"beta{beta:g}", {"beta": beta}), [(f"beta{b:g}", {"beta": b}) for b in grid.get("beta") or [beta]]))
+    return axes
+
+
+def _slowdown(slowdown: dict) -> Option:
+    module = slowdown.get("module")
+    name = f"S{slowdown['factor']:g}" + (f"m{module}" if module is not None else "")
+    return name, {"slowdown_factor": slowdown["factor"], "slowed_module": module}
+
+
+def _combine(options: list[Option]) -> Option:
+    settings = {}
+    for _, more in options:
+        settings.update(more)
+    return "_".join(name for name, _ in options) or "default", settings
+
+
+def variants(config: dict[str, Any], method: str, mode: str) -> dict[str, dict[str, Any]]:
+    """Every combination of the swept settings that apply to ``method`` in ``mode``, by variant name."""
+    combos: list[list[Option]] = [[]]
+    for _, options in _axes(config, method, mode):
+        combos = [combo + [option] for combo in combos for option in options]
+    return dict(_combine(combo) for combo in combos)
+
+
+def _points(config: dict[str, Any], method: str, mode: str) -> list[tuple[int, str]]:
+    """The (K, variant) pairs to run: all combinations, or one axis at a time around the base."""
+    Ks = config["grid"]["K"]
+    if config["grid"]["design"] == "product":
+        return [(K, name) for K in Ks for name in variants(config, method, mode)]
+    axes = _axes(config, method, mode)
+    base = [base_option for base_option, _ in axes]
+    points = [(K, _combine(base)[0]) for K in Ks]
+    for i, (_, options) in enumerate(axes):
+        points += [(Ks[0], _combine(base[:i] + [option] + base[i + 1 :])[0]) for option in options]
+    return list(dict.fromkeys(points))
+
+
 def job_config(config: dict[str, Any], key: RunKey) -> dict[str, Any]:
     """The resolved, validated config of one job."""
+    from decoupled.methods import SYNC_ONLY
+
     known = method_names()
     if key.method not in known:
         raise UserError(f"unknown method '{key.method}' (known: {', '.join(known)})")
+    if key.mode == "async" and key.method in SYNC_ONLY:
+        raise UserError(f"method '{key.method}' has no async mode")
     shared = {k: v for k, v in config.items() if k not in ("grid", "overrides")}
     merged = config_lib.deep_merge(shared, config.get("overrides", {}).get(key.method, {}))
     job = _validate_job_sections(merged, key)
+    grid = config.get("grid", {})
+    found = variants({**job, "grid": grid}, key.method, key.mode)
+    if key.variant not in found:
+        raise UserError(f"job {key.name}: variant '{key.variant}' is not in the grid (it has: {', '.join(found)})")
+    settings = found[key.variant]
+    # Which swept settings differ from the config's base values: the report compares runs
+    # along one axis at a time (e.g. accuracy vs slowdown with everything else at base).
+    varied = ["K"] if grid.get("K") and key.K != grid["K"][0] else []
+    base = {**{n: job["async"][n] for n in ("slowdown_factor", "slowed_module", "buffer_size")}, "beta": job["train"]["beta"]}
+    varied += sorted({"slowdown" if n.startswith("slow") else n for n, v in settings.items() if v != base[n]})
+    for name in ("slowdown_factor", "slowed_module", "buffer_size"):
+        if name in settings:
+            job["async"][name] = settings[name]
+    if "beta" in settings:
+        job["train"]["beta"] = settings["beta"]
+    _check_run(job, key)
+    job["run"] = {"method": key.method, "mode": key.mode, "K": key.K, "variant": key.variant, "seed": key.seed, "varied": varied}
+    return job
+
+
+def _check_run(job: dict[str, Any], key: RunKey) -> None:
     n_layers = len(job["model"]["widths"])
+    pools = job["model"]["pools"]
+    if pools is not None and len(pools) != n_layers:
+        raise UserError(f"config key 'model.pools': {len(pools)} entries for {n_layers} layers (model.widths)")
     if key.K > n_layers:
         raise UserError(f"config key 'grid.K': K={key.K} modules need at least {key.K} layers, model.widths has {n_layers}")
-    job["run"] = {"method": key.method, "mode": key.mode, "K": key.K, "seed": key.seed}
-    return job
+    if key.mode == "async":
+        factor, module = job["async"]["slowdown_factor"], job["async"]["slowed_module"]
+        if module is not None and module >= key.K:
+            raise UserError(f"job {key.name}: slowed module {module} does not exist with K={key.K} (modules 0..{key.K - 1})")
+        if factor > 1 and module is None:
+            raise UserError(f"job {key.name}: slowdown factor {factor:g} needs a slowed module")
 
 
 def check_job(job: dict[str, Any]) -> dict[str, Any]:
     """Re-validate a job config handed to the CLI (e.g. by a Snakemake rule, or written by hand)."""
     if not isinstance(job, dict) or not isinstance(job.get("run"), dict):
-        raise UserError("job config needs a 'run' mapping with method, mode, K and seed")
+        raise UserError("job config needs a 'run' mapping with method, mode, K, variant and seed")
     run = job["run"]
     missing = [k for k in ("method", "mode", "K", "seed") if k not in run]
     if missing:
         raise UserError(f"job config key 'run' lacks {', '.join(missing)}")
-    key = RunKey(run["method"], run["mode"], run["K"], run["seed"])
+    key = RunKey(run["method"], run["mode"], run["K"], run["seed"], run.get("variant", "default"))
     config = {k: v for k, v in job.items() if k != "run"}
     config["grid"] = {"methods": [key.method], "modes": [key.mode], "K": [key.K], "seeds": [key.seed]}
-    return job_config(config_lib.validate(config), key)
+    checked = job_config(config_lib.validate(config), key)
+    checked["run"]["varied"] = run.get("varied", [])  # relative to the experiment, which a job does not hold
+    return checked
 
 
 def _validate_job_sections(merged: dict[str, Any], key: RunKey) -> dict[str, Any]:

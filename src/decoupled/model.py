@@ -13,13 +13,22 @@ import torch
 from torch import nn
 
 
-def conv_layer(in_channels: int, out_channels: int) -> nn.Sequential:
-    """conv3x3 - BN - ReLU - maxpool2: each layer halves the resolution."""
+def conv_layer(in_channels: int, out_channels: int, kernel_size: int = 3, pool: str | None = None) -> nn.Sequential:
+    """conv - BN - ReLU - pool.
+
+    ``pool`` None: max-pool 2, rounding odd sizes up (28 -> 14 -> 7 -> 4), so no border pixel is
+    lost; else e.g. "avg3": that pooling with PyTorch's usual rounding down, as papers' code has it.
+    """
+    if pool is None:
+        pooling = nn.MaxPool2d(2, ceil_mode=True)
+    else:
+        kind, size = pool[:3], int(pool[3:])
+        pooling = nn.MaxPool2d(size) if kind == "max" else nn.AvgPool2d(size)
     return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+        nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
         nn.BatchNorm2d(out_channels),
         nn.ReLU(inplace=True),
-        nn.MaxPool2d(2, ceil_mode=True),
+        pooling,
     )
 
 
@@ -68,9 +77,10 @@ class SplitNet(nn.Module):
 def build(model_cfg: dict, K: int, in_channels: int, num_classes: int) -> SplitNet:
     """The CNN of ``model_cfg`` cut into K modules; parameters drawn from torch's global RNG."""
     widths = model_cfg["widths"]
+    pools = model_cfg.get("pools") or [None] * len(widths)
     layers, channels = [], in_channels
-    for width in widths:
-        layers.append(conv_layer(channels, width))
+    for width, pool in zip(widths, pools):
+        layers.append(conv_layer(channels, width, model_cfg.get("kernel_size", 3), pool))
         channels = width
     blocks, heads, start = [], [], 0
     for count in split_layers(len(widths), K):

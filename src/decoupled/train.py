@@ -30,7 +30,19 @@ class TrainingDiverged(UserError):
 
 
 def run_key(job: dict) -> RunKey:
-    return RunKey(**job["run"])
+    run = job["run"]
+    return RunKey(run["method"], run["mode"], run["K"], run["seed"], run.get("variant", "default"))
+
+
+def run_settings(job: dict) -> dict:
+    """The swept settings of a job, null where they do not apply (the report plots against them)."""
+    from decoupled.methods import USES_BETA
+
+    asynchronous = job["run"]["mode"] == "async"
+    return {
+        **{name: job["async"][name] if asynchronous else None for name in ("slowdown_factor", "slowed_module", "buffer_size", "schedule")},
+        "beta": job["train"]["beta"] if job["run"]["method"] in USES_BETA else None,
+    }
 
 
 def build(job: dict, data: Dataset):
@@ -43,7 +55,11 @@ def build(job: dict, data: Dataset):
     if steps_per_epoch == 0:
         raise UserError(f"config key 'train.batch_size': {train_cfg['batch_size']} exceeds the {len(data.train_x)} training images")
     method = methods.get(key.method)(net, train_cfg, train_cfg["epochs"] * steps_per_epoch)
-    engine = ENGINES[job["engine"]](method, data.train_x, data.train_y, train_cfg["batch_size"], key.seed)
+    engine_class = ENGINES[(job["engine"], key.mode)]
+    try:
+        engine = engine_class(method, data.train_x, data.train_y, train_cfg["batch_size"], key.seed, job["async"], train_cfg["augment"])
+    except ValueError as e:
+        raise UserError(f"job {key.name}: {e}") from None
     return net, method, engine
 
 
@@ -70,13 +86,22 @@ def fit(job: dict, data: Dataset, on_epoch: Callable[[dict, dict], None] | None 
             "epoch_time_s": stats["seconds"],
             "wall_time_s": wall,
             "images_per_s": stats["images"] / stats["seconds"],
+            # async engines add per-worker steps, idle ticks and staleness
+            **{k: v for k, v in stats.items() if k not in ("train_loss_per_module", "images", "seconds")},
         }
         epochs.append(record)
         _print_progress(key, job["train"]["epochs"], record)
         if on_epoch is not None:
             state = {"net": net.state_dict(), "method": method.state_dict(), "engine": engine.state_dict(), "epoch": epoch}
             on_epoch(record, state)
-    return {**key.__dict__, "dataset": data.name, "epochs": epochs, "train_time_s": wall}
+    return {
+        **{k: job["run"][k] for k in ("method", "mode", "K", "variant", "seed")},
+        "varied": job["run"].get("varied", []),
+        "settings": run_settings(job),
+        "dataset": data.name,
+        "epochs": epochs,
+        "train_time_s": wall,
+    }
 
 
 def _print_progress(key: RunKey, total: int, r: dict) -> None:
@@ -97,6 +122,13 @@ def epoch_metrics(record: dict) -> dict[str, float]:
             flat[f"train_loss_m{k}"] = loss
     for k, acc in enumerate(record["test_acc_per_module"]):
         flat[f"test_acc_m{k}"] = acc
+    for k, steps in enumerate(record.get("steps_per_module", [])):
+        flat[f"steps_m{k}"] = steps
+        flat[f"idle_m{k}"] = record["idle_per_module"][k]
+        for kind in ("input", "grad"):
+            mean = record[f"{kind}_staleness"][k]["mean"]
+            if mean is not None:
+                flat[f"{kind}_staleness_mean_m{k}"] = mean
     return flat
 
 
@@ -112,7 +144,7 @@ def run_job(job: dict, data_path: str | Path, out_dir: str | Path, experiment: d
         from decoupled.tracking import init_experiment
 
         experiment = init_experiment(job)
-    run_tags = {"method": key.method, "mode": key.mode, "K": str(key.K), "seed": str(key.seed), "dataset": data.name, **tags}
+    run_tags = {"method": key.method, "mode": key.mode, "K": str(key.K), "variant": key.variant, "seed": str(key.seed), "dataset": data.name, **tags}
     run = ChildRun.start(experiment, key.name, flatten(job), run_tags)
 
     def on_epoch(record: dict, state: dict) -> None:

@@ -15,6 +15,7 @@ sys.path.insert(0, str(REPO / "src"))
 from decoupled import grid as decoupled_grid  # noqa: E402
 from decoupled.config import describe  # noqa: E402
 from decoupled.errors import UserError  # noqa: E402
+from decoupled.layout import FIGURE_FORMATS, FIGURE_NAMES, TABLE_FORMATS, TABLE_NAMES  # noqa: E402
 
 # Jobs run `python -m decoupled` with the package taken from this checkout (PYTHONPATH) and the
 # interpreter from --use-conda's env if any, else the one running Snakemake (its bin/ first
@@ -41,7 +42,7 @@ RESULTS = "results"
 DATASET = config["dataset"]["name"]
 PREPARED = f"{RESULTS}/data/{DATASET}.pt"
 TRACKING = f"{RESULTS}/mlflow/experiment.json"
-RUN_DIR = f"{RESULTS}/runs/{{method}}/{{mode}}/K{{K}}/seed{{seed}}"
+RUN_DIR = f"{RESULTS}/runs/{{method}}/{{mode}}/K{{K}}/{{variant}}/seed{{seed}}"
 PLOT_CODE = sorted(str(p) for p in (REPO / "src/decoupled/report").glob("*.py"))
 
 
@@ -49,11 +50,12 @@ wildcard_constraints:
     method=r"[a-z0-9_]+",
     mode=r"[a-z]+",
     K=r"\d+",
+    variant=r"[A-Za-z0-9._]+",
     seed=r"\d+",
 
 
 def run_key(wildcards):
-    return decoupled_grid.RunKey(wildcards.method, wildcards.mode, int(wildcards.K), int(wildcards.seed))
+    return decoupled_grid.RunKey(wildcards.method, wildcards.mode, int(wildcards.K), int(wildcards.seed), wildcards.variant)
 
 
 def job_json(wildcards):
@@ -76,11 +78,11 @@ def run_dirs():
 
 
 def report_tables():
-    return [f"{RESULTS}/tables/summary.{ext}" for ext in ("csv", "md", "tex")]
+    return [f"{RESULTS}/tables/{name}.{ext}" for name in TABLE_NAMES for ext in TABLE_FORMATS]
 
 
 def report_figures():
-    return [f"{RESULTS}/figures/{name}.{ext}" for name in ("test_acc_vs_epoch", "layerwise_acc") for ext in ("png", "pdf")]
+    return [f"{RESULTS}/figures/{name}.{ext}" for name in FIGURE_NAMES for ext in FIGURE_FORMATS]
 
 
 def report_outputs():

@@ -8,7 +8,7 @@ rule evaluate:
     params:
         run_dir=lambda wildcards, input: Path(input.checkpoint).parent,
     log:
-        f"{RESULTS}/logs/evaluate/{{method}}_{{mode}}_K{{K}}_seed{{seed}}.log",
+        f"{RESULTS}/logs/evaluate/{{method}}_{{mode}}_K{{K}}_{{variant}}_seed{{seed}}.log",
     conda:
         "../../envs/train.yaml"
     shell:

@@ -12,7 +12,7 @@ rule train:
         run_dir=lambda wildcards, output: Path(output.metrics).parent,
     threads: job_threads
     log:
-        f"{RESULTS}/logs/train/{{method}}_{{mode}}_K{{K}}_seed{{seed}}.log",
+        f"{RESULTS}/logs/train/{{method}}_{{mode}}_K{{K}}_{{variant}}_seed{{seed}}.log",
     conda:
         "../../envs/train.yaml"
     shell:

@@ -1,9 +1,11 @@
 """Engines schedule a method's module steps; they never decide how a module learns.
 
-``simulated``: one process, deterministic. Sync mode runs modules 0..K-1 on each batch in
-lockstep.
+``simulated``: one process, deterministic. In sync mode (``SimulatedEngine``) each step
+takes a batch through modules 0..K-1 in lockstep; in async mode (``AsyncSimulator``) a
+schedule lets each module advance at its own pace, through buffers between modules.
 """
 
 from decoupled.engines.simulated import SimulatedEngine
+from decoupled.engines.simulated_async import AsyncSimulator
 
-ENGINES = {"simulated": SimulatedEngine}
+ENGINES = {("simulated", "sync"): SimulatedEngine, ("simulated", "async"): AsyncSimulator}

@@ -7,40 +7,36 @@ import time
 
 import torch
 
+from decoupled.engines.batches import BatchStream
 from decoupled.methods.base import Method
 
 
 class SimulatedEngine:
-    """Feeds shuffled mini-batches through the modules in order (sync mode).
+    """Sync mode: each step takes a mini-batch through modules 0..K-1 in order.
 
-    Batches are slices of tensors held in memory, so the loop has no per-sample Python.
-    The last incomplete batch of an epoch is dropped: every step sees ``batch_size`` images,
-    which keeps BatchNorm statistics comparable between methods.
+    Batches are slices of tensors held in memory (``BatchStream``), so the loop has no
+    per-sample Python.
     """
 
-    def __init__(self, method: Method, train_x: torch.Tensor, train_y: torch.Tensor, batch_size: int, seed: int):
+    def __init__(self, method: Method, train_x: torch.Tensor, train_y: torch.Tensor, batch_size: int, seed: int, async_cfg: dict | None = None, augment: str = "none"):
         self.method = method
-        self.train_x, self.train_y = train_x, train_y
-        self.batch_size = batch_size
-        self.order_rng = torch.Generator().manual_seed(seed)
+        self.batches = BatchStream(train_x, train_y, batch_size, seed, augment)
         self.step = 0  # global step count, the clock of gradient deliveries
         # gradients on their way down: in_flight[k] holds (due step, d loss / d outputs of module k)
         self.in_flight = [collections.deque() for _ in range(method.net.K - 1)]
 
     @property
     def steps_per_epoch(self) -> int:
-        return len(self.train_x) // self.batch_size
+        return self.batches.batches_per_pass
 
     def run_epoch(self) -> dict:
         """One pass over the training set; returns mean losses per module, images seen and seconds."""
         K = self.method.net.K
         self.method.net.train()
         loss_sums, loss_counts = [0.0] * K, [0] * K
-        order = torch.randperm(len(self.train_x), generator=self.order_rng)
         start = time.perf_counter()
-        for step in range(self.steps_per_epoch):
-            idx = order[step * self.batch_size : (step + 1) * self.batch_size]
-            h, labels = self.train_x[idx], self.train_y[idx]
+        for _ in range(self.steps_per_epoch):
+            h, labels = self.batches.next()
             for k in range(K):
                 h, loss, input_grad = self.method.module_step(k, h, labels)
                 if loss is not None:
@@ -52,7 +48,7 @@ class SimulatedEngine:
             self.step += 1
         seconds = time.perf_counter() - start
         losses = [total / count if count else None for total, count in zip(loss_sums, loss_counts)]
-        return {"train_loss_per_module": losses, "images": self.steps_per_epoch * self.batch_size, "seconds": seconds}
+        return {"train_loss_per_module": losses, "images": self.steps_per_epoch * self.batches.batch_size, "seconds": seconds}
 
     def _send_gradient(self, k: int, grad: torch.Tensor) -> None:
         self.in_flight[k].append((self.step + self.method.gradient_delay, grad))
@@ -68,9 +64,9 @@ class SimulatedEngine:
                     self._send_gradient(k - 1, passed_down)
 
     def state_dict(self) -> dict:
-        return {"order_rng": self.order_rng.get_state(), "step": self.step, "in_flight": [list(q) for q in self.in_flight]}
+        return {"batches": self.batches.state_dict(), "step": self.step, "in_flight": [list(q) for q in self.in_flight]}
 
     def load_state_dict(self, state: dict) -> None:
-        self.order_rng.set_state(state["order_rng"])
+        self.batches.load_state_dict(state["batches"])
         self.step = state["step"]
         self.in_flight = [collections.deque(q) for q in state["in_flight"]]

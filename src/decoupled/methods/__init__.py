@@ -11,6 +11,10 @@ import importlib
 
 from decoupled.errors import UserError
 
+# What the grid must know about a method without importing torch (decoupled.grid):
+SYNC_ONLY = {"backprop"}  # the locked baseline has no async form
+USES_BETA = {"fdg"}  # grid.beta sweeps these methods only
+
 
 def get(name: str):
     from decoupled.grid import method_names

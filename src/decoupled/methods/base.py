@@ -27,6 +27,9 @@ class Method:
 
     name: ClassVar[str]
     gradient_delay: int = 0  # steps a gradient takes to cross one module boundary in sync mode
+    # async mode: how activations reach module k. "fifo": each used once, in order (a gradient
+    # comes back for it); "replay": a replay buffer that may serve an entry several times.
+    input_buffer: ClassVar[str] = "fifo"
 
     def __init__(self, net: SplitNet, train_cfg: dict, total_steps: int):
         self.net = net

@@ -1,8 +1,9 @@
-"""Decoupled Greedy Learning (Belilovsky et al., 2020), synchronous.
+"""Decoupled Greedy Learning (Belilovsky et al., 2020).
 
 Module k learns only from its own aux head's loss on its own output; its input is detached,
 so no gradient crosses a module boundary, and each module has its own optimizer. In sync
-mode the engine runs the modules on the same batch in lockstep.
+mode the engine runs the modules on the same batch in lockstep; in async mode each module
+reads its inputs from a replay buffer filled by the module below.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from decoupled.optim import make_optimizer
 
 class DGL(Method):
     name = "dgl"
+    input_buffer = "replay"  # async: modules above a slow one keep training on recent inputs
 
     def __init__(self, net, train_cfg, total_steps):
         super().__init__(net, train_cfg, total_steps)

@@ -22,15 +22,19 @@ from decoupled.optim import make_optimizer
 
 
 class Synthesizer(nn.Module):
-    """Two 3x3 convolutions from the activations (and, for cDNI, label maps) to a gradient of the same shape."""
+    """Resolution-preserving convolutions from the activations (and, for cDNI, one-hot label
+    maps, which act as a learned per-class bias of the first layer) to a gradient of their shape."""
 
-    def __init__(self, channels: int, context_channels: int, hidden: int):
+    def __init__(self, channels: int, context_channels: int, hidden: int, layers: int = 2, kernel: int = 3, batchnorm: bool = False):
         super().__init__()
-        self.layers = nn.Sequential(
-            nn.Conv2d(channels + context_channels, hidden, 3, padding=1),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, channels, 3, padding=1),
-        )
+        stack, width = [], channels + context_channels
+        for _ in range(layers - 1):
+            stack += [nn.Conv2d(width, hidden, kernel, padding=kernel // 2)]
+            stack += [nn.BatchNorm2d(hidden)] if batchnorm else []
+            stack += [nn.ReLU(inplace=True)]
+            width = hidden
+        stack.append(nn.Conv2d(width, channels, kernel, padding=kernel // 2))
+        self.layers = nn.Sequential(*stack)
         nn.init.zeros_(self.layers[-1].weight)
         nn.init.zeros_(self.layers[-1].bias)
 
@@ -56,7 +60,8 @@ class DNI(Method):
         self.schedulers = [s for _, s in pairs]
         context = self.num_classes if self.conditioned else 0
         channels = [block_out_channels(b) for b in net.blocks[:-1]]
-        self.synthesizers = nn.ModuleList(Synthesizer(c, context, train_cfg["synth_hidden"]) for c in channels)
+        shape = {k: train_cfg[f"synth_{k}"] for k in ("layers", "kernel", "batchnorm") if f"synth_{k}" in train_cfg}
+        self.synthesizers = nn.ModuleList(Synthesizer(c, context, train_cfg["synth_hidden"], **shape) for c in channels)
         self.synth_optimizers = [torch.optim.Adam(s.parameters(), lr=train_cfg["synth_lr"]) for s in self.synthesizers]
         # activations (and labels) of module k waiting for their true gradient, oldest first
         self.waiting: list[collections.deque] = [collections.deque() for _ in channels]

@@ -1,13 +1,20 @@
 """Turn finished training runs into tables and figures.
 
-Each run directory (``results/runs/{method}/{mode}/K{K}/seed{seed}/``) holds ``metrics.json``
-from training and ``eval.json`` from the separate evaluation of the final checkpoint. The
-report reads both, so a reader can check every number in the tables against the files it came
-from. Headline accuracy comes from ``eval.json`` (the final checkpoint); the learning curves come
-from the per-epoch records in ``metrics.json``.
+Each run directory (``results/runs/{method}/{mode}/K{K}/{variant}/seed{seed}/``) holds
+``metrics.json`` from training and ``eval.json`` from the separate evaluation of the final
+checkpoint. The report reads both, so a reader can check every number in the tables against the
+files it came from. Headline accuracy comes from ``eval.json`` (the final checkpoint); the
+learning curves come from the per-epoch records in ``metrics.json``.
+
+A run's *variant* names its swept settings (``S4m1_B10``: slowdown 4 on module 1, buffer 10)
+and ``varied`` lists the swept axes on which it differs from the experiment's base values.
+Runs with ``varied == []`` are the *reference* runs: the main table and the learning curves use
+only those, and each sweep figure uses the runs that differ along its own axes only.
 
 Bad input (a missing file, broken JSON, a missing key) is the user's to fix, so it raises
 ``UserError`` with one line naming the file rather than a pandas traceback.
+
+This module must not import matplotlib: the workflow imports it for the output names below.
 """
 
 from collections.abc import Iterable
@@ -17,31 +24,59 @@ import pandas as pd
 
 from decoupled.errors import UserError
 from decoupled.files import read_json
+from decoupled.layout import FIGURE_NAMES, TABLE_NAMES
 
-__all__ = ["load_runs", "build_report"]
+__all__ = ["load_runs", "build_report", "TABLE_NAMES", "FIGURE_NAMES", "METHOD_ORDER", "MODE_ORDER", "AXES"]
 
-_RUN_KEYS = ["method", "mode", "K", "seed"]
+# The paper's order of methods; any other method follows, alphabetically.
+METHOD_ORDER = ["backprop", "dgl", "dni", "cdni", "ddg", "fdg"]
+MODE_ORDER = ["sync", "async"]
+# The swept axes a run may differ on (its ``varied`` list is a subset).
+AXES = ["K", "slowdown", "buffer_size", "beta"]
+
+_RUN_KEYS = ["method", "mode", "K", "variant", "seed"]
+_STALENESS = ["input_staleness", "grad_staleness"]
 
 
 def build_report(run_dirs: Iterable[Path], tables_dir: Path, figures_dir: Path) -> list[Path]:
-    """Load the runs, write the summary tables and both figures; return every path written."""
+    """Load the runs, write every table and figure (even empty ones); return every path written."""
     # Imported here so that loading runs (e.g. from a notebook) never touches matplotlib or
     # switches its backend.
     from decoupled.report import figures, tables
 
     runs_df, epochs_df = load_runs(list(run_dirs))
-    written = tables.write_summary(tables.summary(runs_df), Path(tables_dir))
-    written += figures.plot_accuracy_vs_epoch(epochs_df, Path(figures_dir))
-    written += figures.plot_layerwise_accuracy(runs_df, Path(figures_dir))
+    tables_dir, figures_dir = Path(tables_dir), Path(figures_dir)
+    written = tables.write_summary(tables.summary(runs_df), tables_dir)
+    written += tables.write_main(tables.main_table(runs_df), tables_dir)
+    written += figures.plot_accuracy_vs_epoch(epochs_df, figures_dir)
+    written += figures.plot_layerwise_accuracy(runs_df, figures_dir)
+    written += figures.plot_accuracy_vs_slowdown(runs_df, figures_dir)
+    written += figures.plot_accuracy_vs_buffer_size(runs_df, figures_dir)
+    written += figures.plot_accuracy_vs_K(runs_df, figures_dir)
     return written
+
+
+def method_rank(method: str) -> tuple[int, str]:
+    """Sort key putting methods in the paper's order, unknown ones after, alphabetically."""
+    return (METHOD_ORDER.index(method), "") if method in METHOD_ORDER else (len(METHOD_ORDER), method)
+
+
+def mode_rank(mode: str) -> tuple[int, str]:
+    """Sort key putting sync before async, any other mode after, alphabetically."""
+    return (MODE_ORDER.index(mode), "") if mode in MODE_ORDER else (len(MODE_ORDER), mode)
 
 
 def load_runs(run_dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Read run directories into a per-run frame and a per-epoch frame.
 
-    Per-run columns: method, mode, K, seed, test_acc, test_acc_per_module (list),
-    train_time_s, epochs (count), images_per_s (mean over epochs).
-    Per-epoch columns: method, mode, K, seed, epoch, test_acc, train_loss, wall_time_s.
+    Per-run columns: method, mode, K, variant, seed, varied (list), test_acc,
+    test_acc_per_module (list), train_time_s, epochs (count), images_per_s (mean over epochs),
+    slowdown_factor, slowed_module, buffer_size, beta (missing where they do not apply), and for
+    async runs (None otherwise) steps_per_module (list, summed over epochs) and
+    input_staleness_mean / grad_staleness_mean (lists from the last epoch, since they are
+    cumulative; an entry is None for a module that consumed nothing of that kind).
+    Per-epoch columns: method, mode, K, variant, seed, varied, epoch, test_acc, train_loss,
+    wall_time_s.
     """
     if not run_dirs:
         raise UserError("no run directories given to the report")
@@ -52,11 +87,17 @@ def load_runs(run_dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
         key = tuple(run[k] for k in _RUN_KEYS)
         # Two directories claiming the same run would be silently averaged as two seeds.
         if key in seen:
-            raise UserError(f"{run_dir}: same method/mode/K/seed as {seen[key]}")
+            raise UserError(f"{run_dir}: same method/mode/K/variant/seed as {seen[key]}")
         seen[key] = run_dir
         run_rows.append(run)
         epoch_rows.extend(epochs)
-    return pd.DataFrame(run_rows), pd.DataFrame(epoch_rows)
+    runs_df = pd.DataFrame(run_rows)
+    # Integers that may be missing: nullable, so 1 stays "1" rather than becoming "1.0".
+    for col in ("slowed_module", "buffer_size"):
+        runs_df[col] = runs_df[col].astype("Int64")
+    for col in ("slowdown_factor", "beta"):
+        runs_df[col] = runs_df[col].astype(float)
+    return runs_df, pd.DataFrame(epoch_rows)
 
 
 def _load_run(run_dir: Path) -> tuple[dict, list[dict]]:
@@ -68,43 +109,91 @@ def _load_run(run_dir: Path) -> tuple[dict, list[dict]]:
         "method": _get(metrics, "method", str, metrics_path),
         "mode": _get(metrics, "mode", str, metrics_path),
         "K": _get(metrics, "K", int, metrics_path),
+        "variant": _get(metrics, "variant", str, metrics_path),
         "seed": _get(metrics, "seed", int, metrics_path),
     }
     # eval.json is written by a separate step; a mismatch means it was copied from another run.
     for key, value in ident.items():
         if _get(evaluation, key, type(value), eval_path) != value:
             raise UserError(f"{eval_path}: {key} does not match {metrics_path}")
+    K, is_async = ident["K"], ident["mode"] == "async"
+
+    varied = _get(metrics, "varied", list, metrics_path)
+    if not all(isinstance(v, str) and v in AXES for v in varied):
+        raise UserError(f"{metrics_path}: 'varied' must list some of {', '.join(AXES)}, got {varied!r:.60}")
+    settings = _settings(_get(metrics, "settings", dict, metrics_path), is_async, metrics_path)
 
     epochs = _get(metrics, "epochs", list, metrics_path)
     if not epochs:
         raise UserError(f"{metrics_path}: 'epochs' is empty")
-    epoch_rows, speeds = [], []
+    epoch_rows, speeds, steps = [], [], [0] * K
     for i, record in enumerate(epochs):
         where = f"{metrics_path}: epochs[{i}]"
         if not isinstance(record, dict):
             raise UserError(f"{where} is not an object")
         epoch_rows.append({
             **ident,
+            "varied": list(varied),
             "epoch": _get(record, "epoch", int, where),
             "test_acc": _get(record, "test_acc", float, where),
             "train_loss": _get(record, "train_loss", float, where),
             "wall_time_s": _get(record, "wall_time_s", float, where),
         })
         speeds.append(_get(record, "images_per_s", float, where))
+        if is_async:
+            epoch_steps = _get(record, "steps_per_module", list, where)
+            if len(epoch_steps) != K or not all(_is_int(s) for s in epoch_steps):
+                raise UserError(f"{where}: 'steps_per_module' must be {K} integers")
+            steps = [a + b for a, b in zip(steps, epoch_steps)]
 
     per_module = _get(evaluation, "test_acc_per_module", list, eval_path)
-    if len(per_module) != ident["K"] or not all(_is_number(a) for a in per_module):
-        raise UserError(f"{eval_path}: 'test_acc_per_module' must be {ident['K']} numbers")
+    if len(per_module) != K or not all(_is_number(a) for a in per_module):
+        raise UserError(f"{eval_path}: 'test_acc_per_module' must be {K} numbers")
 
     run_row = {
         **ident,
+        "varied": list(varied),
         "test_acc": _get(evaluation, "test_acc", float, eval_path),
         "test_acc_per_module": [float(a) for a in per_module],
         "train_time_s": _get(metrics, "train_time_s", float, metrics_path),
         "epochs": len(epochs),
         "images_per_s": sum(speeds) / len(speeds),
+        **settings,
+        "steps_per_module": steps if is_async else None,
     }
+    for kind in _STALENESS:
+        # Cumulative since the start of the run, so the last epoch holds the whole run.
+        run_row[f"{kind}_mean"] = (
+            _staleness_means(epochs[-1], kind, K, f"{metrics_path}: epochs[{len(epochs) - 1}]")
+            if is_async else None)
     return run_row, epoch_rows
+
+
+def _settings(settings: dict, is_async: bool, where: Path) -> dict:
+    """The swept settings the report uses, each a number or None (null: does not apply)."""
+    kinds = {"slowdown_factor": float, "slowed_module": int, "buffer_size": int, "beta": float}
+    out = {}
+    for key, kind in kinds.items():
+        if key not in settings:
+            raise UserError(f"{where}: missing key 'settings.{key}'")
+        value = settings[key]
+        if value is not None:
+            value = _get(settings, key, kind, f"{where}: settings")
+        elif is_async and key in ("slowdown_factor", "buffer_size"):
+            # The sweep figures place every async run by these two.
+            raise UserError(f"{where}: 'settings.{key}' must be set for an async run")
+        out[key] = value
+    return out
+
+
+def _staleness_means(record: dict, kind: str, K: int, where: str) -> list[float | None]:
+    summaries = _get(record, kind, list, where)
+    if len(summaries) != K or not all(isinstance(s, dict) and "mean" in s for s in summaries):
+        raise UserError(f"{where}: '{kind}' must be {K} objects with a 'mean'")
+    means = [s["mean"] for s in summaries]
+    if not all(m is None or _is_number(m) for m in means):
+        raise UserError(f"{where}: '{kind}' means must be numbers or null")
+    return [None if m is None else float(m) for m in means]
 
 
 def _get(data: dict, key: str, kind: type, where: object):
@@ -113,10 +202,14 @@ def _get(data: dict, key: str, kind: type, where: object):
         raise UserError(f"{where}: missing key '{key}'")
     value = data[key]
     ok = _is_number(value) if kind is float else (
-        isinstance(value, kind) and not (kind is int and isinstance(value, bool)))
+        _is_int(value) if kind is int else isinstance(value, kind))
     if not ok:
         raise UserError(f"{where}: '{key}' must be {kind.__name__}, got {value!r:.40}")
     return float(value) if kind is float else value
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value: object) -> bool:

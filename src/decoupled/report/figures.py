@@ -1,10 +1,17 @@
-"""Figures of the report: learning curves and the DGL paper's layer-wise accuracy plot.
+"""Figures of the report: learning curves, the DGL paper's layer-wise accuracy plot and the
+accuracy of the sweeps (vs slowdown, buffer size and K).
 
-Each figure is saved as PNG (for quick viewing) and PDF (for the paper). One line per
-method × mode × K, averaged over seeds; the legend sits outside the axes so it never hides a
-curve, whatever the number of runs.
+Each figure is saved as PNG (for quick viewing) and PDF (for the paper), always: a figure whose
+runs are absent (e.g. no run varies the slowdown) is an empty axes saying so, since the
+workflow lists every figure as an output. Points are means over seeds; the legend sits outside
+the axes so it never hides a curve, whatever the number of runs. Each method keeps one colour
+in every figure; line styles tell apart its modes or its sweep settings.
+
+The learning curves and the layer-wise plot use the reference runs only (``varied == []``);
+each sweep figure uses the runs that differ from the base settings along its own axes only.
 """
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import matplotlib
@@ -13,51 +20,198 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (must follow the backend choice)
 import pandas as pd  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import MaxNLocator, NullLocator  # noqa: E402
 
 from decoupled.files import atomic_path  # noqa: E402
+from decoupled.report import METHOD_ORDER, method_rank, mode_rank  # noqa: E402
 
 GROUP = ["method", "mode", "K"]
+_COLORS = plt.get_cmap("tab10").colors
+_LINESTYLES = ["-", "--", ":", "-."]
+_MARKERS = ["o", "s", "^", "D", "v", "P"]
+_MODE_STYLE = {"sync": "-", "async": "--"}
 
 
 def plot_accuracy_vs_epoch(epochs_df: pd.DataFrame, figures_dir: Path) -> list[Path]:
-    """Test accuracy vs epoch; band = min–max over seeds where there are several."""
+    """Test accuracy vs epoch of the reference runs; band = min–max over seeds where there are several."""
+    ref = _select(epochs_df, set())
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for key, runs in epochs_df.groupby(GROUP, sort=True):
+    for key, runs in _groups(ref, GROUP):
         per_epoch = runs.groupby("epoch")["test_acc"].agg(["mean", "min", "max", "size"])
         x = per_epoch.index.to_numpy()
-        (line,) = ax.plot(x, 100 * per_epoch["mean"], marker="o", markersize=3,
+        (line,) = ax.plot(x, 100 * per_epoch["mean"], marker="o", markersize=3, **_style(*key[:2]),
                           label=_label(key, runs["seed"].nunique()))
         if (per_epoch["size"] > 1).any():
             ax.fill_between(x, 100 * per_epoch["min"], 100 * per_epoch["max"],
                             color=line.get_color(), alpha=0.2, linewidth=0)
+    if ref.empty:
+        _note(ax, "no reference runs (every run varies a swept setting)")
     ax.set_xlabel("Epoch")
     ax.set_ylabel("Test accuracy (%)")
-    ax.set_title("Test accuracy vs epoch (mean over seeds, band = min–max)")
+    ax.set_title("Test accuracy vs epoch (reference runs, mean over seeds, band = min–max)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return _finish(fig, ax, Path(figures_dir) / "test_acc_vs_epoch")
 
 
 def plot_layerwise_accuracy(runs_df: pd.DataFrame, figures_dir: Path) -> list[Path]:
-    """Test accuracy of each module's auxiliary head vs its depth (1..K); error bars = std."""
-    # One row per (run, module) so the seed statistics are plain group-bys.
-    per_module = runs_df[GROUP + ["seed", "test_acc_per_module"]].explode("test_acc_per_module")
-    per_module["module"] = per_module.groupby(GROUP + ["seed"]).cumcount() + 1
-    per_module["acc"] = per_module["test_acc_per_module"].astype(float)
-
+    """Test accuracy of each module's auxiliary head vs its depth (1..K), reference runs; bars = std."""
+    ref = _select(runs_df, set())
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for key, rows in per_module.groupby(GROUP, sort=True):
-        stats = rows.groupby("module")["acc"].agg(["mean", "std"])
-        n_seeds = rows["seed"].nunique()
-        # With one seed std is NaN; draw no bars rather than zero-length caps.
-        yerr = 100 * stats["std"] if n_seeds > 1 else None
-        ax.errorbar(stats.index, 100 * stats["mean"], yerr=yerr, marker="o", capsize=3,
-                    label=_label(key, n_seeds))
+    if ref.empty:
+        _note(ax, "no reference runs (every run varies a swept setting)")
+    else:
+        # One row per (run, module) so the seed statistics are plain group-bys.
+        per_module = ref[GROUP + ["seed", "test_acc_per_module"]].explode("test_acc_per_module")
+        per_module["module"] = per_module.groupby(GROUP + ["seed"]).cumcount() + 1
+        per_module["acc"] = per_module["test_acc_per_module"].astype(float)
+        for key, rows in _groups(per_module, GROUP):
+            stats = rows.groupby("module")["acc"].agg(["mean", "std"])
+            n_seeds = rows["seed"].nunique()
+            # With one seed std is NaN; draw no bars rather than zero-length caps.
+            yerr = 100 * stats["std"] if n_seeds > 1 else None
+            ax.errorbar(stats.index, 100 * stats["mean"], yerr=yerr, marker="o", capsize=3,
+                        **_style(*key[:2]), label=_label(key, n_seeds))
     ax.set_xlabel("Module index (depth of auxiliary head)")
     ax.set_ylabel("Test accuracy (%)")
-    ax.set_title("Layer-wise test accuracy (mean over seeds, bars = std)")
+    ax.set_title("Layer-wise test accuracy (reference runs, mean over seeds, bars = std)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return _finish(fig, ax, Path(figures_dir) / "layerwise_acc")
+
+
+def plot_accuracy_vs_slowdown(runs_df: pd.DataFrame, figures_dir: Path) -> list[Path]:
+    """Final test accuracy of async runs vs the slowdown factor S, one line per method × slowed module.
+
+    The runs with S = 1 (nothing slowed) start every line of their method. Bars = std over seeds.
+    """
+    runs = _select(runs_df[runs_df["mode"] == "async"], {"slowdown"})
+    several_k = runs["K"].nunique() > 1 if len(runs) else False
+    series = []
+    for (method, k), rows in _groups(runs, ["method", "K"]):
+        base = rows[rows["slowdown_factor"] == 1]
+        slowed = rows[rows["slowdown_factor"] != 1]
+        for i, (module, more) in enumerate(slowed.groupby("slowed_module", sort=True)):
+            label = f"{method}, module {module} slowed" + (f", K={k}" if several_k else "")
+            series.append((label, pd.concat([base, more]), _sweep_style(method, i)))
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    if _varies(runs, "slowdown") and series:
+        _draw(ax, series, "slowdown_factor")
+    else:
+        _note(ax, "no runs vary the slowdown")
+    ax.set_xlabel("Slowdown factor S of the slowed module (log scale; modules numbered from 0)")
+    ax.set_ylabel("Test accuracy (%)")
+    ax.set_title("Async test accuracy vs slowdown (mean over seeds, bars = std)")
+    return _finish(fig, ax, Path(figures_dir) / "acc_vs_slowdown")
+
+
+def plot_accuracy_vs_buffer_size(runs_df: pd.DataFrame, figures_dir: Path) -> list[Path]:
+    """Final test accuracy of async runs vs the buffer size, one line per method × slowdown."""
+    runs = _select(runs_df[runs_df["mode"] == "async"], {"buffer_size", "slowdown"})
+    several_k = runs["K"].nunique() > 1 if len(runs) else False
+    series = []
+    if len(runs):
+        # Slowdown factor 1 is "no slowdown" whichever module it names.
+        runs = runs.assign(_slowdown=[(None, None) if f == 1 else (f, m)
+                                      for f, m in zip(runs["slowdown_factor"], runs["slowed_module"])])
+    for (method, k), rows in _groups(runs, ["method", "K"]):
+        keys = sorted(set(rows["_slowdown"]), key=lambda s: (s[0] is not None, s))
+        for i, key in enumerate(keys):
+            factor, module = key
+            what = "no slowdown" if factor is None else f"S={factor:g} on module {module}"
+            label = f"{method}, {what}" + (f", K={k}" if several_k else "")
+            series.append((label, rows[rows["_slowdown"].map(key.__eq__)], _sweep_style(method, i)))
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    if _varies(runs, "buffer_size"):
+        _draw(ax, series, "buffer_size")
+    else:
+        _note(ax, "no runs vary the buffer size")
+    ax.set_xlabel("Buffer size (entries between two modules, log scale)")
+    ax.set_ylabel("Test accuracy (%)")
+    ax.set_title("Async test accuracy vs buffer size (mean over seeds, bars = std)")
+    return _finish(fig, ax, Path(figures_dir) / "acc_vs_buffer_size")
+
+
+def plot_accuracy_vs_K(runs_df: pd.DataFrame, figures_dir: Path) -> list[Path]:
+    """Final test accuracy vs the number of modules K, one line per method × mode."""
+    runs = _select(runs_df, {"K"})
+    series = [(f"{method} / {mode}", rows, {"marker": "o", **_style(method, mode)})
+              for (method, mode), rows in _groups(runs, ["method", "mode"])]
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    if _varies(runs, "K"):
+        _draw(ax, series, "K", log2=False)
+    else:
+        _note(ax, "no runs vary K")
+    ax.set_xlabel("Number of modules K")
+    ax.set_ylabel("Test accuracy (%)")
+    ax.set_title("Test accuracy vs K (mean over seeds, bars = std)")
+    return _finish(fig, ax, Path(figures_dir) / "acc_vs_K")
+
+
+def _draw(ax, series: list[tuple[str, pd.DataFrame, dict]], x: str, log2: bool = True) -> None:
+    """Draw the (label, runs, style) series of a sweep figure, with a tick at each x value.
+
+    A series with a single x value (e.g. a method run at one K only, or a slowdown run at the
+    base buffer size only) says nothing about the sweep, so it is left out, unless no series
+    has more than one point.
+    """
+    lines = [s for s in series if s[1][x].nunique() > 1] or series
+    for label, rows, style in lines:
+        _errorbar(ax, rows, x, label=label, **style)
+    ticks = sorted({float(v) for _, rows, _ in lines for v in rows[x].dropna()})
+    if log2:
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_minor_locator(NullLocator())
+        if len(ticks) == 1:  # a lone point would sit on a degenerate axis
+            ax.set_xlim(ticks[0] / 2, ticks[0] * 2)
+    ax.set_xticks(ticks, labels=[f"{t:g}" for t in ticks])
+
+
+def _sweep_style(method: str, i: int) -> dict:
+    """The method's colour; the i-th line of that method gets its own line style and marker."""
+    return {"color": _color(method), "linestyle": _LINESTYLES[i % len(_LINESTYLES)],
+            "marker": _MARKERS[i % len(_MARKERS)]}
+
+
+def _select(df: pd.DataFrame, axes: set[str]) -> pd.DataFrame:
+    """The runs (or epochs) that differ from the base settings along ``axes`` at most."""
+    return df[df["varied"].map(lambda varied: set(varied) <= axes)] if len(df) else df
+
+
+def _varies(runs: pd.DataFrame, axis: str) -> bool:
+    return bool(runs["varied"].map(lambda varied: axis in varied).any()) if len(runs) else False
+
+
+def _groups(df: pd.DataFrame, by: list[str]) -> Iterable[tuple[tuple, pd.DataFrame]]:
+    """``df.groupby(by)`` with methods in the paper's order and sync before async."""
+    if df.empty:
+        return []
+    rank = {"method": method_rank, "mode": mode_rank}
+    return sorted(df.groupby(by, sort=True),
+                  key=lambda item: [rank.get(col, lambda v: v)(v) for col, v in zip(by, item[0])])
+
+
+def _errorbar(ax, rows: pd.DataFrame, x: str, label: str, **style) -> None:
+    """Mean test accuracy over seeds at each value of ``x``; bars = std where there are several seeds.
+
+    The label gets the number of seeds per point, as a range where the points differ.
+    """
+    stats = rows.groupby(x)["test_acc"].agg(["mean", "std", "size"]).sort_index()
+    low, high = stats["size"].min(), stats["size"].max()
+    seeds = f"{low} seed{'s' if low != 1 else ''}" if low == high else f"{low}–{high} seeds"
+    # One seed has no std (NaN): matplotlib draws no bar there rather than a zero-length cap.
+    ax.errorbar(stats.index.to_numpy(dtype=float), 100 * stats["mean"], yerr=100 * stats["std"],
+                capsize=3, label=f"{label} ({seeds})", **style)
+
+
+def _color(method: str):
+    """The method's colour, the same in every figure."""
+    rank, _ = method_rank(method)
+    if rank == len(METHOD_ORDER):  # unknown methods: stable by name, after the known ones
+        rank += sum(map(ord, method))
+    return _COLORS[rank % len(_COLORS)]
+
+
+def _style(method: str, mode: str) -> dict:
+    return {"color": _color(method), "linestyle": _MODE_STYLE.get(mode, "-.")}
 
 
 def _label(key: tuple, n_seeds: int) -> str:
@@ -65,10 +219,18 @@ def _label(key: tuple, n_seeds: int) -> str:
     return f"{method} / {mode} / K={k} ({n_seeds} seed{'s' if n_seeds != 1 else ''})"
 
 
+def _note(ax, text: str) -> None:
+    """Say in the middle of an empty axes why it is empty."""
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=11, color="0.35")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
 def _finish(fig, ax, stem: Path) -> list[Path]:
     """Add the legend, save PNG and PDF atomically, and free the figure."""
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # an empty figure has nothing to list
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8)
     stem.parent.mkdir(parents=True, exist_ok=True)
     try:
         return [_save_atomic(fig, stem.with_suffix(ext)) for ext in (".png", ".pdf")]

@@ -1,6 +1,10 @@
-"""Summary table of runs: one row per method × mode × K, aggregated over seeds.
+"""Tables of the report, each written as CSV, Markdown and LaTeX.
 
-The CSV keeps raw fractions for further analysis; the Markdown and LaTeX versions are for
+``summary``: one row per method × mode × K × variant, aggregated over seeds.
+``main``: the paper's main table, test accuracy of the reference runs, one row per method and
+one column per mode.
+
+The CSVs keep raw fractions for further analysis; the Markdown and LaTeX versions are for
 reading, so accuracies become percentages with two decimals and ``mean ± std``.
 """
 
@@ -10,9 +14,12 @@ from pathlib import Path
 import pandas as pd
 
 from decoupled.files import write_text
+from decoupled.report import method_rank, mode_rank
 
-GROUP = ["method", "mode", "K"]
-_PM = "\x00PM\x00"  # placeholder so LaTeX escaping cannot mangle the ± sign
+GROUP = ["method", "mode", "K", "variant"]
+SETTINGS = ["slowdown_factor", "slowed_module", "buffer_size", "beta"]
+_PM = "\x00PM\x00"  # placeholders so LaTeX escaping cannot mangle the ± sign or the dash
+_NA = "\x00NA\x00"
 _LATEX_SPECIALS = {
     "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
     "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
@@ -22,10 +29,11 @@ _LATEX_SPECIALS = {
 def summary(runs_df: pd.DataFrame) -> pd.DataFrame:
     """Aggregate the per-run frame from ``load_runs`` over seeds.
 
-    Columns: method, mode, K, seeds, test_acc_mean, test_acc_std (ddof=1, NaN for one seed),
-    train_time_s, images_per_s, epochs (means), then aux_acc_mean_m1..m{max K}: the mean test
-    accuracy of module k's auxiliary head (1-based, as in the layer-wise figure), NaN for
-    groups with fewer modules.
+    Columns: method, mode, K, variant, seeds, test_acc_mean, test_acc_std (ddof=1, NaN for one
+    seed), train_time_s, images_per_s, epochs (means), slowdown_factor, slowed_module,
+    buffer_size, beta (the variant's settings, missing where they do not apply), then
+    aux_acc_mean_m1..m{max K}: the mean test accuracy of module k's auxiliary head (1-based, as
+    in the layer-wise figure), NaN for groups with fewer modules.
     """
     # Pad shorter runs with NaN, which is exactly "this group has no module k", so the mean
     # over seeds leaves those cells NaN instead of inventing a value.
@@ -42,8 +50,34 @@ def summary(runs_df: pd.DataFrame) -> pd.DataFrame:
         train_time_s=("train_time_s", "mean"),
         images_per_s=("images_per_s", "mean"),
         epochs=("epochs", "mean"),
+        # The variant fixes its settings, so every seed has the same ones.
+        **{name: (name, "first") for name in SETTINGS},
     )
     return table.join(grouped[list(aux.columns)].mean()).reset_index()
+
+
+def main_table(runs_df: pd.DataFrame) -> pd.DataFrame:
+    """Test accuracy of the reference runs (``varied == []``), one row per method.
+
+    Columns: method, then K only if the reference runs have several K, then
+    {mode}_mean, {mode}_std (fractions; std ddof=1, NaN for one seed) for each mode present,
+    sync and async first. A method without a mode (backprop has no async) gets NaN there.
+    Rows follow ``METHOD_ORDER``, then any other method alphabetically.
+    """
+    ref = runs_df[runs_df["varied"].map(len) == 0]
+    if ref.empty:
+        return pd.DataFrame({"method": pd.Series([], dtype=str)})
+    index = ["method", "K"] if ref["K"].nunique() > 1 else ["method"]
+    stats = ref.groupby(index + ["mode"])["test_acc"].agg(["mean", "std"]).unstack("mode")
+    modes = sorted(stats.columns.get_level_values("mode").unique(), key=mode_rank)
+    table = pd.DataFrame(index=stats.index)
+    for mode in modes:
+        table[f"{mode}_mean"] = stats[("mean", mode)]
+        table[f"{mode}_std"] = stats[("std", mode)]
+    table = table.reset_index()
+    rank = table["method"].map(lambda m: method_rank(m)[0])
+    return (table.assign(_rank=rank).sort_values(["_rank"] + index)
+            .drop(columns="_rank").reset_index(drop=True))
 
 
 def write_summary(df: pd.DataFrame, tables_dir: Path) -> list[Path]:
@@ -51,60 +85,82 @@ def write_summary(df: pd.DataFrame, tables_dir: Path) -> list[Path]:
 
     The LaTeX tabular uses booktabs rules (``\\toprule``), so the paper needs ``booktabs``.
     """
-    tables_dir = Path(tables_dir)
-    tables_dir.mkdir(parents=True, exist_ok=True)
-    display = _display_frame(df)
-
-    # Cells are preformatted strings: numparse off keeps "83.00" from becoming "83", and
-    # numbers are right-aligned by hand since tabulate no longer sees them as numbers.
-    markdown = display.map(lambda s: s.replace(_PM, " ± ")).to_markdown(
-        index=False, disable_numparse=True, colalign=_alignment(display))
-    latex = (display.rename(columns=_latex_escape)
-             .map(lambda s: _latex_escape(s).replace(_PM, r" $\pm$ "))
-             .style.hide(axis="index")
-             .to_latex(hrules=True, column_format="".join(a[0] for a in _alignment(display))))
-
-    outputs = {
-        "summary.csv": df.to_csv(index=False),
-        "summary.md": markdown + "\n",
-        "summary.tex": latex,
-    }
-    paths = []
-    for name, text in outputs.items():
-        paths.append(tables_dir / name)
-        write_text(paths[-1], text)
-    return paths
-
-
-def _display_frame(df: pd.DataFrame) -> pd.DataFrame:
-    """Format the summary as strings for humans, with ``_PM`` where ± goes."""
     aux_cols = [c for c in df.columns if c.startswith("aux_acc_mean_m")]
-    out = pd.DataFrame({
+    display = pd.DataFrame({
         "method": df["method"].astype(str),
         "mode": df["mode"].astype(str),
         "K": df["K"].map(str),
+        "variant": df["variant"].astype(str),
         "seeds": df["seeds"].map(str),
         "test acc (%)": [_pct(m, s) for m, s in zip(df["test_acc_mean"], df["test_acc_std"])],
         "train time (s)": df["train_time_s"].map("{:.1f}".format),
         "images/s": df["images_per_s"].map("{:.0f}".format),
         "epochs": df["epochs"].map("{:g}".format),
+        "slowdown": df["slowdown_factor"].map(_setting),
+        "slowed module": df["slowed_module"].map(_setting),
+        "buffer": df["buffer_size"].map(_setting),
+        "beta": df["beta"].map(_setting),
     })
     for col in aux_cols:
-        out[f"module {col.removeprefix('aux_acc_mean_m')} acc (%)"] = df[col].map(_pct)
-    return out
+        display[f"module {col.removeprefix('aux_acc_mean_m')} acc (%)"] = df[col].map(_pct)
+    return _write("summary", df, display, ["method", "mode", "variant"], tables_dir)
 
 
-def _alignment(display: pd.DataFrame) -> list[str]:
-    """Text columns (method, mode) left, numbers right."""
-    return ["left", "left"] + ["right"] * (display.shape[1] - 2)
+def write_main(df: pd.DataFrame, tables_dir: Path) -> list[Path]:
+    """Write ``main.csv``, ``main.md`` and ``main.tex``; return their paths.
+
+    Cells read "91.31 ± 0.11" (percent, mean ± std over seeds) and "–" where a method has no
+    run in that mode.
+    """
+    display = pd.DataFrame({"method": df["method"].astype(str)})
+    if "K" in df.columns:
+        display["K"] = df["K"].map(str)
+    for mean_col in [c for c in df.columns if c.endswith("_mean")]:
+        mode = mean_col.removesuffix("_mean")
+        display[f"{mode} (%)"] = [_pct(m, s) for m, s in zip(df[mean_col], df[f"{mode}_std"])]
+    return _write("main", df, display, ["method"], tables_dir)
+
+
+def _write(name: str, df: pd.DataFrame, display: pd.DataFrame, text_cols: list[str],
+           tables_dir: Path) -> list[Path]:
+    """Write ``df`` as ``{name}.csv`` and the preformatted ``display`` as .md and .tex."""
+    tables_dir = Path(tables_dir)
+    tables_dir.mkdir(parents=True, exist_ok=True)
+    # Text columns left, numbers right.
+    align = ["left" if c in text_cols else "right" for c in display.columns]
+
+    # Cells are preformatted strings: numparse off keeps "83.00" from becoming "83", and
+    # numbers are right-aligned by hand since tabulate no longer sees them as numbers.
+    markdown = display.map(lambda s: s.replace(_PM, " ± ").replace(_NA, "–")).to_markdown(
+        index=False, disable_numparse=True, colalign=align or None)
+    # "--" is LaTeX's en dash, safe whatever the input encoding.
+    latex = (display.rename(columns=_latex_escape)
+             .map(lambda s: _latex_escape(s).replace(_PM, r" $\pm$ ").replace(_NA, "--"))
+             .style.hide(axis="index")
+             .to_latex(hrules=True, column_format="".join(a[0] for a in align)))
+
+    outputs = {
+        f"{name}.csv": df.to_csv(index=False),
+        f"{name}.md": markdown + "\n",
+        f"{name}.tex": latex,
+    }
+    paths = []
+    for file_name, text in outputs.items():
+        paths.append(tables_dir / file_name)
+        write_text(paths[-1], text)
+    return paths
 
 
 def _pct(mean: float, std: float = math.nan) -> str:
     """A fraction as a percentage; the spread is left out when there is none (one seed)."""
     if pd.isna(mean):
-        return "-"
+        return _NA
     text = f"{100 * mean:.2f}"
     return text if pd.isna(std) else f"{text}{_PM}{100 * std:.2f}"
+
+
+def _setting(value) -> str:
+    return _NA if pd.isna(value) else f"{value:g}"
 
 
 def _latex_escape(text: str) -> str:

@@ -1,0 +1,56 @@
+"""Mini-batches drawn from tensors in memory, reshuffled at every pass over the data."""
+
+from __future__ import annotations
+
+import torch
+
+
+class BatchStream:
+    """Endless shuffled mini-batches; each pass over the data uses a new permutation.
+
+    The last incomplete batch of a pass is dropped: every step sees ``batch_size`` images,
+    which keeps BatchNorm statistics comparable between methods.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int, augment: str = "none"):
+        self.x, self.y = x, y
+        self.batch_size = batch_size
+        self.rng = torch.Generator().manual_seed(seed)
+        self.augment = augment
+        self.augment_rng = torch.Generator().manual_seed(seed + 2)  # apart from the order's stream
+        self.order: torch.Tensor | None = None
+        self.position = 0  # batches taken from the current pass
+
+    @property
+    def batches_per_pass(self) -> int:
+        return len(self.x) // self.batch_size
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.order is None or self.position == self.batches_per_pass:
+            self.order = torch.randperm(len(self.x), generator=self.rng)
+            self.position = 0
+        idx = self.order[self.position * self.batch_size : (self.position + 1) * self.batch_size]
+        self.position += 1
+        x = self.x[idx]
+        return (crop_flip(x, self.augment_rng) if self.augment == "crop_flip" else x), self.y[idx]
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.get_state(), "augment_rng": self.augment_rng.get_state(), "order": self.order, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.set_state(state["rng"])
+        self.augment_rng.set_state(state["augment_rng"])
+        self.order, self.position = state["order"], state["position"]
+
+
+def crop_flip(x: torch.Tensor, rng: torch.Generator, padding: int = 4) -> torch.Tensor:
+    """Random crops of zero-padded images and random horizontal flips, for a whole batch at once."""
+    n, c, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (padding,) * 4)
+    top = torch.randint(0, 2 * padding + 1, (n,), generator=rng)
+    left = torch.randint(0, 2 * padding + 1, (n,), generator=rng)
+    rows = (top[:, None] + torch.arange(h))[:, None, :, None]
+    cols = (left[:, None] + torch.arange(w))[:, None, None, :]
+    cropped = padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+    flip = torch.rand(n, generator=rng) < 0.5
+    return torch.where(flip[:, None, None, None], cropped.flip(3), cropped)

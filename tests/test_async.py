@@ -1,0 +1,131 @@
+"""The async simulator: schedules, buffers, staleness, and its reference case (sync DGL)."""
+
+import pytest
+import torch
+
+from decoupled import config
+from decoupled.engines.buffers import Entry, FifoQueue, ReplayBuffer
+from decoupled.engines.simulated import SimulatedEngine
+from decoupled.engines.simulated_async import AsyncSimulator
+
+from test_methods import assert_same_params, make
+
+
+def async_cfg(**changes):
+    cfg = config.validate({"experiment": "t", "grid": {"methods": ["dgl"]}})["async"]
+    return {**cfg, **changes}
+
+
+def data(n=96, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def entry(i):
+    return Entry(torch.full((1,), float(i)), torch.zeros(1, dtype=torch.long), produced_at=i)
+
+
+def test_async_dgl_without_slowdown_and_buffer_one_is_sync_dgl():
+    x, y = data()
+    sync_net, sync_dgl = make("dgl", K=3)
+    async_net, async_dgl = make("dgl", K=3)
+    SimulatedEngine(sync_dgl, x, y, batch_size=16, seed=0).run_epoch()
+    sim = AsyncSimulator(async_dgl, x, y, batch_size=16, seed=0, async_cfg=async_cfg(schedule="event", buffer_size=1))
+    stats = sim.run_epoch()
+    assert stats["steps_per_module"] == [6, 6, 6] and stats["idle_per_module"] == [0, 0, 0]
+    assert all(s["max"] == 0 for s in stats["input_staleness"][1:])  # every input is fresh
+    assert_same_params(sync_net, async_net)
+
+
+@pytest.mark.parametrize("schedule", ["categorical", "event"])
+def test_simulator_is_deterministic_under_a_seed(schedule):
+    def run(seed):
+        x, y = data()
+        _, dgl = make("dgl", K=3)
+        sim = AsyncSimulator(dgl, x, y, 16, seed, async_cfg(schedule=schedule, slowdown_factor=2, slowed_module=1))
+        stats = [sim.run_epoch() for _ in range(2)]
+        return [(s["train_loss_per_module"], s["steps_per_module"], s["input_staleness"]) for s in stats]
+
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+
+
+def test_event_schedule_steps_follow_the_slowdown_exactly():
+    x, y = data(n=16 * 24)
+    _, dgl = make("dgl", K=3)
+    sim = AsyncSimulator(dgl, x, y, 16, 0, async_cfg(schedule="event", slowdown_factor=4, slowed_module=1))
+    stats = sim.run_epoch()
+    assert stats["steps_per_module"][0] == 24 and stats["steps_per_module"][1] == 6
+    # module 2 reads module 1's replay buffer: it keeps training on recent entries
+    assert stats["steps_per_module"][2] == 24 - stats["idle_per_module"][2]
+    # the replay rule favours fresh data: the slow module always takes module 0's newest output
+    assert stats["input_staleness"][1]["max"] == 0
+
+
+def test_categorical_schedule_steps_follow_the_slowdown():
+    x, y = data(n=16 * 200)
+    _, dgl = make("dgl", K=2)
+    sim = AsyncSimulator(dgl, x, y, 16, 0, async_cfg(schedule="categorical", slowdown_factor=4, slowed_module=0))
+    worker_draws = torch.zeros(2)  # one epoch = 200 x (1 + 1/4) ticks
+    for k in sim.schedule.epoch(200):
+        worker_draws[k] += 1
+    assert worker_draws.sum() == 250
+    assert 3.0 < worker_draws[1] / worker_draws[0] < 5.3  # about 4x as often as the slowed one
+
+
+def test_replay_buffer_serves_least_used_then_most_recent():
+    buffer = ReplayBuffer(size=3)
+    for i in range(4):
+        buffer.put(entry(i))  # 0 is evicted: the buffer keeps the last 3
+    taken = [buffer.take().produced_at for _ in range(6)]
+    assert taken == [3, 2, 1, 3, 2, 1]
+    limited = ReplayBuffer(size=3, max_reuse=2)
+    for i in range(2):
+        limited.put(entry(i))
+    assert [limited.take().produced_at for _ in range(4)] == [1, 0, 1, 0]
+    assert len(limited) == 0 and limited.take() is None
+
+
+def test_fifo_queue_is_in_order_and_bounded():
+    queue = FifoQueue(size=2)
+    queue.put(entry(0)), queue.put(entry(1))
+    assert queue.full()
+    assert [queue.take().produced_at, queue.take().produced_at] == [0, 1]
+    assert queue.take() is None
+
+
+def test_fifo_back_pressure_makes_the_fast_producer_wait():
+    x, y = data(n=16 * 20)
+    _, dni = make("dni", K=2)
+    sim = AsyncSimulator(dni, x, y, 16, 0, async_cfg(schedule="event", slowdown_factor=4, slowed_module=1, buffer_size=2))
+    stats = sim.run_epoch()
+    assert stats["steps_per_module"][1] == 5
+    # module 0 may only run 2 batches ahead of module 1, so it idles most ticks
+    assert stats["steps_per_module"][0] <= stats["steps_per_module"][1] + 2 + 1
+    assert stats["idle_per_module"][0] > 0
+    assert len(sim.buffers[1]) <= 2
+
+
+@pytest.mark.parametrize("method", ["dni", "ddg", "fdg"])
+def test_gradients_are_as_stale_as_the_schedule_makes_them(method):
+    x, y = data(n=16 * 24)
+    _, m = make(method, K=3)
+    sim = AsyncSimulator(m, x, y, 16, 0, async_cfg(schedule="event", slowdown_factor=3, slowed_module=2, buffer_size=4))
+    stats = sim.run_epoch()
+    staleness = stats["grad_staleness"]
+    assert staleness[2]["mean"] is None  # the top module computes its own loss
+    assert staleness[1]["max"] >= 1 and staleness[0]["max"] >= 1
+    assert all(torch.isfinite(p).all() for p in m.net.parameters())
+
+
+def test_crop_flip_moves_pixels_but_keeps_the_batch():
+    from decoupled.engines.batches import crop_flip
+
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    out = crop_flip(x, torch.Generator().manual_seed(0), padding=2)
+    assert out.shape == x.shape
+    for i in range(2):  # each image is a shifted (maybe mirrored) window of its zero-padded self
+        padded = torch.nn.functional.pad(x[i], (2,) * 4)
+        windows = [padded[:, t : t + 8, l : l + 8] for t in range(5) for l in range(5)]
+        assert any(torch.equal(out[i], w) or torch.equal(out[i], w.flip(2)) for w in windows)
+    assert torch.equal(crop_flip(x, torch.Generator().manual_seed(0), 2), out)  # seeded
