@@ -101,3 +101,45 @@ def test_cli_missing_dataset_is_one_line_and_leaves_nothing(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "no-such-dir" in lines[0]
     assert not (tmp_path / "data" / "f.pt").exists()
+
+
+def sweep(**grid_changes):
+    cfg = base()
+    cfg["grid"] = {"methods": ["backprop", "dgl", "fdg"], "modes": ["sync", "async"], "K": [2, 1], "seeds": [0]}
+    cfg["grid"].update(grid_changes)
+    return {(k.method, k.mode, k.K, k.variant) for k in grid.runs(cfg)}
+
+
+def test_grid_variants_product_and_one_at_a_time():
+    slowdown = [{"factor": 1}, {"factor": 2, "module": 0}]
+    product = sweep(slowdown=slowdown, buffer_size=[4, 8], beta=[0.5, 1.0])
+    assert ("backprop", "sync", 2, "default") in product
+    assert not any(m == "backprop" and mode == "async" for m, mode, _, _ in product)  # sync only
+    assert ("fdg", "sync", 1, "beta1") in product and ("dgl", "sync", 2, "default") in product
+    dgl_async = {(K, v) for m, mode, K, v in product if (m, mode) == ("dgl", "async")}
+    assert dgl_async == {(K, f"{s}_{b}") for K in (2, 1) for s in ("S1", "S2m0") for b in ("B4", "B8")}
+
+    one = sweep(slowdown=slowdown, buffer_size=[4, 8], design="one_at_a_time")
+    dgl_async = {(K, v) for m, mode, K, v in one if (m, mode) == ("dgl", "async")}
+    # the base (K=2, no slowdown, base buffer 4), K swept alone, then each listed value alone
+    assert dgl_async == {(2, "S1_B4"), (1, "S1_B4"), (2, "S2m0_B4"), (2, "S1_B8")}
+
+
+def test_varied_names_the_axes_a_run_moves_off_the_base():
+    cfg = config.validate(base())
+    cfg["grid"].update(modes=["async"], methods=["dgl"], K=[2, 1], slowdown=[{"factor": 1}, {"factor": 2, "module": 1}], design="one_at_a_time")
+    varied = {(k.K, k.variant): grid.job_config(cfg, k)["run"]["varied"] for k in grid.runs(cfg)}
+    assert varied[(2, "S1_B4")] == [] and varied[(2, "S2m1_B4")] == ["slowdown"]
+    assert varied[(1, "S1_B4")] == ["K"]
+    job = grid.job_config(cfg, grid.RunKey("dgl", "async", 2, 0, "S2m1_B4"))
+    assert job["async"]["slowdown_factor"] == 2 and job["async"]["slowed_module"] == 1
+
+
+def test_a_slowed_module_must_exist():
+    cfg = base()
+    cfg["grid"].update(modes=["async"], slowdown=[{"factor": 2, "module": 2}])
+    with pytest.raises(UserError, match="slowed module 2 does not exist with K=2"):
+        grid.runs(cfg)
+    cfg["grid"]["slowdown"] = [{"factor": 2}]
+    with pytest.raises(UserError, match="needs a slowed module"):
+        grid.runs(cfg)

@@ -134,7 +134,7 @@ def job_config(config: dict[str, Any], key: RunKey) -> dict[str, Any]:
         raise UserError(f"unknown method '{key.method}' (known: {', '.join(known)})")
     if key.mode == "async" and key.method in SYNC_ONLY:
         raise UserError(f"method '{key.method}' has no async mode")
-    shared = {k: v for k, v in config.items() if k not in ("grid", "overrides")}
+    shared = {k: v for k, v in config.items() if k not in ("grid", "overrides", "output_dir")}
     merged = config_lib.deep_merge(shared, config.get("overrides", {}).get(key.method, {}))
     job = _validate_job_sections(merged, key)
     grid = config.get("grid", {})
@@ -195,5 +195,6 @@ def _validate_job_sections(merged: dict[str, Any], key: RunKey) -> dict[str, Any
         validated = config_lib.validate(as_experiment)
     except UserError as e:
         raise UserError(f"{e} (in the job {key.name}, after overrides.{key.method})") from None
-    del validated["grid"], validated["overrides"]
+    # where the workflow puts files is no setting of the training itself
+    del validated["grid"], validated["overrides"], validated["output_dir"]
     return validated

@@ -38,7 +38,7 @@ try:
 except UserError as e:
     raise WorkflowError(str(e)) from None
 
-RESULTS = "results"
+RESULTS = config["output_dir"]
 DATASET = config["dataset"]["name"]
 PREPARED = f"{RESULTS}/data/{DATASET}.pt"
 TRACKING = f"{RESULTS}/mlflow/experiment.json"
