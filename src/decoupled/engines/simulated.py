@@ -8,6 +8,7 @@ import time
 import torch
 
 from decoupled.engines.batches import BatchStream
+from decoupled.engines.losses import LossTally
 from decoupled.methods.base import Method
 
 
@@ -33,22 +34,19 @@ class SimulatedEngine:
         """One pass over the training set; returns mean losses per module, images seen and seconds."""
         K = self.method.net.K
         self.method.net.train()
-        loss_sums, loss_counts = [0.0] * K, [0] * K
+        losses = LossTally(K)
         start = time.perf_counter()
         for _ in range(self.steps_per_epoch):
             h, labels = self.batches.next()
             for k in range(K):
                 h, loss, input_grad = self.method.module_step(k, h, labels)
-                if loss is not None:
-                    loss_sums[k] += loss.item()
-                    loss_counts[k] += 1
+                losses.add(k, loss)
                 if input_grad is not None and k > 0:
                     self._send_gradient(k - 1, input_grad)
             self._deliver_gradients()
             self.step += 1
         seconds = time.perf_counter() - start
-        losses = [total / count if count else None for total, count in zip(loss_sums, loss_counts)]
-        return {"train_loss_per_module": losses, "images": self.steps_per_epoch * self.batches.batch_size, "seconds": seconds}
+        return {"train_loss_per_module": losses.means(), "images": self.steps_per_epoch * self.batches.batch_size, "seconds": seconds}
 
     def _send_gradient(self, k: int, grad: torch.Tensor) -> None:
         self.in_flight[k].append((self.step + self.method.gradient_delay, grad))

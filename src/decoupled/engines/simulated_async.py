@@ -21,6 +21,7 @@ import torch
 
 from decoupled.engines.batches import BatchStream
 from decoupled.engines.buffers import Entry, FifoQueue, ReplayBuffer
+from decoupled.engines.losses import LossTally
 from decoupled.engines.schedule import SCHEDULES, durations
 from decoupled.methods.base import Method
 
@@ -52,18 +53,15 @@ class AsyncSimulator:
     def run_epoch(self) -> dict:
         K = self.method.net.K
         self.method.net.train()
-        loss_sums, loss_counts = [0.0] * K, [0] * K
+        losses = LossTally(K)
         steps_before, idle_before = list(self.steps), list(self.idle)
         start = time.perf_counter()
         for k in self.schedule.epoch(self.steps_per_epoch):
-            loss = self.worker_tick(k)
-            if loss is not None:
-                loss_sums[k] += loss.item()
-                loss_counts[k] += 1
+            losses.add(k, self.worker_tick(k))
         seconds = time.perf_counter() - start
         steps = [a - b for a, b in zip(self.steps, steps_before)]
         return {
-            "train_loss_per_module": [t / c if c else None for t, c in zip(loss_sums, loss_counts)],
+            "train_loss_per_module": losses.means(),
             "images": steps[-1] * self.batches.batch_size,  # what reached the network's output
             "seconds": seconds,
             "steps_per_module": steps,
