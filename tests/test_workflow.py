@@ -111,7 +111,10 @@ def test_mlflow_runs(smoke):
     parent = parents[0]
     assert parent.info.status == "FINISHED"
     parent_files = {f.path for d in ("tables", "figures") for f in client.list_artifacts(parent.info.run_id, d)}
-    assert {"tables/summary.csv", "tables/summary.md", "tables/summary.tex", "figures/layerwise_acc.png", "figures/test_acc_vs_epoch.pdf"} <= parent_files
+    from decoupled.layout import FIGURE_FORMATS, FIGURE_NAMES, TABLE_FORMATS, TABLE_NAMES
+
+    expected = {f"tables/{n}.{e}" for n in TABLE_NAMES for e in TABLE_FORMATS} | {f"figures/{n}.{e}" for n in FIGURE_NAMES for e in FIGURE_FORMATS}
+    assert expected <= parent_files and "figures/acc_vs_slowdown.png" in expected
 
     seen = set()
     for run in children:
