@@ -37,6 +37,11 @@ class RunKey:
     seed: int
     variant: str = "default"
 
+    @classmethod
+    def of(cls, run: dict[str, Any]) -> "RunKey":
+        """The key of a job config's ``run`` mapping."""
+        return cls(run["method"], run["mode"], run["K"], run["seed"], run.get("variant", "default"))
+
     @property
     def path(self) -> str:
         """Where the run's outputs live, relative to the results directory."""
@@ -180,7 +185,7 @@ def check_job(job: dict[str, Any]) -> dict[str, Any]:
     missing = [k for k in ("method", "mode", "K", "seed") if k not in run]
     if missing:
         raise UserError(f"job config key 'run' lacks {', '.join(missing)}")
-    key = RunKey(run["method"], run["mode"], run["K"], run["seed"], run.get("variant", "default"))
+    key = RunKey.of(run)
     config = {k: v for k, v in job.items() if k != "run"}
     config["grid"] = {"methods": [key.method], "modes": [key.mode], "K": [key.K], "seeds": [key.seed]}
     checked = job_config(config_lib.validate(config), key)

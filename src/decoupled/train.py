@@ -30,8 +30,7 @@ class TrainingDiverged(UserError):
 
 
 def run_key(job: dict) -> RunKey:
-    run = job["run"]
-    return RunKey(run["method"], run["mode"], run["K"], run["seed"], run.get("variant", "default"))
+    return RunKey.of(job["run"])
 
 
 def run_settings(job: dict) -> dict:
@@ -55,11 +54,8 @@ def build(job: dict, data: Dataset):
     if steps_per_epoch == 0:
         raise UserError(f"config key 'train.batch_size': {train_cfg['batch_size']} exceeds the {len(data.train_x)} training images")
     method = methods.get(key.method)(net, train_cfg, train_cfg["epochs"] * steps_per_epoch)
-    engine_class = ENGINES[(job["engine"], key.mode)]
-    try:
-        engine = engine_class(method, data.train_x, data.train_y, train_cfg["batch_size"], key.seed, job["async"], train_cfg["augment"])
-    except ValueError as e:
-        raise UserError(f"job {key.name}: {e}") from None
+    # the job was checked by decoupled.grid (e.g. that a slowed module exists)
+    engine = ENGINES[(job["engine"], key.mode)](method, data.train_x, data.train_y, train_cfg["batch_size"], key.seed, job["async"], train_cfg["augment"])
     return net, method, engine
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import ClassVar, NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from decoupled.model import SplitNet
 
@@ -38,6 +39,20 @@ class Method:
 
     def module_step(self, k: int, inputs: torch.Tensor, labels: torch.Tensor) -> ModuleStep:
         raise NotImplementedError
+
+    def train_on_own_loss(self, k: int, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One update of module k and its head from the head's loss, with ``self.optimizers[k]``.
+
+        Returns module k's outputs and its loss, both detached.
+        """
+        optimizer = self.optimizers[k]
+        optimizer.zero_grad(set_to_none=True)
+        outputs = self.net.blocks[k](inputs)
+        loss = F.cross_entropy(self.net.heads[k](outputs), labels)
+        loss.backward()
+        optimizer.step()
+        self.schedulers[k].step()
+        return outputs.detach(), loss.detach()
 
     def receive_gradient(self, k: int, grad: torch.Tensor) -> torch.Tensor | None:
         """Module k gets d loss / d outputs for its oldest batch still waiting for one.

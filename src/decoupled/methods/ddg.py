@@ -49,14 +49,8 @@ class DDG(Method):
         K = self.net.K
         inputs = inputs.detach().requires_grad_(k > 0)
         if k == K - 1:  # the loss is here: no delay, an ordinary backward
-            optimizer = self.optimizers[k]
-            optimizer.zero_grad(set_to_none=True)
-            outputs = self.net.blocks[k](inputs)
-            loss = F.cross_entropy(self.net.heads[k](outputs), labels)
-            loss.backward()
-            optimizer.step()
-            self.schedulers[k].step()
-            return ModuleStep(outputs.detach(), loss.detach(), None if inputs.grad is None else self.shrink(inputs.grad))
+            outputs, loss = self.train_on_own_loss(k, inputs, labels)
+            return ModuleStep(outputs, loss, None if inputs.grad is None else self.shrink(inputs.grad))
         block = self.net.blocks[k]
         weights = {name: p.detach().clone().requires_grad_() for name, p in block.named_parameters()}
         outputs = functional_call(block, weights, (inputs,))

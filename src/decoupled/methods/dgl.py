@@ -9,7 +9,6 @@ reads its inputs from a replay buffer filled by the module below.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from decoupled.methods.base import Method, ModuleStep
 from decoupled.optim import make_optimizer
@@ -29,15 +28,8 @@ class DGL(Method):
         self.schedulers = [s for _, s in pairs]
 
     def module_step(self, k: int, inputs: torch.Tensor, labels: torch.Tensor) -> ModuleStep:
-        inputs = inputs.detach()  # the greedy cut: module k never sees gradients from above
-        optimizer = self.optimizers[k]
-        optimizer.zero_grad(set_to_none=True)
-        outputs = self.net.blocks[k](inputs)
-        loss = F.cross_entropy(self.net.heads[k](outputs), labels)
-        loss.backward()
-        optimizer.step()
-        self.schedulers[k].step()
-        return ModuleStep(outputs.detach(), loss.detach())
+        # the greedy cut: module k never sees gradients from above
+        return ModuleStep(*self.train_on_own_loss(k, inputs.detach(), labels))
 
 
 METHOD = DGL
