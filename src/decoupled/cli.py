@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -96,7 +97,22 @@ def cmd_train(args) -> None:
         if not sep:
             raise UserError(f"--tag '{item}' must look like name=value")
         tags[name] = value
-    run_job(job, args.data, args.out, _tracking(args.tracking), tags)
+    if job["engine"] == "distributed" and "RANK" not in os.environ:
+        _launch_workers(job)  # this process becomes torchrun's agent; the workers rerun this command
+    else:
+        run_job(job, args.data, args.out, _tracking(args.tracking), tags)
+
+
+def _launch_workers(job: dict) -> None:
+    """Run this very command as K worker processes under torchrun on this machine."""
+    import subprocess
+
+    from decoupled.grid import RunKey, torchrun_args
+
+    command = [sys.executable, "-m", "torch.distributed.run", *torchrun_args(job), "-m", "decoupled", *sys.argv[1:]]
+    code = subprocess.run(command).returncode
+    if code != 0:
+        raise UserError(f"distributed job {RunKey.of(job['run']).name} failed: torchrun exited with {code} (the failing worker's message is above)")
 
 
 def cmd_evaluate(args) -> None:
@@ -112,7 +128,7 @@ def cmd_evaluate(args) -> None:
     import torch
 
     torch.set_num_threads(job["train"]["threads"])
-    net = model.build(job["model"], job["run"]["K"], data.in_channels, data.num_classes)
+    net = model.build(job["model"], job["run"]["K"], data.in_channels, data.num_classes, checkpoint["split"])
     net.load_state_dict(checkpoint["net"])
     result = {**job["run"], **evaluate(net, data.test_x, data.test_y, job["train"]["eval_batch_size"])}
     write_json(args.out, result)
@@ -129,9 +145,10 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from decoupled.report import build_report
+    from decoupled.report import DEFAULT_TARGET_ACCURACY, build_report
 
-    written = build_report([Path(r) for r in args.runs], Path(args.tables), Path(args.figures))
+    target = DEFAULT_TARGET_ACCURACY if args.target_accuracy is None else args.target_accuracy
+    written = build_report([Path(r) for r in args.runs], Path(args.tables), Path(args.figures), target)
     experiment = _tracking(args.tracking)
     if experiment is not None:
         from decoupled.tracking import log_to_parent
@@ -187,6 +204,9 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--runs", nargs="+", required=True, help="run directories")
     sp.add_argument("--tables", required=True, help="directory for summary.csv/.md/.tex")
     sp.add_argument("--figures", required=True, help="directory for PNG/PDF figures")
+    # No default here: the package's default is imported with the report, not on every command.
+    sp.add_argument("--target-accuracy", type=float,
+                    help="test accuracy (a fraction) whose time to reach the tables give (default: the config schema's)")
     sp.add_argument("--tracking", help="JSON written by init-tracking; attaches the outputs to the parent run")
     sp.set_defaults(func=cmd_report)
     return p

@@ -13,10 +13,11 @@ def evaluate(net: SplitNet, x: torch.Tensor, y: torch.Tensor, batch_size: int) -
     """``test_acc_per_module[k]`` is head k's accuracy; the last one is the network's output."""
     was_training = net.training
     net.eval()
-    correct = torch.zeros(net.K, dtype=torch.long)
+    device = next(net.parameters()).device
+    correct = torch.zeros(net.K, dtype=torch.long, device=device)
     final_loss = 0.0
     for start in range(0, len(x), batch_size):
-        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+        xb, yb = x[start : start + batch_size].to(device), y[start : start + batch_size].to(device)
         logits = net.forward_all_heads(xb)
         correct += torch.stack([(out.argmax(1) == yb).sum() for out in logits])
         final_loss += F.cross_entropy(logits[-1], yb, reduction="sum").item()

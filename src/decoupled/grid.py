@@ -76,6 +76,10 @@ def runs(config: dict[str, Any]) -> list[RunKey]:
     return keys
 
 
+# Sections of an experiment config that are not settings of a training job (where files go,
+# the grid itself, the report), so changing them never re-runs training.
+NOT_JOB_SETTINGS = ("grid", "overrides", "output_dir", "report")
+
 Option = tuple[str, dict[str, Any]]  # (part of a variant name, the settings it stands for)
 
 
@@ -139,7 +143,7 @@ def job_config(config: dict[str, Any], key: RunKey) -> dict[str, Any]:
         raise UserError(f"unknown method '{key.method}' (known: {', '.join(known)})")
     if key.mode == "async" and key.method in SYNC_ONLY:
         raise UserError(f"method '{key.method}' has no async mode")
-    shared = {k: v for k, v in config.items() if k not in ("grid", "overrides", "output_dir")}
+    shared = {k: v for k, v in config.items() if k not in NOT_JOB_SETTINGS}
     merged = config_lib.deep_merge(shared, config.get("overrides", {}).get(key.method, {}))
     job = _validate_job_sections(merged, key)
     grid = config.get("grid", {})
@@ -163,18 +167,42 @@ def job_config(config: dict[str, Any], key: RunKey) -> dict[str, Any]:
 
 
 def _check_run(job: dict[str, Any], key: RunKey) -> None:
+    from decoupled.methods import SYNC_ONLY
+
+    if job["engine"] == "distributed" and key.method in SYNC_ONLY:
+        raise UserError(
+            f"config key 'engine': method '{key.method}' has no distributed form (its modules wait for one backward pass;"
+            f" benchmarks/parallel_speedup.py runs it as a GPipe pipeline): add overrides: {{{key.method}: {{engine: simulated}}}}"
+        )
     n_layers = len(job["model"]["widths"])
     pools = job["model"]["pools"]
     if pools is not None and len(pools) != n_layers:
         raise UserError(f"config key 'model.pools': {len(pools)} entries for {n_layers} layers (model.widths)")
     if key.K > n_layers:
         raise UserError(f"config key 'grid.K': K={key.K} modules need at least {key.K} layers, model.widths has {n_layers}")
+    split = job["model"]["split"]
+    if isinstance(split, list) and (len(split) != key.K or sum(split) != n_layers):
+        raise UserError(
+            f"config key 'model.split': {split} must list K={key.K} layer counts summing to {n_layers} (model.widths);"
+            f" it lists {len(split)} summing to {sum(split)}"
+        )
     if key.mode == "async":
         factor, module = job["async"]["slowdown_factor"], job["async"]["slowed_module"]
         if module is not None and module >= key.K:
             raise UserError(f"job {key.name}: slowed module {module} does not exist with K={key.K} (modules 0..{key.K - 1})")
         if factor > 1 and module is None:
             raise UserError(f"job {key.name}: slowdown factor {factor:g} needs a slowed module")
+
+
+def torchrun_args(job: dict[str, Any]) -> list[str]:
+    """torchrun's options for a distributed job on one machine: one worker process per module."""
+    return ["--standalone", "--nnodes=1", f"--nproc-per-node={job['run']['K']}"]
+
+
+def job_threads(job: dict[str, Any]) -> int:
+    """CPU threads a job uses: its intra-op threads, in each of its K workers if distributed."""
+    workers = job["run"]["K"] if job["engine"] == "distributed" else 1
+    return workers * job["train"]["threads"]
 
 
 def check_job(job: dict[str, Any]) -> dict[str, Any]:
@@ -200,6 +228,8 @@ def _validate_job_sections(merged: dict[str, Any], key: RunKey) -> dict[str, Any
         validated = config_lib.validate(as_experiment)
     except UserError as e:
         raise UserError(f"{e} (in the job {key.name}, after overrides.{key.method})") from None
-    # where the workflow puts files is no setting of the training itself
-    del validated["grid"], validated["overrides"], validated["output_dir"]
+    for name in NOT_JOB_SETTINGS:
+        validated.pop(name, None)
+    if validated["engine"] != "distributed":
+        del validated["distributed"]  # so its settings never re-run a simulated job
     return validated

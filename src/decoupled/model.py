@@ -5,6 +5,10 @@
 classifier; ``heads[K-1]`` is the network's final head, so in DGL the last module's aux head
 *is* the output layer, as in the DGL paper. Every method trains the same SplitNet, built from
 the same seed, so methods differ only in how they update it.
+
+Which layers go to which module is ``model.split``: ``"even"`` (``split_layers``), an explicit
+list of layer counts, or ``"balanced"``, whose counts come from timing the layers
+(``decoupled.profile.resolve_split``) and so must be handed to ``build``.
 """
 
 from __future__ import annotations
@@ -74,16 +78,38 @@ class SplitNet(nn.Module):
         return logits
 
 
-def build(model_cfg: dict, K: int, in_channels: int, num_classes: int) -> SplitNet:
-    """The CNN of ``model_cfg`` cut into K modules; parameters drawn from torch's global RNG."""
+def configured_counts(model_cfg: dict, K: int) -> list[int]:
+    """Layers per module as ``model.split`` fixes them without measuring: "even" or an explicit list."""
+    split = model_cfg.get("split", "even")
+    if split == "even":
+        return split_layers(len(model_cfg["widths"]), K)
+    if split == "balanced":
+        raise ValueError("model.split 'balanced' needs measured counts: pass build(..., counts=profile.resolve_split(...)[0])")
+    return check_counts(split, len(model_cfg["widths"]), K)
+
+
+def check_counts(counts: list[int], n_layers: int, K: int) -> list[int]:
+    """``counts`` if it cuts ``n_layers`` layers into K non-empty modules, else ValueError."""
+    if len(counts) != K or sum(counts) != n_layers or min(counts) < 1:
+        raise ValueError(f"layer counts {counts} do not cut {n_layers} layers into K={K} non-empty modules")
+    return list(counts)
+
+
+def build(model_cfg: dict, K: int, in_channels: int, num_classes: int, counts: list[int] | None = None) -> SplitNet:
+    """The CNN of ``model_cfg`` cut into K modules; parameters drawn from torch's global RNG.
+
+    ``counts``: layers per module; None = as ``model.split`` says (see ``configured_counts``).
+    The conv layers' parameters do not depend on the counts; the heads' do (one per module, on its last width).
+    """
     widths = model_cfg["widths"]
+    counts = configured_counts(model_cfg, K) if counts is None else check_counts(counts, len(widths), K)
     pools = model_cfg.get("pools") or [None] * len(widths)
     layers, channels = [], in_channels
     for width, pool in zip(widths, pools):
         layers.append(conv_layer(channels, width, model_cfg.get("kernel_size", 3), pool))
         channels = width
     blocks, heads, start = [], [], 0
-    for count in split_layers(len(widths), K):
+    for count in counts:
         blocks.append(nn.Sequential(*layers[start : start + count]))
         start += count
         heads.append(AuxHead(widths[start - 1], num_classes, model_cfg["aux_pool"], model_cfg["aux_hidden"]))

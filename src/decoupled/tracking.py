@@ -103,6 +103,9 @@ class ChildRun:
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
+    def set_tag(self, name: str, value: str) -> None:
+        self.client.set_tag(self.run_id, name, value)
+
     def log_artifact(self, path: str | Path) -> None:
         self.client.log_artifact(self.run_id, str(path))
 
@@ -110,7 +113,7 @@ class ChildRun:
         self.client.set_terminated(self.run_id, status)
 
     def fail(self, message: str) -> None:
-        self.client.set_tag(self.run_id, "error", message[:5000])
+        self.set_tag("error", message[:5000])
         self.finish("FAILED")
 
 

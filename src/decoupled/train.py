@@ -7,6 +7,7 @@ the job's outputs (checkpoint, metrics, resolved config) and its MLflow child ru
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -45,25 +46,67 @@ def run_settings(job: dict) -> dict:
 
 
 def build(job: dict, data: Dataset):
-    """The job's network (drawn from its seed), method and engine."""
+    """The job's network (drawn from its seed), method and engine; the split info or None.
+
+    With the distributed engine this process first joins the other workers (one per module).
+    """
     key = run_key(job)
     train_cfg = job["train"]
-    torch.manual_seed(key.seed)
-    net = model.build(job["model"], key.K, data.in_channels, data.num_classes)
     steps_per_epoch = len(data.train_x) // train_cfg["batch_size"]
     if steps_per_epoch == 0:
         raise UserError(f"config key 'train.batch_size': {train_cfg['batch_size']} exceeds the {len(data.train_x)} training images")
+    distributed = job["engine"] == "distributed"
+    if distributed:
+        from decoupled.engines.distributed import join_workers
+
+        device = join_workers(key.K, train_cfg["device"], job["distributed"]["timeout_s"])
+    else:
+        device = _device(train_cfg["device"])
+    counts, split_info = _split(job, data, key.K, distributed)
+    torch.manual_seed(key.seed)
+    net = model.build(job["model"], key.K, data.in_channels, data.num_classes, counts).to(device)
     method = methods.get(key.method)(net, train_cfg, train_cfg["epochs"] * steps_per_epoch)
     # the job was checked by decoupled.grid (e.g. that a slowed module exists)
-    engine = ENGINES[(job["engine"], key.mode)](method, data.train_x, data.train_y, train_cfg["batch_size"], key.seed, job["async"], train_cfg["augment"])
-    return net, method, engine
+    engine_class = ENGINES[(job["engine"], key.mode)]
+    train_x, train_y = (data.train_x, data.train_y) if distributed else (data.train_x.to(device), data.train_y.to(device))
+    extra = {"distributed_cfg": job["distributed"], "device": device} if distributed else {}
+    engine = engine_class(method, train_x, train_y, train_cfg["batch_size"], key.seed, job["async"], train_cfg["augment"], **extra)
+    return net, method, engine, {"counts": counts, **(split_info or {})}
+
+
+def _device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("config key 'train.device': cuda, but torch sees no GPU here")
+    return torch.device(name)
+
+
+def _split(job: dict, data: Dataset, K: int, distributed: bool) -> tuple[list[int], dict | None]:
+    """Layers per module (``model.split``). A balanced split is measured; with several workers,
+    worker 0 measures it and the others take its choice, so that all build the same network."""
+    from decoupled.profile import resolve_split
+
+    if job["model"]["split"] != "balanced" or not distributed:
+        return resolve_split(job["model"], K, data.in_channels, data.train_x.shape[-1], data.num_classes, job["train"]["batch_size"])
+    import torch.distributed as dist
+
+    choice = [None]
+    if dist.get_rank() == 0:
+        choice = [resolve_split(job["model"], K, data.in_channels, data.train_x.shape[-1], data.num_classes, job["train"]["batch_size"])]
+    dist.broadcast_object_list(choice, src=0)
+    return choice[0]
 
 
 def fit(job: dict, data: Dataset, on_epoch: Callable[[dict, dict], None] | None = None) -> dict:
-    """Train for ``train.epochs``; after each epoch call ``on_epoch(record, state)``; return the metrics."""
+    """Train for ``train.epochs``; after each epoch call ``on_epoch(record, state)``; return the metrics.
+
+    With the distributed engine every worker calls this; they return the same metrics, and
+    ``on_epoch`` is called on every worker (collecting the state takes all of them).
+    """
     torch.set_num_threads(job["train"]["threads"])
     key = run_key(job)
-    net, method, engine = build(job, data)
+    net, method, engine, split = build(job, data)
+    if engine.is_main:
+        _print_split(key, split)
     epochs, wall = [], 0.0
     for epoch in range(1, job["train"]["epochs"] + 1):
         stats = engine.run_epoch()
@@ -72,7 +115,7 @@ def fit(job: dict, data: Dataset, on_epoch: Callable[[dict, dict], None] | None 
         train_loss = losses[-1]
         if train_loss is None or not math.isfinite(train_loss):
             raise TrainingDiverged(f"{key.name}: training loss is {train_loss} at epoch {epoch} (try a lower train.lr)")
-        ev = evaluate(net, data.test_x, data.test_y, job["train"]["eval_batch_size"])
+        ev = engine.evaluate(net, data.test_x, data.test_y, job["train"]["eval_batch_size"])
         record = {
             "epoch": epoch,
             "train_loss": train_loss,
@@ -82,22 +125,34 @@ def fit(job: dict, data: Dataset, on_epoch: Callable[[dict, dict], None] | None 
             "epoch_time_s": stats["seconds"],
             "wall_time_s": wall,
             "images_per_s": stats["images"] / stats["seconds"],
-            # async engines add per-worker steps, idle ticks and staleness
+            # async and distributed engines add per-worker steps, idle time, staleness, ...
             **{k: v for k, v in stats.items() if k not in ("train_loss_per_module", "images", "seconds")},
         }
         epochs.append(record)
-        _print_progress(key, job["train"]["epochs"], record)
+        if engine.is_main:
+            _print_progress(key, job["train"]["epochs"], record)
         if on_epoch is not None:
-            state = {"net": net.state_dict(), "method": method.state_dict(), "engine": engine.state_dict(), "epoch": epoch}
+            state = {"net": net.state_dict(), **engine.checkpoint_state(), "split": split["counts"], "epoch": epoch}
             on_epoch(record, state)
+    engine.close()
     return {
         **{k: job["run"][k] for k in ("method", "mode", "K", "variant", "seed")},
         "varied": job["run"].get("varied", []),
         "settings": run_settings(job),
+        "engine": job["engine"],
+        "split": split,
         "dataset": data.name,
         "epochs": epochs,
         "train_time_s": wall,
     }
+
+
+def _print_split(key: RunKey, split: dict) -> None:
+    line = f"[{key.name}] layers per module {split['counts']}"
+    if "stage_s" in split:
+        stages = ", ".join(f"{1000 * s:.1f}" for s in split["stage_s"])
+        line += f" (balanced: predicted stage costs {stages} ms, imbalance {split['imbalance']:.2f}; even split {split['even_imbalance']:.2f})"
+    print(line, file=sys.stderr, flush=True)
 
 
 def _print_progress(key: RunKey, total: int, r: dict) -> None:
@@ -118,14 +173,26 @@ def epoch_metrics(record: dict) -> dict[str, float]:
             flat[f"train_loss_m{k}"] = loss
     for k, acc in enumerate(record["test_acc_per_module"]):
         flat[f"test_acc_m{k}"] = acc
-    for k, steps in enumerate(record.get("steps_per_module", [])):
-        flat[f"steps_m{k}"] = steps
-        flat[f"idle_m{k}"] = record["idle_per_module"][k]
-        for kind in ("input", "grad"):
-            mean = record[f"{kind}_staleness"][k]["mean"]
-            if mean is not None:
-                flat[f"{kind}_staleness_mean_m{k}"] = mean
+    for name, short in PER_WORKER_METRICS.items():
+        for k, value in enumerate(record.get(name, [])):
+            flat[f"{short}_m{k}"] = value
+    for kind in ("input", "grad"):
+        for k, summary in enumerate(record.get(f"{kind}_staleness", [])):
+            if summary["mean"] is not None:
+                flat[f"{kind}_staleness_mean_m{k}"] = summary["mean"]
     return flat
+
+
+# per-module lists in an epoch record -> MLflow metric names (suffixed _m0, _m1, ...)
+PER_WORKER_METRICS = {
+    "steps_per_module": "steps",
+    "idle_per_module": "idle",  # the async simulator's idle ticks
+    "busy_s_per_module": "busy_s",  # the distributed engine's seconds
+    "idle_s_per_module": "idle_s",
+    "busy_frac_per_module": "busy_frac",
+    "queue_depth_per_module": "queue_depth",
+    "bytes_sent_per_module": "bytes_sent",
+}
 
 
 def run_job(job: dict, data_path: str | Path, out_dir: str | Path, experiment: dict | None, tags: dict[str, str]) -> dict:
@@ -136,6 +203,9 @@ def run_job(job: dict, data_path: str | Path, out_dir: str | Path, experiment: d
     out_dir = Path(out_dir)
     key = run_key(job)
     data = load_prepared(data_path)  # input problems surface before any run or file exists
+    if job["engine"] == "distributed" and int(os.environ.get("RANK", "0")) != 0:
+        # worker k > 0: it trains its module; worker 0 logs, checkpoints and writes the outputs
+        return fit(job, data, on_epoch=lambda record, state: None)
     if experiment is None:
         from decoupled.tracking import init_experiment
 
@@ -154,7 +224,11 @@ def run_job(job: dict, data_path: str | Path, out_dir: str | Path, experiment: d
         metrics.update(mlflow_run_id=run.run_id, started_at=started)
         write_json(out_dir / "config.json", job)
         write_json(out_dir / "metrics.json", metrics)
-        run.log_metrics({"train_time_s": metrics["train_time_s"]}, step=job["train"]["epochs"])
+        final = {"train_time_s": metrics["train_time_s"]}
+        if "imbalance" in metrics["split"]:  # a measured (balanced) split: how even it promised to be
+            final["split_predicted_imbalance"] = metrics["split"]["imbalance"]
+        run.log_metrics(final, step=job["train"]["epochs"])
+        run.set_tag("split", "-".join(map(str, metrics["split"]["counts"])))
         run.log_artifact(out_dir / "metrics.json")
         run.log_artifact(out_dir / "config.json")
         run.finish()

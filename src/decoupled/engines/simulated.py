@@ -7,12 +7,13 @@ import time
 
 import torch
 
+from decoupled.engines.base import Engine
 from decoupled.engines.batches import BatchStream
 from decoupled.engines.losses import LossTally
 from decoupled.methods.base import Method
 
 
-class SimulatedEngine:
+class SimulatedEngine(Engine):
     """Sync mode: each step takes a mini-batch through modules 0..K-1 in order.
 
     Batches are slices of tensors held in memory (``BatchStream``), so the loop has no

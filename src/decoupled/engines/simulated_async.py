@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from decoupled.engines.base import Engine
 from decoupled.engines.batches import BatchStream
 from decoupled.engines.buffers import Entry, FifoQueue, ReplayBuffer
 from decoupled.engines.losses import LossTally
@@ -26,7 +27,7 @@ from decoupled.engines.schedule import SCHEDULES, durations
 from decoupled.methods.base import Method
 
 
-class AsyncSimulator:
+class AsyncSimulator(Engine):
     def __init__(self, method: Method, train_x: torch.Tensor, train_y: torch.Tensor, batch_size: int, seed: int, async_cfg: dict, augment: str = "none"):
         K = method.net.K
         self.method = method

@@ -1,0 +1,26 @@
+"""What every engine offers the training loop (``train.fit``) besides ``run_epoch``.
+
+The defaults are those of a single process; the distributed engine, whose network is spread
+over several processes, overrides them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from decoupled.evaluate import evaluate
+from decoupled.model import SplitNet
+
+
+class Engine:
+    is_main = True  # the process that prints progress, logs to MLflow and writes the outputs
+
+    def evaluate(self, net: SplitNet, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> dict:
+        return evaluate(net, x, y, batch_size)
+
+    def checkpoint_state(self) -> dict:
+        """What a checkpoint needs besides the network's weights."""
+        return {"method": self.method.state_dict(), "engine": self.state_dict()}
+
+    def close(self) -> None:
+        """Release what the engine holds once training is over."""

@@ -1,0 +1,134 @@
+"""Messages between neighbouring worker processes, over torch.distributed point-to-point.
+
+A message is a small header ``[kind, step]`` and, for ``DATA``, a fixed list of tensors whose
+shapes both sides know (activations and labels forward; a gradient backward). Each direction
+of each module boundary gets its own process group: NCCL ignores tags, so forward and backward
+traffic must not share one, and each group is then used by one thread per process.
+
+* ``Outbox``: non-blocking sends, at most ``max_in_flight`` unfinished. A receiver that falls
+  behind stops receiving (its inbox is full), so the sender waits there: back-pressure, and
+  memory stays bounded.
+* ``Inbox``: a thread blocks on the receives and hands whole messages to the worker's main
+  thread through a queue, so the worker computes while the next message arrives.
+
+A peer that dies, or sends nothing for ``timeout_s``, raises ``PeerLost`` in the worker rather
+than leaving it waiting forever.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import queue
+import threading
+import time
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+
+from decoupled.errors import UserError
+
+DATA, END_STEP, END_EPOCH, STOP = range(4)  # message kinds
+
+
+class PeerLost(UserError):
+    """A neighbouring worker died or stopped answering."""
+
+
+class Message(NamedTuple):
+    kind: int
+    step: int  # the sender's step count when it sent this
+    tensors: list[torch.Tensor]
+
+
+class TensorSpec(NamedTuple):
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class Outbox:
+    def __init__(self, peer: int, group, max_in_flight: int, timeout_s: float, device: torch.device, what: str):
+        self.peer, self.group, self.device, self.what = peer, group, device, what
+        self.max_in_flight, self.timeout = max_in_flight, datetime.timedelta(seconds=timeout_s)
+        self.in_flight: collections.deque = collections.deque()  # (works, tensors kept alive until sent)
+        self.bytes_sent = 0
+        self.wait_s = 0.0  # time spent waiting for the receiver (back-pressure)
+
+    def send(self, kind: int, step: int, tensors: list[torch.Tensor] = ()) -> None:
+        header = torch.tensor([kind, step], dtype=torch.int64, device=self.device)
+        payload = [header, *(t.contiguous() for t in tensors)]
+        works = [dist.isend(t, self.peer, group=self.group) for t in payload]
+        self.in_flight.append((works, payload))
+        self.bytes_sent += sum(t.numel() * t.element_size() for t in payload)
+        while len(self.in_flight) > self.max_in_flight:
+            self._wait_oldest()
+
+    def flush(self) -> None:
+        while self.in_flight:
+            self._wait_oldest()
+
+    def _wait_oldest(self) -> None:
+        works, _ = self.in_flight.popleft()
+        start = time.perf_counter()
+        try:
+            for work in works:
+                work.wait(self.timeout)
+        except RuntimeError as e:
+            raise PeerLost(f"{self.what}: worker {self.peer} stopped receiving ({_first_line(e)})") from None
+        self.wait_s += time.perf_counter() - start
+
+
+class Inbox:
+    def __init__(self, peer: int, group, specs: list[TensorSpec], capacity: int, timeout_s: float, device: torch.device, what: str):
+        self.peer, self.group, self.specs, self.device, self.what = peer, group, specs, device, what
+        self.timeout_s = timeout_s
+        self.queue: queue.Queue[Message] = queue.Queue(maxsize=capacity)  # 0 = unbounded
+        self.error: str | None = None
+        self.thread = threading.Thread(target=self._receive_all, name=f"inbox-{what}", daemon=True)
+        self.thread.start()
+
+    def _receive_all(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        try:
+            while True:
+                header = torch.empty(2, dtype=torch.int64, device=self.device)
+                dist.recv(header, self.peer, group=self.group)
+                kind, step = header.tolist()
+                tensors = []
+                if kind == DATA:
+                    for spec in self.specs:
+                        tensors.append(torch.empty(spec.shape, dtype=spec.dtype, device=self.device))
+                        dist.recv(tensors[-1], self.peer, group=self.group)
+                self.queue.put(Message(kind, step, tensors))
+                if kind == STOP:
+                    return
+        except Exception as e:  # the peer died or timed out: tell the worker's main thread
+            self.error = _first_line(e)
+
+    def get(self, block: bool = True) -> Message | None:
+        """The next message; None when not blocking and none has arrived."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                return self.queue.get(timeout=0.05) if block else self.queue.get_nowait()
+            except queue.Empty:
+                # a message that arrived before the error is still delivered first
+                if self.error is not None:
+                    raise PeerLost(f"{self.what}: lost worker {self.peer} ({self.error})") from None
+                if not block:
+                    return None
+                if time.monotonic() > deadline:
+                    raise PeerLost(f"{self.what}: worker {self.peer} sent nothing for {self.timeout_s:g} s") from None
+
+    def __len__(self) -> int:
+        return self.queue.qsize()
+
+    def join(self) -> None:
+        self.thread.join(timeout=self.timeout_s)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

@@ -1,0 +1,301 @@
+"""Real parallel workers: one process per module on torch.distributed, launched by torchrun.
+
+Worker k (process rank k) owns module k: it alone runs ``method.module_step(k, ...)`` and
+``method.receive_gradient(k, ...)``, the same method code as in the simulator. Worker 0 reads
+the mini-batches; activations and labels go forward to worker k+1 through ``channels``;
+gradients (DNI's true gradients, DDG/FDG's delayed ones) go back to worker k-1 for methods
+whose modules exchange them (``input_buffer == "fifo"``: an activation is used once because a
+gradient comes back for it). gloo on CPU, NCCL on GPU.
+
+* **sync**: the lockstep pipeline of the simulator. Every worker takes each batch once, in
+  order; a gradient sent during step u is handed to its module at the end of step
+  u + ``method.gradient_delay`` (the sender closes each step with an END_STEP message), so a
+  sync run computes exactly what ``SimulatedEngine`` computes on the same data order, while
+  the workers overlap in time. With delay 0 a worker waits for the one above (locked).
+* **async**: every worker at its own pace. DGL's worker k trains on a replay buffer of the
+  activations it has received (reusing them while worker k-1 is slow); the others take each
+  activation once from a bounded queue and apply gradients as they arrive. The slowed
+  worker (``async.slowed_module``) sleeps (S-1) times its compute time after each step.
+
+An epoch is one pass of worker 0 over the data; an END_EPOCH message follows it down the
+pipeline. Then the workers share their modules' weights (each broadcasts its own), so every
+process holds the whole network; evaluation is split over the workers; per-worker numbers
+(busy and idle seconds, steps, mean input-queue depth, bytes sent, staleness) are gathered.
+Anything in flight (pending gradients, replay buffers) carries over to the next epoch.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from decoupled.engines.base import Engine
+from decoupled.engines.batches import BatchStream
+from decoupled.engines.buffers import Entry, ReplayBuffer
+from decoupled.engines.channels import DATA, END_EPOCH, END_STEP, STOP, Inbox, Message, Outbox, TensorSpec
+from decoupled.engines.losses import LossTally
+from decoupled.engines.simulated_async import _summary
+from decoupled.errors import UserError
+from decoupled.evaluate import evaluate
+from decoupled.methods.base import Method
+
+
+def join_workers(K: int, device: str, timeout_s: float) -> torch.device:
+    """Join the process group torchrun set up; returns this worker's device."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise UserError("engine 'distributed' runs one process per module: launch with torchrun --nproc-per-node K (the workflow and `decoupled train` do)")
+    world = int(os.environ["WORLD_SIZE"])
+    if world != K:
+        raise UserError(f"engine 'distributed' needs one process per module: K={K} but torchrun started {world}")
+    if device == "cuda":
+        local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(local)
+    else:
+        local = torch.device("cpu")
+    if not dist.is_initialized():
+        backend = "nccl" if device == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), device_id=local if device == "cuda" else None)
+    return local
+
+
+class DistributedEngine(Engine):
+    def __init__(self, method: Method, train_x: torch.Tensor, train_y: torch.Tensor, batch_size: int, seed: int, async_cfg: dict, augment: str = "none", *, asynchronous: bool, distributed_cfg: dict, device: torch.device):
+        net = method.net
+        K = net.K
+        self.method, self.K, self.k = method, K, dist.get_rank()
+        self.is_main = self.k == 0
+        self.asynchronous, self.device = asynchronous, device
+        self.batch_size = batch_size
+        self.batches = BatchStream(train_x, train_y, batch_size, seed, augment)
+        self.steps_per_epoch = self.batches.batches_per_pass
+        self.gradients_travel = method.input_buffer == "fifo"
+        self.replay = asynchronous and method.input_buffer == "replay"
+        timeout, in_flight = distributed_cfg["timeout_s"], distributed_cfg["max_in_flight"]
+        # every process creates every group, in the same order (new_group is collective)
+        forward = [dist.new_group([b, b + 1]) for b in range(K - 1)]
+        backward = [dist.new_group([b, b + 1]) for b in range(K - 1)] if self.gradients_travel else []
+        act_specs = _boundary_specs(net, train_x, batch_size, device)
+        label_spec = TensorSpec((batch_size,), train_y.dtype)
+        k = self.k
+        self.to_next = Outbox(k + 1, forward[k], in_flight, timeout, device, f"module {k} -> {k + 1}") if k < K - 1 else None
+        self.from_prev = Inbox(k - 1, forward[k - 1], [act_specs[k - 1], label_spec], in_flight, timeout, device, f"module {k - 1} -> {k}") if k > 0 else None
+        self.to_prev = Outbox(k - 1, backward[k - 1], in_flight, timeout, device, f"gradients {k} -> {k - 1}") if k > 0 and self.gradients_travel else None
+        # unbounded: gradients only come back for batches this worker sent, a bounded number
+        self.from_next = Inbox(k + 1, backward[k], [act_specs[k]], 0, timeout, device, f"gradients {k + 1} -> {k}") if k < K - 1 and self.gradients_travel else None
+        self.buffer = ReplayBuffer(async_cfg["buffer_size"], async_cfg["max_reuse"]) if self.replay and k > 0 else None
+        self.slowdown = async_cfg["slowdown_factor"] if asynchronous and async_cfg["slowed_module"] == k else 1.0
+        self.steps = 0  # this worker's steps so far
+        self.newest_input = -1  # the producer's step count of the newest activation received
+        self.forwarded_at: collections.deque[int] = collections.deque()  # steps awaiting a gradient
+        self.input_staleness, self.grad_staleness = collections.Counter(), collections.Counter()
+
+    # --- one epoch -------------------------------------------------------------------------
+
+    def run_epoch(self) -> dict:
+        self.method.net.train()
+        self.losses = LossTally(self.K)
+        self.busy_s, self.queue_depths = 0.0, []
+        steps_before = self.steps
+        waits_before = self._outbox_wait()
+        self.receive_wait_s = 0.0
+        start = time.perf_counter()
+        (self._async_epoch if self.asynchronous else self._sync_epoch)()
+        loop_s = time.perf_counter() - start
+        self._share_modules()
+        local = {
+            "loss": self.losses.means()[self.k],
+            "steps": self.steps - steps_before,
+            "busy_s": self.busy_s,
+            "idle_s": self.receive_wait_s + self._outbox_wait() - waits_before,
+            "loop_s": loop_s,
+            "queue_depth": sum(self.queue_depths) / len(self.queue_depths) if self.queue_depths else 0.0,
+            "bytes_sent": sum(o.bytes_sent for o in (self.to_next, self.to_prev) if o is not None),
+            "input_staleness": _summary(self.input_staleness),
+            "grad_staleness": _summary(self.grad_staleness),
+        }
+        workers = [None] * self.K
+        dist.all_gather_object(workers, local)
+        seconds = max(w["loop_s"] for w in workers)
+        stats = {
+            "train_loss_per_module": [w["loss"] for w in workers],
+            "images": workers[-1]["steps"] * self.batch_size,  # what reached the network's output
+            "seconds": seconds,
+            "steps_per_module": [w["steps"] for w in workers],
+            "busy_s_per_module": [w["busy_s"] for w in workers],
+            "idle_s_per_module": [w["idle_s"] for w in workers],
+            "busy_frac_per_module": [w["busy_s"] / seconds for w in workers],
+            "queue_depth_per_module": [w["queue_depth"] for w in workers],
+            "bytes_sent_per_module": [w["bytes_sent"] for w in workers],
+        }
+        if self.asynchronous:
+            stats.update(input_staleness=[w["input_staleness"] for w in workers], grad_staleness=[w["grad_staleness"] for w in workers])
+        return stats
+
+    def _sync_epoch(self) -> None:
+        k, delay = self.k, self.method.gradient_delay
+        for _ in range(self.steps_per_epoch):
+            if k == 0:
+                inputs, labels = self.batches.next()
+            else:
+                inputs, labels = self._receive(self.from_prev).tensors
+            self._compute(inputs, labels)
+            if self.gradients_travel:
+                step = self.steps - 1
+                if self.from_next is not None and step >= delay:
+                    self._apply_gradients_until(step - delay)
+                if self.to_prev is not None:
+                    self.to_prev.send(END_STEP, step)
+
+    def _apply_gradients_until(self, step: int) -> None:
+        """Hand module k every gradient the worker above sent up to the end of its step ``step``."""
+        while (message := self._receive(self.from_next)).kind != END_STEP or message.step < step:
+            if message.kind == DATA:
+                self._apply_gradient(message)
+
+    def _async_epoch(self) -> None:
+        k, fed = self.k, 0
+        while True:
+            if self.from_next is not None:  # gradients are applied as soon as they are here
+                while (message := self._receive(self.from_next, block=False)) is not None:
+                    if message.kind == DATA:
+                        self._apply_gradient(message)
+            if k == 0:
+                if fed == self.steps_per_epoch:
+                    break
+                inputs, labels = self.batches.next()
+                fed += 1
+            elif self.replay:
+                if self._refill_buffer():
+                    break
+                entry = self.buffer.take()
+                inputs, labels = entry.inputs, entry.labels
+                self.input_staleness[self.newest_input - entry.produced_at] += 1
+            else:
+                message = self._receive(self.from_prev)
+                if message.kind == END_EPOCH:
+                    break
+                inputs, labels = message.tensors
+                self.input_staleness[self.newest_input - message.step] += 1
+            self._compute(inputs, labels)
+        if self.to_next is not None:
+            self.to_next.send(END_EPOCH, self.steps)
+
+    def _refill_buffer(self) -> bool:
+        """Move every activation that has arrived into the replay buffer, waiting for one if the
+        buffer is empty; True once the epoch's END_EPOCH arrives."""
+        block = len(self.buffer) == 0
+        while (message := self._receive(self.from_prev, block)) is not None:
+            if message.kind == END_EPOCH:
+                return True
+            self.buffer.put(Entry(*message.tensors, message.step))
+            block = False
+        return False
+
+    # --- steps ---------------------------------------------------------------------------------
+
+    def _compute(self, inputs: torch.Tensor, labels: torch.Tensor) -> None:
+        k = self.k
+        if k > 0:
+            self.queue_depths.append(len(self.from_prev) + (len(self.buffer) if self.buffer is not None else 0))
+        inputs, labels = inputs.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        start = time.perf_counter()
+        outputs, loss, input_grad = self.method.module_step(k, inputs, labels)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # busy time must include the kernels
+        spent = time.perf_counter() - start
+        if self.slowdown > 1:  # a slower worker: its steps take S times as long
+            time.sleep((self.slowdown - 1) * spent)
+        self.busy_s += time.perf_counter() - start
+        self.losses.add(k, loss)
+        if self.to_next is not None:
+            self.to_next.send(DATA, self.steps, [outputs, labels])
+            if self.gradients_travel:
+                self.forwarded_at.append(self.steps)
+        if input_grad is not None and self.to_prev is not None:
+            self.to_prev.send(DATA, self.steps, [input_grad])
+        self.steps += 1
+
+    def _apply_gradient(self, message: Message) -> None:
+        self.grad_staleness[self.steps - 1 - self.forwarded_at.popleft()] += 1
+        start = time.perf_counter()
+        passed_down = self.method.receive_gradient(self.k, message.tensors[0])
+        self.busy_s += time.perf_counter() - start
+        if passed_down is not None and self.to_prev is not None:
+            self.to_prev.send(DATA, self.steps - 1, [passed_down])
+
+    def _receive(self, inbox: Inbox, block: bool = True) -> Message | None:
+        start = time.perf_counter()
+        message = inbox.get(block)
+        self.receive_wait_s += time.perf_counter() - start
+        if message is not None and inbox is self.from_prev and message.kind == DATA:
+            self.newest_input = max(self.newest_input, message.step)
+        return message
+
+    def _outbox_wait(self) -> float:
+        return sum(o.wait_s for o in (self.to_next, self.to_prev) if o is not None)
+
+    # --- the whole network, evaluation, checkpoints --------------------------------------------
+
+    def _share_modules(self) -> None:
+        """Every worker broadcasts its module and head, so each process holds the whole network."""
+        net = self.method.net
+        for k in range(self.K):
+            for tensor in [*net.blocks[k].state_dict().values(), *net.heads[k].state_dict().values()]:
+                dist.broadcast(tensor, src=k)
+
+    def evaluate(self, net, x, y, batch_size) -> dict:
+        """Each worker evaluates every K-th test image; the counts are summed."""
+        part = evaluate(net, x[self.k :: self.K], y[self.k :: self.K], batch_size)
+        parts = [None] * self.K
+        dist.all_gather_object(parts, part)
+        n = sum(p["n_test"] for p in parts)
+        per_module = [sum(round(p["test_acc_per_module"][m] * p["n_test"]) for p in parts) / n for m in range(net.K)]
+        loss = sum(p["test_loss"] * p["n_test"] for p in parts) / n
+        return {"test_acc": per_module[-1], "test_acc_per_module": per_module, "test_loss": loss, "n_test": n}
+
+    def checkpoint_state(self) -> dict:
+        """Each worker's method state (its module's optimizer, pending state) and engine state, on worker 0."""
+        local = {"method": self.method.state_dict(), "engine": self.state_dict()}
+        workers = [None] * self.K if self.is_main else None
+        dist.gather_object(local, workers, dst=0)
+        return {"workers": workers}
+
+    def state_dict(self) -> dict:
+        return {
+            "batches": self.batches.state_dict(),
+            "steps": self.steps,
+            "buffer": [(e.inputs, e.labels, e.produced_at, e.uses) for e in self.buffer.entries] if self.buffer is not None else None,
+            "forwarded_at": list(self.forwarded_at),
+        }
+
+    def close(self) -> None:
+        """Tell the neighbours to stop receiving, wait for the last sends, leave the group."""
+        for outbox in (self.to_next, self.to_prev):
+            if outbox is not None:
+                outbox.send(STOP, self.steps)
+                outbox.flush()
+        for inbox in (self.from_prev, self.from_next):
+            if inbox is not None:
+                inbox.join()
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _boundary_specs(net, train_x: torch.Tensor, batch_size: int, device: torch.device) -> list[TensorSpec]:
+    """Shape and dtype of the activations crossing each boundary, from a forward pass in eval
+    mode (which leaves BatchNorm's running statistics alone)."""
+    was_training = net.training
+    net.eval()
+    specs = []
+    with torch.no_grad():
+        h = torch.zeros((batch_size, *train_x.shape[1:]), dtype=train_x.dtype, device=device)
+        for block in net.blocks[:-1]:
+            h = block(h)
+            specs.append(TensorSpec(tuple(h.shape), h.dtype))
+    net.train(was_training)
+    return specs
