@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -28,6 +29,14 @@ OUTPUTS = ("checkpoint.pt", "metrics.json", "config.json")
 
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite: a setting (usually the learning rate) does not suit the job."""
+
+
+class Terminated(UserError):
+    """SIGTERM (torchrun stopping the other workers when one fails, a scheduler, kill)."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(f"stopped by {signal.Signals(signum).name}")
 
 
 def run_key(job: dict) -> RunKey:
@@ -218,6 +227,8 @@ def run_job(job: dict, data_path: str | Path, out_dir: str | Path, experiment: d
         with atomic_path(out_dir / "checkpoint.pt") as tmp:
             torch.save({**state, "job": job, "mlflow_run_id": run.run_id}, tmp)
 
+    # so that a terminated job, too, removes its outputs and marks its run FAILED
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         started = time.time()
         metrics = fit(job, data, on_epoch)

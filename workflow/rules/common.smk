@@ -64,7 +64,24 @@ def job_json(wildcards):
 
 
 def job_threads(wildcards):
-    return decoupled_grid.job_config(config, run_key(wildcards))["train"]["threads"]
+    return decoupled_grid.job_threads(decoupled_grid.job_config(config, run_key(wildcards)))
+
+
+def job_gpus(wildcards):
+    """GPUs a job uses: one per worker process on cuda."""
+    job = decoupled_grid.job_config(config, run_key(wildcards))
+    if job["train"]["device"] != "cuda":
+        return 0
+    return job["run"]["K"] if job["engine"] == "distributed" else 1
+
+
+def launcher(wildcards):
+    """What starts a training job: `python -m decoupled`, or torchrun with one worker process per
+    module for the distributed engine (each worker runs the same command)."""
+    job = decoupled_grid.job_config(config, run_key(wildcards))
+    if job["engine"] == "distributed":
+        return " ".join(["torchrun", *decoupled_grid.torchrun_args(job), "-m", "decoupled"])
+    return "python -m decoupled"
 
 
 def run_tags(wildcards):

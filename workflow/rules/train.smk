@@ -10,11 +10,14 @@ rule train:
         job=job_json,
         tags=run_tags,
         run_dir=lambda wildcards, output: Path(output.metrics).parent,
+        launcher=launcher,
     threads: job_threads
+    resources:
+        gpu=job_gpus,
     log:
         f"{RESULTS}/logs/train/{{method}}_{{mode}}_K{{K}}_{{variant}}_seed{{seed}}.log",
     conda:
         "../../envs/train.yaml"
     shell:
-        "python -m decoupled train --job-json {params.job:q} --data {input.data} --tracking {input.tracking}"
+        "{params.launcher} train --job-json {params.job:q} --data {input.data} --tracking {input.tracking}"
         " --out {params.run_dir} {params.tags} 2>&1 | tee {log}"

@@ -75,7 +75,7 @@ class Outbox:
             for work in works:
                 work.wait(self.timeout)
         except RuntimeError as e:
-            raise PeerLost(f"{self.what}: worker {self.peer} stopped receiving ({_first_line(e)})") from None
+            raise PeerLost(f"{self.what}: worker {self.peer} stopped receiving ({first_line(e)})") from None
         self.wait_s += time.perf_counter() - start
 
 
@@ -105,7 +105,7 @@ class Inbox:
                 if kind == STOP:
                     return
         except Exception as e:  # the peer died or timed out: tell the worker's main thread
-            self.error = _first_line(e)
+            self.error = first_line(e)
 
     def get(self, block: bool = True) -> Message | None:
         """The next message; None when not blocking and none has arrived."""
@@ -129,6 +129,6 @@ class Inbox:
         self.thread.join(timeout=self.timeout_s)
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from decoupled.engines.base import Engine
 from decoupled.engines.batches import BatchStream
 from decoupled.engines.buffers import Entry, ReplayBuffer
-from decoupled.engines.channels import DATA, END_EPOCH, END_STEP, STOP, Inbox, Message, Outbox, TensorSpec
+from decoupled.engines.channels import DATA, END_EPOCH, END_STEP, STOP, Inbox, Message, Outbox, PeerLost, TensorSpec, first_line
 from decoupled.engines.losses import LossTally
 from decoupled.engines.simulated_async import _summary
 from decoupled.errors import UserError
@@ -59,8 +59,14 @@ def join_workers(K: int, device: str, timeout_s: float) -> torch.device:
         local = torch.device("cpu")
     if not dist.is_initialized():
         backend = "nccl" if device == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), device_id=local if device == "cuda" else None)
+        # Joining may wait for worker 0 to open its MLflow run (seconds on a busy store): the
+        # peer timeout applies to the groups the engine makes once all have joined.
+        joining = datetime.timedelta(seconds=max(timeout_s, JOIN_TIMEOUT_S))
+        dist.init_process_group(backend, timeout=joining, device_id=local if device == "cuda" else None)
     return local
+
+
+JOIN_TIMEOUT_S = 600
 
 
 class DistributedEngine(Engine):
@@ -76,9 +82,12 @@ class DistributedEngine(Engine):
         self.gradients_travel = method.input_buffer == "fifo"
         self.replay = asynchronous and method.input_buffer == "replay"
         timeout, in_flight = distributed_cfg["timeout_s"], distributed_cfg["max_in_flight"]
+        self.timeout_s = timeout
         # every process creates every group, in the same order (new_group is collective)
-        forward = [dist.new_group([b, b + 1]) for b in range(K - 1)]
-        backward = [dist.new_group([b, b + 1]) for b in range(K - 1)] if self.gradients_travel else []
+        limit = datetime.timedelta(seconds=timeout)
+        self.everyone = dist.new_group(timeout=limit)  # the end-of-epoch collectives
+        forward = [dist.new_group([b, b + 1], timeout=limit) for b in range(K - 1)]
+        backward = [dist.new_group([b, b + 1], timeout=limit) for b in range(K - 1)] if self.gradients_travel else []
         act_specs = _boundary_specs(net, train_x, batch_size, device)
         label_spec = TensorSpec((batch_size,), train_y.dtype)
         k = self.k
@@ -119,7 +128,7 @@ class DistributedEngine(Engine):
             "grad_staleness": _summary(self.grad_staleness),
         }
         workers = [None] * self.K
-        dist.all_gather_object(workers, local)
+        self._together("gathering the workers' numbers", dist.all_gather_object, workers, local, group=self.everyone)
         seconds = max(w["loop_s"] for w in workers)
         stats = {
             "train_loss_per_module": [w["loss"] for w in workers],
@@ -241,18 +250,25 @@ class DistributedEngine(Engine):
 
     # --- the whole network, evaluation, checkpoints --------------------------------------------
 
+    def _together(self, what: str, collective, *args, **kwargs) -> None:
+        """Run a collective of all workers; a worker that died or hangs ends the job with a clear error."""
+        try:
+            collective(*args, **kwargs)
+        except RuntimeError as e:
+            raise PeerLost(f"end of epoch, {what}: a worker did not answer within {self.timeout_s:g} s, or died ({first_line(e)})") from None
+
     def _share_modules(self) -> None:
         """Every worker broadcasts its module and head, so each process holds the whole network."""
         net = self.method.net
         for k in range(self.K):
             for tensor in [*net.blocks[k].state_dict().values(), *net.heads[k].state_dict().values()]:
-                dist.broadcast(tensor, src=k)
+                self._together("sharing the modules", dist.broadcast, tensor, src=k, group=self.everyone)
 
     def evaluate(self, net, x, y, batch_size) -> dict:
         """Each worker evaluates every K-th test image; the counts are summed."""
         part = evaluate(net, x[self.k :: self.K], y[self.k :: self.K], batch_size)
         parts = [None] * self.K
-        dist.all_gather_object(parts, part)
+        self._together("gathering the evaluation", dist.all_gather_object, parts, part, group=self.everyone)
         n = sum(p["n_test"] for p in parts)
         per_module = [sum(round(p["test_acc_per_module"][m] * p["n_test"]) for p in parts) / n for m in range(net.K)]
         loss = sum(p["test_loss"] * p["n_test"] for p in parts) / n
@@ -262,7 +278,7 @@ class DistributedEngine(Engine):
         """Each worker's method state (its module's optimizer, pending state) and engine state, on worker 0."""
         local = {"method": self.method.state_dict(), "engine": self.state_dict()}
         workers = [None] * self.K if self.is_main else None
-        dist.gather_object(local, workers, dst=0)
+        self._together("gathering the checkpoint", dist.gather_object, local, workers, dst=0, group=self.everyone)
         return {"workers": workers}
 
     def state_dict(self) -> dict:
@@ -282,7 +298,7 @@ class DistributedEngine(Engine):
         for inbox in (self.from_prev, self.from_next):
             if inbox is not None:
                 inbox.join()
-        dist.barrier()
+        self._together("leaving", dist.barrier, group=self.everyone)
         dist.destroy_process_group()
 
 

@@ -1,0 +1,180 @@
+"""The distributed engine: real worker processes (gloo on CPU) launched by torchrun from the CLI."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+
+from decoupled import grid
+from decoupled.errors import UserError
+
+BASE = {
+    "experiment": "distributed-test",
+    "engine": "distributed",
+    "model": {"widths": [8, 16], "aux_hidden": 32},
+    "train": {"epochs": 2, "batch_size": 50, "lr": 0.05},
+    "distributed": {"timeout_s": 30},
+    "async": {"buffer_size": 4},
+}
+
+
+def config(method, mode, **sections):
+    cfg = json.loads(json.dumps(BASE))
+    for name, values in sections.items():
+        cfg[name] = {**cfg.get(name, {}), **values}
+    cfg["grid"] = {"methods": [method], "modes": [mode], "K": [2], "seeds": [0]}
+    return cfg
+
+
+def launch(tmp_path, cfg, data, out="run"):
+    """`decoupled train` as a user types it; with engine distributed it starts torchrun itself."""
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    method, mode = cfg["grid"]["methods"][0], cfg["grid"]["modes"][0]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "PYTHONPATH": str(REPO / "src")}
+    command = [sys.executable, "-m", "decoupled", "train", "--config", str(path), "--method", method, "--mode", mode, "--K", "2", "--seed", "0", "--data", str(data), "--out", str(tmp_path / out)]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def train(tmp_path, cfg, data):
+    proc = launch(tmp_path, cfg, data)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-3000:]
+    return json.loads((tmp_path / "run" / "metrics.json").read_text()), output
+
+
+def simulated(cfg, data_path):
+    from decoupled.data import load_prepared
+    from decoupled.train import fit
+
+    cfg = {**cfg, "engine": "simulated"}
+    key = grid.RunKey(cfg["grid"]["methods"][0], cfg["grid"]["modes"][0], 2, 0, "default")
+    return fit(grid.job_config(cfg, key), load_prepared(data_path))
+
+
+@pytest.mark.parametrize("method", ["dgl", "ddg"])
+def test_sync_workers_compute_what_the_simulator_computes(tmp_path, fashion_subset, method):
+    cfg = config(method, "sync")
+    metrics, output = train(tmp_path, cfg, fashion_subset)
+    reference = simulated(cfg, fashion_subset)
+    assert metrics["engine"] == "distributed"
+    for ours, theirs in zip(metrics["epochs"], reference["epochs"], strict=True):
+        assert ours["train_loss_per_module"] == pytest.approx(theirs["train_loss_per_module"], rel=1e-6)
+        assert ours["test_acc_per_module"] == pytest.approx(theirs["test_acc_per_module"], abs=1e-9)
+    last = metrics["epochs"][-1]
+    steps = 2000 // 50
+    assert last["steps_per_module"] == [steps, steps]
+    assert all(0 < f <= 1 for f in last["busy_frac_per_module"])
+    # module 0 sends activations and labels; module 1 sends gradients back only in DDG
+    assert last["bytes_sent_per_module"][0] >= steps * 50 * 8 * 14 * 14 * 4
+    assert (last["bytes_sent_per_module"][1] > 0) == (method == "ddg")
+    assert "epoch 2/2" in output
+
+
+@pytest.mark.parametrize("method", ["dgl", "dni"])
+def test_async_workers_learn_at_their_own_pace(tmp_path, fashion_subset, method):
+    cfg = config(method, "async", **{"async": {"slowdown_factor": 3, "slowed_module": 0}})
+    metrics, _ = train(tmp_path, cfg, fashion_subset)
+    last = metrics["epochs"][-1]
+    assert last["test_acc"] > 0.5  # 10 classes: chance is 0.1
+    steps_below, steps_above = last["steps_per_module"]
+    if method == "dgl":  # the upper worker keeps training on its replay buffer while module 0 is slow
+        assert steps_above > steps_below
+        assert last["input_staleness"][1]["max"] >= 1
+    else:  # each activation once, and a true gradient back for each
+        assert steps_above == steps_below
+        assert last["grad_staleness"][0]["mean"] is not None
+
+
+def worker_pid(out_dir: Path, rank: int) -> int | None:
+    """The pid of the worker process with this rank, among those whose command line names out_dir."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if str(out_dir) in (proc / "cmdline").read_text() and f"RANK={rank}\0" in (proc / "environ").read_text():
+                return int(proc.name)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def start_and_wait_for_epoch_1(tmp_path, data, **distributed):
+    cfg = config("dgl", "sync", train={"epochs": 200}, distributed=distributed)
+    proc = launch(tmp_path, cfg, data)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "epoch 1/200" in line:
+            return proc, lines
+    pytest.fail("".join(lines)[-3000:])
+
+
+def finish(proc, lines, limit_s):
+    start = time.monotonic()
+    output, _ = proc.communicate(timeout=limit_s)
+    return proc.returncode, "".join(lines) + output, time.monotonic() - start
+
+
+def assert_failed_cleanly(tmp_path, code, output):
+    from mlflow.tracking import MlflowClient
+
+    assert code != 0
+    assert "decoupled: error: distributed job dgl-sync-K2-seed0 failed" in output
+    assert not (tmp_path / "run" / "metrics.json").exists() and not (tmp_path / "run" / "checkpoint.pt").exists()
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("distributed-test").experiment_id], "tags.`decoupled.role` = 'child'")
+    assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def test_a_killed_worker_ends_the_job_with_an_error(tmp_path, fashion_subset):
+    proc, lines = start_and_wait_for_epoch_1(tmp_path, fashion_subset)
+    os.kill(worker_pid(tmp_path / "run", 1), signal.SIGKILL)
+    code, output, seconds = finish(proc, lines, 120)
+    assert seconds < 60
+    assert_failed_cleanly(tmp_path, code, output)
+
+
+def test_a_hung_worker_ends_the_job_after_the_timeout(tmp_path, fashion_subset):
+    proc, lines = start_and_wait_for_epoch_1(tmp_path, fashion_subset, timeout_s=5)
+    hung = worker_pid(tmp_path / "run", 1)
+    os.kill(hung, signal.SIGSTOP)
+    try:
+        code, output, seconds = finish(proc, lines, 120)
+    finally:
+        if worker_pid(tmp_path / "run", 1):
+            os.kill(hung, signal.SIGKILL)
+    assert seconds < 90  # the timeout, then torchrun's 30 s grace before it kills the stopped worker
+    # worker 0 names the peer that stopped answering, or the collective it hung in
+    assert re.search(r"decoupled: error: .*(worker 1 sent nothing for 5 s|stopped receiving|a worker did not answer within 5 s)", output)
+    assert_failed_cleanly(tmp_path, code, output)
+
+
+def test_backprop_has_no_distributed_form_unless_overridden():
+    cfg = config("backprop", "sync")
+    with pytest.raises(UserError, match="config key 'engine': method 'backprop' has no distributed form"):
+        grid.runs(cfg)
+    cfg["overrides"] = {"backprop": {"engine": "simulated"}}
+    (key,) = grid.runs(cfg)
+    assert grid.job_config(cfg, key)["engine"] == "simulated"
+
+
+def test_a_job_outside_torchrun_is_refused(fashion_subset):
+    from decoupled.data import load_prepared
+    from decoupled.train import fit
+
+    key = grid.RunKey("dgl", "sync", 2, 0)
+    job = grid.job_config(config("dgl", "sync"), key)
+    env = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE") if k in os.environ}
+    try:
+        with pytest.raises(UserError, match="launch with torchrun"):
+            fit(job, load_prepared(fashion_subset))
+    finally:
+        os.environ.update(env)
