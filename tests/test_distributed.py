@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, needs_fashion_mnist
 
 from decoupled import grid
 from decoupled.errors import UserError
@@ -75,7 +75,8 @@ def test_sync_workers_compute_what_the_simulator_computes(tmp_path, fashion_subs
     assert last["steps_per_module"] == [steps, steps]
     assert all(0 < f <= 1 for f in last["busy_frac_per_module"])
     # module 0 sends activations and labels; module 1 sends gradients back only in DDG
-    assert last["bytes_sent_per_module"][0] >= steps * 50 * 8 * 14 * 14 * 4
+    activations, labels = 50 * 8 * 14 * 14 * 4, 50 * 8  # bytes per batch, headers aside
+    assert steps * (activations + labels) <= last["bytes_sent_per_module"][0] <= steps * (activations + labels + 64)
     assert (last["bytes_sent_per_module"][1] > 0) == (method == "ddg")
     assert "epoch 2/2" in output
 
@@ -178,3 +179,36 @@ def test_a_job_outside_torchrun_is_refused(fashion_subset):
             fit(job, load_prepared(fashion_subset))
     finally:
         os.environ.update(env)
+
+
+@needs_fashion_mnist
+def test_the_workflow_launches_distributed_jobs_with_torchrun(tmp_path):
+    from test_workflow import copy_repo, snakemake
+
+    workdir = copy_repo(tmp_path / "repo")
+    cfg = yaml.safe_load((REPO / "config/smoke.yaml").read_text())
+    cfg.update(experiment="distributed-workflow", engine="distributed")
+    cfg["train"]["epochs"] = 1
+    cfg["grid"] = {"methods": ["backprop", "dgl"], "modes": ["sync"], "K": [2], "seeds": [0]}
+    cfg["overrides"] = {"backprop": {"engine": "simulated"}}
+    config_path = workdir / "config" / "distributed.yaml"
+    config_path.write_text(yaml.safe_dump(cfg))
+    dry = snakemake(workdir, "--dry-run", "--printshellcmds", configfile=config_path)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    assert "torchrun --standalone --nnodes=1 --nproc-per-node=2 -m decoupled train" in dry.stdout
+    assert "python -m decoupled train" in dry.stdout  # backprop stays in one process
+    result = snakemake(workdir, configfile=config_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workdir}/results/mlflow/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("distributed-workflow").experiment_id], "tags.`decoupled.role` = 'child'")
+    by_method = {r.data.tags["method"]: r for r in runs}
+    assert sorted(by_method) == ["backprop", "dgl"] and all(r.info.status == "FINISHED" for r in runs)
+    dgl = by_method["dgl"]
+    assert dgl.data.params["engine"] == "distributed" and dgl.data.tags["split"] == "1-1"
+    assert {"busy_frac_m0", "busy_frac_m1", "queue_depth_m1", "bytes_sent_m0", "final_test_acc"} <= set(dgl.data.metrics)
+    metrics = json.loads((workdir / "results/runs/dgl/sync/K2/default/seed0/metrics.json").read_text())
+    assert metrics["engine"] == "distributed" and metrics["epochs"][0]["test_acc"] > 0.3
+    assert "Nothing to be done" in (lambda r: r.stdout + r.stderr)(snakemake(workdir, configfile=config_path))

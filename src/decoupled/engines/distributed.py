@@ -110,7 +110,7 @@ class DistributedEngine(Engine):
         self.losses = LossTally(self.K)
         self.busy_s, self.queue_depths = 0.0, []
         steps_before = self.steps
-        waits_before = self._outbox_wait()
+        waits_before, bytes_before = self._outbox_wait(), self._bytes_sent()
         self.receive_wait_s = 0.0
         start = time.perf_counter()
         (self._async_epoch if self.asynchronous else self._sync_epoch)()
@@ -123,7 +123,7 @@ class DistributedEngine(Engine):
             "idle_s": self.receive_wait_s + self._outbox_wait() - waits_before,
             "loop_s": loop_s,
             "queue_depth": sum(self.queue_depths) / len(self.queue_depths) if self.queue_depths else 0.0,
-            "bytes_sent": sum(o.bytes_sent for o in (self.to_next, self.to_prev) if o is not None),
+            "bytes_sent": self._bytes_sent() - bytes_before,
             "input_staleness": _summary(self.input_staleness),
             "grad_staleness": _summary(self.grad_staleness),
         }
@@ -247,6 +247,9 @@ class DistributedEngine(Engine):
 
     def _outbox_wait(self) -> float:
         return sum(o.wait_s for o in (self.to_next, self.to_prev) if o is not None)
+
+    def _bytes_sent(self) -> int:
+        return sum(o.bytes_sent for o in (self.to_next, self.to_prev) if o is not None)
 
     # --- the whole network, evaluation, checkpoints --------------------------------------------
 

@@ -1,0 +1,262 @@
+"""Do K worker processes train faster than backprop? Images/s of each way to run one network.
+
+On the same network, split the same way, with the same data, batch size and numerics (fp32):
+
+* ``backprop_1thread``: end-to-end backprop in one process with one intra-op thread;
+* ``backprop_Kthreads``: the same with K threads (the cores the workers get);
+* ``gpipe``: a GPipe pipeline of K stages, ``torch.distributed.pipelining`` (benchmarks/gpipe.py);
+* ``dgl_sync``, ``dgl_async``, ``dni_async``, ``fdg_sync``, ``fdg_async``: this package's
+  distributed engine, K processes with one thread each (DNI runs async: in sync mode its true
+  gradients come back within the step, which locks the pipeline).
+
+Training throughput is counted as batches that *every* module has trained on, per second
+(``min_k steps_k x batch / seconds``): an async upper module that re-trains on its replay
+buffer does not count twice. Each variant trains 2 epochs in a fresh process (torchrun for the
+parallel ones) through ``decoupled.train.fit``; the second epoch is measured. Speedups are
+ratios to ``backprop_1thread`` measured in the same run. Two model sizes: the default config's
+widths and 4x wider; both split by ``model.split: balanced`` measured once per size and then
+fixed for every variant.
+
+The scaling model: per-layer costs measured on one core and the link's bandwidth and latency
+measured with gloo feed ``decoupled.scaling`` (a discrete-event pipeline) for K = 2..16 on a
+16-layer version of the network, beside the measured K=2 points.
+
+    python benchmarks/parallel_speedup.py [--K 2] [--steps 40] [--sizes default,wide]
+
+Writes results/benchmarks/parallel_speedup.json and parallel_speedup.{png,pdf}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from decoupled import grid, profile, scaling
+from decoupled.config import validate
+from decoupled.data import Dataset
+from decoupled.files import write_json
+
+REPO = Path(__file__).resolve().parents[1]
+OUT_DIR = REPO / "results" / "benchmarks"
+SIZES = {"default": [16, 32, 64], "wide": [64, 128, 256]}
+DECOUPLED = [("dgl", "sync"), ("dgl", "async"), ("dni", "async"), ("fdg", "sync"), ("fdg", "async")]
+BATCH = 128
+IMAGE = (1, 28, 28)
+
+
+def experiment(widths: list[int], split: list[int], method: str, mode: str, engine: str, threads: int, epochs: int) -> dict:
+    cfg = {
+        "experiment": "parallel-speedup",
+        "engine": engine,
+        "model": {"widths": widths, "split": split},
+        "train": {"epochs": epochs, "batch_size": BATCH, "threads": threads, "lr": 0.01, "eval_batch_size": 256},
+        "grid": {"methods": [method], "modes": [mode], "K": [len(split)], "seeds": [0]},
+    }
+    variant = next(iter(grid.variants(validate(cfg), method, mode)))
+    return grid.job_config(validate(cfg), grid.RunKey(method, mode, len(split), 0, variant))
+
+
+def synthetic_data(steps: int) -> Dataset:
+    """Random images and labels of Fashion-MNIST's shape: speed does not depend on what is in them."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(steps * BATCH + 256, *IMAGE, generator=g), torch.randint(0, 10, (steps * BATCH + 256,), generator=g)
+    n = steps * BATCH
+    return Dataset(x[:n], y[:n], x[n:], y[n:], [str(c) for c in range(10)], 10, IMAGE[0], IMAGE[1], "synthetic")
+
+
+# --- inside the measured processes ---------------------------------------------------------------
+
+
+def worker(job_path: str, steps: int, out: str) -> None:
+    """Train the job (under torchrun when distributed); the main process writes the last epoch."""
+    from decoupled.train import fit
+
+    job = json.loads(Path(job_path).read_text())
+    metrics = fit(job, synthetic_data(steps))
+    if int(os.environ.get("RANK", "0")) == 0:
+        write_json(out, metrics["epochs"][-1])
+
+
+def probe_link(out: str, size_bytes: int = 8 << 20, repeats: int = 10) -> None:
+    """Bandwidth (large messages) and latency (one-number messages) between two gloo processes."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+
+    def ping(tensor, n):
+        for _ in range(n):
+            if rank == 0:
+                dist.send(tensor, 1)
+                dist.recv(tensor, 1)
+            elif rank == 1:
+                dist.recv(tensor, 0)
+                dist.send(tensor, 0)
+
+    big, small = torch.zeros(size_bytes // 4), torch.zeros(1)
+    ping(big, 2)
+    start = time.perf_counter()
+    ping(big, repeats)
+    big_s = (time.perf_counter() - start) / (2 * repeats)
+    ping(small, 10)
+    start = time.perf_counter()
+    ping(small, 200)
+    latency = (time.perf_counter() - start) / 400
+    if rank == 0:
+        write_json(out, {"bandwidth_bytes_per_s": size_bytes / max(big_s - latency, 1e-9), "latency_s": latency})
+    dist.destroy_process_group()
+
+
+# --- the driver ------------------------------------------------------------------------------------
+
+
+def run(command: list[str], what: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"parallel_speedup: {what} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
+
+
+def torchrun(K: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--nproc-per-node={K}"]
+
+
+def measure_ours(tmp: Path, name: str, job: dict, steps: int) -> dict:
+    job_path, out = tmp / f"{name}.job.json", tmp / f"{name}.json"
+    job_path.write_text(json.dumps(job))
+    launcher = torchrun(job["run"]["K"]) if job["engine"] == "distributed" else [sys.executable]
+    run([*launcher, __file__, "--worker", str(job_path), "--steps", str(steps), "--out", str(out)], name)
+    record = json.loads(out.read_text())
+    steps_done = record.get("steps_per_module") or [steps]
+    images = min(steps_done) * BATCH
+    result = {"images_per_s": images / record["epoch_time_s"], "threads": job["train"]["threads"]}
+    if "busy_frac_per_module" in record:
+        result["busy_frac_per_stage"] = record["busy_frac_per_module"]
+        result["bytes_per_image"] = sum(record["bytes_sent_per_module"]) / (steps_done[0] * BATCH)
+        result["steps_per_stage"] = steps_done
+    return result
+
+
+def measure_gpipe(tmp: Path, name: str, widths: list[int], split: list[int], steps: int) -> dict:
+    out = tmp / f"{name}.json"
+    run([*torchrun(len(split)), str(REPO / "benchmarks" / "gpipe.py"), "--model-widths", ",".join(map(str, widths)), "--split", ",".join(map(str, split)),
+         "--batch-size", str(BATCH), "--microbatches", "4", "--steps", str(steps), "--warmup", "5", "--threads", "1", "--isolated-reps", "0", "--out", str(out)], name)
+    report = json.loads(out.read_text())
+    return {
+        "images_per_s": report["overall"]["images_per_s"],
+        "threads": 1,
+        "busy_frac_per_stage": [s["busy_fraction"] for s in report["stages"]],
+        "bytes_per_image": report["overall"]["bytes_sent_per_image"],
+        "microbatches": 4,
+    }
+
+
+def measure_size(tmp: Path, widths: list[int], K: int, steps: int) -> dict:
+    model_cfg = {"widths": widths, "aux_pool": 2, "aux_hidden": 128, "split": "balanced"}
+    split, info = profile.resolve_split(model_cfg, K, IMAGE[0], IMAGE[1], 10, BATCH)
+    print(f"widths {widths}: split {split}, predicted stage costs {[round(1000 * s, 1) for s in info['stage_s']]} ms", file=sys.stderr)
+    variants = {}
+    for threads, name in ((1, "backprop_1thread"), (K, f"backprop_{K}threads")):
+        variants[name] = measure_ours(tmp, name, experiment(widths, split, "backprop", "sync", "simulated", threads, 2), steps)
+    variants["gpipe"] = measure_gpipe(tmp, "gpipe", widths, split, steps)
+    for method, mode in DECOUPLED:
+        name = f"{method}_{mode}"
+        variants[name] = measure_ours(tmp, name, experiment(widths, split, method, mode, "distributed", 1, 2), steps)
+    base = variants["backprop_1thread"]["images_per_s"]
+    for name, v in variants.items():
+        v["speedup"] = v["images_per_s"] / base
+        print(f"  {name:20s} {v['images_per_s']:8.0f} img/s  x{v['speedup']:.2f}  busy {v.get('busy_frac_per_stage', '-')}", file=sys.stderr)
+    return {"widths": widths, "split": split, "predicted_stage_s": info["stage_s"], "predicted_imbalance": info["imbalance"], "variants": variants}
+
+
+def scaling_estimates(widths: list[int], link: dict, Ks: list[int]) -> list[dict]:
+    cfg = {"widths": widths, "aux_pool": 2, "aux_hidden": 128}
+    if len(widths) > 3:  # the 16-layer network: pool only now and then, or the images vanish
+        cfg["pools"] = ["max2" if i in (0, 5, 10) else "max1" for i in range(len(widths))]
+    costs = profile.layer_costs(cfg, IMAGE[0], IMAGE[1], 10, BATCH)
+    estimates = scaling.estimate_speedup(costs.layer_s, costs.head_s, costs.out_bytes, Ks, link["bandwidth_bytes_per_s"], link["latency_s"], BATCH)
+    return [{"K": e.K, "split": e.counts, "images_per_s": e.images_per_s, "speedup": e.speedup, "ideal": e.ideal} for e in estimates]
+
+
+def plot(results: dict, path_stem: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (bars, curve) = plt.subplots(1, 2, figsize=(12, 4.5))
+    names = list(next(iter(results["sizes"].values()))["variants"])
+    width = 0.8 / len(results["sizes"])
+    for i, (size, r) in enumerate(results["sizes"].items()):
+        bars.bar([j + i * width for j in range(len(names))], [r["variants"][n]["speedup"] for n in names], width, label=f"{size} {r['widths']}")
+    bars.axhline(1, color="grey", lw=0.8)
+    bars.set_xticks([j + width * (len(results["sizes"]) - 1) / 2 for j in range(len(names))], names, rotation=35, ha="right")
+    bars.set_ylabel("speedup over backprop, 1 process, 1 thread")
+    bars.set_title(f"K={results['K']} on {results['machine']['cpu_count']} cores")
+    bars.legend()
+    for label, points in results["scaling"].items():
+        curve.plot([p["K"] for p in points], [p["speedup"] for p in points], "o-", label=f"estimate, {label}")
+    Ks = sorted({p["K"] for points in results["scaling"].values() for p in points})
+    curve.plot(Ks, Ks, "k--", lw=0.8, label="ideal K x")
+    for size, r in results["sizes"].items():
+        curve.plot([results["K"]], [r["variants"]["dgl_sync"]["speedup"]], "s", label=f"measured DGL sync, {size}")
+    curve.set_xscale("log", base=2)
+    curve.set_yscale("log", base=2)
+    curve.set_xlabel("K (workers)")
+    curve.set_ylabel("DGL speedup over backprop")
+    curve.set_title("scaling model (discrete-event)")
+    curve.legend(fontsize=8)
+    fig.tight_layout()
+    for ext in ("png", "pdf"):
+        fig.savefig(path_stem.with_suffix(f".{ext}"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--K", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=40, help="batches per epoch (2 epochs; the second is timed)")
+    parser.add_argument("--sizes", default="default,wide")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--probe-link", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args.worker, args.steps, args.out)
+    if args.probe_link:
+        return probe_link(args.out)
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        run([*torchrun(2), __file__, "--probe-link", "--out", str(tmp / "link.json")], "link probe")
+        link = json.loads((tmp / "link.json").read_text())
+        sizes = {size: measure_size(tmp, SIZES[size], args.K, args.steps) for size in args.sizes.split(",")}
+    results = {
+        "benchmark": "parallel_speedup",
+        "K": args.K,
+        "batch_size": BATCH,
+        "numerics": "fp32",
+        "steps_timed": args.steps,
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__},
+        "link": link,
+        "sizes": sizes,
+        "scaling": {
+            "16 layers x 32 ch": scaling_estimates([32] * 16, link, [2, 4, 8, 16]),
+            "default (3 layers)": scaling_estimates(SIZES["default"], link, [2, 3]),
+        },
+    }
+    write_json(OUT_DIR / "parallel_speedup.json", results)
+    plot(results, OUT_DIR / "parallel_speedup")
+    print(f"wrote {OUT_DIR / 'parallel_speedup.json'}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
