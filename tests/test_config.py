@@ -37,6 +37,8 @@ def test_defaults_are_filled_in():
         (lambda c: c["dataset"].update(name="imagenet"), "dataset.name"),
         (lambda c: c["grid"].update(modes=["sideways"]), "grid.modes.0"),
         (lambda c: c.update(overrides={"dgl": {"train": {"lr": 0}}}), "train.lr"),
+        (lambda c: c["model"].update(split="lopsided"), "model.split"),
+        (lambda c: c["model"].update(split=[1, 0]), "model.split"),
     ],
 )
 def test_bad_values_name_the_key(change, culprit):
@@ -46,6 +48,28 @@ def test_bad_values_name_the_key(change, culprit):
         grid.runs(cfg)
     message = str(err.value)
     assert culprit in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "report, culprit",
+    [
+        ({"target_accuracy": 1.5}, "report.target_accuracy"),  # a fraction, not a percentage
+        ({"target_accuracy": 0}, "report.target_accuracy"),
+        ({"target_accuracy": "high"}, "report.target_accuracy"),
+        ({"target": 0.9}, "'target' was unexpected"),
+    ],
+)
+def test_bad_report_settings_name_the_key(report, culprit):
+    cfg = base()
+    cfg["report"] = report
+    with pytest.raises(UserError) as err:
+        config.validate(cfg)
+    message = str(err.value)
+    assert culprit in message and "\n" not in message
+
+
+def test_report_target_accuracy_has_a_default():
+    assert config.validate(base())["report"] == {"target_accuracy": 0.85}
 
 
 def test_unknown_method_and_too_many_modules():
@@ -142,4 +166,21 @@ def test_a_slowed_module_must_exist():
         grid.runs(cfg)
     cfg["grid"]["slowdown"] = [{"factor": 2}]
     with pytest.raises(UserError, match="needs a slowed module"):
+        grid.runs(cfg)
+
+
+def test_an_explicit_split_must_cut_the_layers_into_K_modules():
+    cfg = base()  # two layers, K=2
+    cfg["model"]["split"] = [1, 1]
+    assert grid.runs(cfg)
+    for split, problem in (([2], "lists 1 summing to 2"), ([1, 2], "lists 2 summing to 3")):
+        cfg["model"]["split"] = split
+        with pytest.raises(UserError) as err:
+            grid.runs(cfg)
+        message = str(err.value)
+        assert message.startswith("config key 'model.split'") and problem in message and "\n" not in message
+    # one list cannot serve a sweep over K
+    cfg["model"]["split"] = [1, 1]
+    cfg["grid"]["K"] = [2, 1]
+    with pytest.raises(UserError, match="model.split.*K=1"):
         grid.runs(cfg)

@@ -188,7 +188,7 @@ def test_the_workflow_launches_distributed_jobs_with_torchrun(tmp_path):
     workdir = copy_repo(tmp_path / "repo")
     cfg = yaml.safe_load((REPO / "config/smoke.yaml").read_text())
     cfg.update(experiment="distributed-workflow", engine="distributed")
-    cfg["train"]["epochs"] = 1
+    cfg["train"]["epochs"] = 2
     cfg["grid"] = {"methods": ["backprop", "dgl"], "modes": ["sync"], "K": [2], "seeds": [0]}
     cfg["overrides"] = {"backprop": {"engine": "simulated"}}
     config_path = workdir / "config" / "distributed.yaml"
@@ -210,5 +210,5 @@ def test_the_workflow_launches_distributed_jobs_with_torchrun(tmp_path):
     assert dgl.data.params["engine"] == "distributed" and dgl.data.tags["split"] == "1-1"
     assert {"busy_frac_m0", "busy_frac_m1", "queue_depth_m1", "bytes_sent_m0", "final_test_acc"} <= set(dgl.data.metrics)
     metrics = json.loads((workdir / "results/runs/dgl/sync/K2/default/seed0/metrics.json").read_text())
-    assert metrics["engine"] == "distributed" and metrics["epochs"][0]["test_acc"] > 0.3
+    assert metrics["engine"] == "distributed" and metrics["epochs"][-1]["test_acc"] > 0.2  # chance: 0.1
     assert "Nothing to be done" in (lambda r: r.stdout + r.stderr)(snakemake(workdir, configfile=config_path))

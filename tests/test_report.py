@@ -16,8 +16,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from decoupled import config
 from decoupled.errors import UserError
-from decoupled.report import FIGURE_NAMES, TABLE_NAMES, build_report, figures, load_runs
+from decoupled.report import (DEFAULT_TARGET_ACCURACY, FIGURE_NAMES, TABLE_NAMES, add_time_to_accuracy,
+                              build_report, figures, load_runs)
 from decoupled.report.tables import main_table, summary, write_main, write_summary
 
 BASE = {"K": 3, "slowdown_factor": 1.0, "slowed_module": None, "buffer_size": 10, "beta": 0.5}
@@ -151,8 +153,8 @@ def runs_df(run_dirs: list[Path]) -> pd.DataFrame:
 
 
 @pytest.fixture
-def table(runs_df: pd.DataFrame) -> pd.DataFrame:
-    return summary(runs_df)
+def table(run_dirs: list[Path]) -> pd.DataFrame:
+    return summary(add_time_to_accuracy(*load_runs(run_dirs), 0.85))
 
 
 def row(table: pd.DataFrame, method: str, mode: str, k: int = 3, variant: str = "default") -> pd.Series:
@@ -170,6 +172,7 @@ def test_load_runs_frames(run_dirs):
     assert first["epochs"] == 3
     assert first["images_per_s"] == pytest.approx(2380.0)
     assert first["variant"] == "default" and first["varied"] == []
+    assert first["engine"] == "simulated"  # metrics.json without "engine": written before it existed
     # A sync run: no async settings and no async statistics.
     assert pd.isna(first["slowdown_factor"]) and pd.isna(first["slowed_module"])
     assert pd.isna(first["buffer_size"]) and pd.isna(first["beta"])
@@ -187,15 +190,18 @@ def test_load_runs_frames(run_dirs):
     assert fdg["beta"] == 0.25 and fdg["varied"] == ["beta"]
     assert str(runs_df["slowed_module"].dtype) == "Int64"  # module 1 stays 1, not 1.0
 
-    assert list(epochs_df.columns) == ["method", "mode", "K", "variant", "seed", "varied", "epoch",
-                                       "test_acc", "train_loss", "wall_time_s"]
+    assert list(epochs_df.columns) == ["method", "mode", "K", "variant", "seed", "engine", "varied",
+                                       "epoch", "test_acc", "train_loss", "wall_time_s"]
+    assert set(epochs_df["engine"]) == {"simulated"}
     assert epochs_df[epochs_df["variant"] == "S4m1_B10"]["varied"].iloc[0] == ["slowdown"]
 
 
 def test_summary_numbers_and_columns(table):
     assert list(table.columns) == [
-        "method", "mode", "K", "variant", "seeds", "test_acc_mean", "test_acc_std", "train_time_s",
-        "images_per_s", "epochs", "slowdown_factor", "slowed_module", "buffer_size", "beta",
+        "method", "mode", "K", "variant", "engine", "seeds", "test_acc_mean", "test_acc_std",
+        "train_time_s", "images_per_s", "epochs",
+        "time_to_85pct_s_mean", "time_to_85pct_s_std", "time_to_85pct_s_missed",
+        "slowdown_factor", "slowed_module", "buffer_size", "beta",
         "aux_acc_mean_m1", "aux_acc_mean_m2", "aux_acc_mean_m3", "aux_acc_mean_m4"]
     groups = {key[:4] for key in FINAL}
     assert len(table) == len(groups)
@@ -210,6 +216,9 @@ def test_summary_numbers_and_columns(table):
     assert dgl["aux_acc_mean_m3"] == pytest.approx(0.878)
     assert dgl["train_time_s"] == pytest.approx(132.0)
     assert dgl["epochs"] == 3
+    # Both seeds pass 85% at their last epoch only (79.2, 83.6, 88.0 and 78.8, 83.2, 87.6).
+    assert dgl["time_to_85pct_s_mean"] == pytest.approx((75.0 + 78.0) / 2)
+    assert dgl["time_to_85pct_s_missed"] == 0
     assert pd.isna(dgl["slowdown_factor"]) and pd.isna(dgl["beta"])
 
     slowed = row(table, "dgl", "async", 3, "S4m2_B10")
@@ -318,7 +327,8 @@ def test_build_report_writes_everything(run_dirs, tmp_path):
     paths = build_report(run_dirs, tmp_path / "out" / "tables", tmp_path / "out" / "figures")
     expected = ([f"{t}.{ext}" for t in TABLE_NAMES for ext in ("csv", "md", "tex")]
                 + [f"{f}.{ext}" for f in FIGURE_NAMES for ext in ("png", "pdf")])
-    assert len(paths) == 16 and [p.name for p in paths] == expected
+    assert len(paths) == 18 and [p.name for p in paths] == expected
+    assert "acc_vs_wall_time.png" in expected
     for path in paths:
         assert path.is_file() and path.stat().st_size > 0
         if path.suffix in (".png", ".pdf"):
@@ -337,7 +347,8 @@ def test_figures_are_written_without_their_data(tmp_path):
             path = tmp_path / "figures" / f"{name}{ext}"
             assert path in paths and _magic_ok(path)
     main = pd.read_csv(tmp_path / "tables" / "main.csv")
-    assert list(main.columns) == ["method", "sync_mean", "sync_std"]
+    assert list(main.columns) == ["method", "sync_mean", "sync_std", "sync_time_to_85pct_s_mean",
+                                  "sync_time_to_85pct_s_std", "sync_time_to_85pct_s_missed"]
 
 
 def _capture(monkeypatch) -> dict:
@@ -404,6 +415,169 @@ def test_reference_figures_use_reference_runs_only(run_dirs, tmp_path, monkeypat
     assert (tmp_path / "test_acc_vs_epoch.png").is_file()
 
 
+# Test accuracy at epochs 1-3 of reference sync runs. write_run's wall times are 25, 50, 75 s
+# for seed 0 and 26, 52, 78 s for seed 1.
+CURVES = {
+    ("dgl", "sync", 3, "default", 0): [0.80, 0.86, 0.84],  # 85% at epoch 2, then a dip: 50 s
+    ("dgl", "sync", 3, "default", 1): [0.80, 0.84, 0.85],  # exactly 85% at epoch 3: 78 s
+    ("fdg", "sync", 3, "beta0.5", 0): [0.90, 0.91, 0.92],  # epoch 1: 25 s
+    ("fdg", "sync", 3, "beta0.5", 1): [0.70, 0.80, 0.84],  # never
+    ("backprop", "sync", 3, "default", 0): [0.50, 0.60, 0.70],  # never
+    ("backprop", "sync", 3, "default", 1): [0.50, 0.60, 0.70],  # never
+}
+
+
+def write_curves(root: Path, curves: dict = CURVES, engine: str | None = None) -> list[Path]:
+    """Runs whose epochs have the given test accuracies (and metrics.json the given engine)."""
+    dirs = []
+    for key, accs in curves.items():
+        dirs.append(write_run(root, *key, [0.5, 0.6, accs[-1]]))
+
+        def change(metrics, accs=accs):
+            for record, acc in zip(metrics["epochs"], accs, strict=True):
+                record["test_acc"] = acc
+            if engine is not None:
+                metrics["engine"] = engine
+
+        _edit(dirs[-1] / "metrics.json", change)
+    return dirs
+
+
+def _time_by_run(runs: pd.DataFrame, column: str) -> dict:
+    return {(m, s): t for m, s, t in zip(runs["method"], runs["seed"], runs[column])}
+
+
+def test_time_to_accuracy_is_the_wall_time_of_the_first_epoch_reaching_it(tmp_path):
+    runs_df, epochs_df = load_runs(write_curves(tmp_path))
+    times = _time_by_run(add_time_to_accuracy(runs_df, epochs_df, 0.85), "time_to_85pct_s")
+    assert {k: t for k, t in times.items() if not math.isnan(t)} == {
+        ("dgl", 0): 50.0, ("dgl", 1): 78.0, ("fdg", 0): 25.0}
+    assert math.isnan(times[("fdg", 1)]) and math.isnan(times[("backprop", 0)])
+
+    # The column names its target; a higher one is reached later or not at all.
+    higher = _time_by_run(add_time_to_accuracy(runs_df, epochs_df, 0.855), "time_to_85.5pct_s")
+    assert higher[("dgl", 0)] == 50.0 and math.isnan(higher[("dgl", 1)])
+    assert "time_to_85pct_s" not in runs_df  # the per-run frame itself is left as it was
+
+
+@pytest.mark.parametrize("target", [0.0, 1.5, math.nan])
+def test_target_accuracy_must_be_a_fraction(tmp_path, target):
+    runs_df, epochs_df = load_runs(write_curves(tmp_path))
+    with pytest.raises(UserError, match="target accuracy must be a fraction in"):
+        add_time_to_accuracy(runs_df, epochs_df, target)
+
+
+def test_default_target_accuracy_is_the_schema_default():
+    cfg = config.validate({"experiment": "x", "grid": {"methods": ["dgl"]}})
+    assert cfg["report"] == {"target_accuracy": DEFAULT_TARGET_ACCURACY}
+
+
+def test_time_to_accuracy_in_the_tables(tmp_path):
+    runs_df = add_time_to_accuracy(*load_runs(write_curves(tmp_path)), 0.85)
+    table = summary(runs_df)
+    dgl, fdg, backprop = (row(table, m, "sync", 3, v)
+                          for m, v in (("dgl", "default"), ("fdg", "beta0.5"), ("backprop", "default")))
+    # Mean and std over the seeds that reached 85%; how many did not.
+    assert dgl["time_to_85pct_s_mean"] == pytest.approx(64.0)
+    assert dgl["time_to_85pct_s_std"] == pytest.approx(28.0 / math.sqrt(2))
+    assert dgl["time_to_85pct_s_missed"] == 0
+    assert fdg["time_to_85pct_s_mean"] == 25.0 and math.isnan(fdg["time_to_85pct_s_std"])
+    assert fdg["time_to_85pct_s_missed"] == 1
+    assert math.isnan(backprop["time_to_85pct_s_mean"]) and backprop["time_to_85pct_s_missed"] == 2
+
+    md = write_summary(table, tmp_path / "tables")[1].read_text().splitlines()
+    assert "time to 85% (s)" in md[0] and "engine" not in md[0]  # one engine: no column for it
+    cells = {line.split("|")[1].strip(): line for line in md[2:]}
+    assert re.search(r"\|\s+64.0 ± 19.8 \|", cells["dgl"])
+    assert re.search(r"\|\s+25.0 \(not reached by 1 seed\) \|", cells["fdg"])
+    assert re.search(r"\|\s+3 \|\s+– \|", cells["backprop"])  # epochs, then no time
+
+    main = main_table(runs_df)
+    assert list(main.columns) == ["method", "sync_mean", "sync_std", "sync_time_to_85pct_s_mean",
+                                  "sync_time_to_85pct_s_std", "sync_time_to_85pct_s_missed"]
+    assert list(main["sync_time_to_85pct_s_mean"].fillna(-1)) == [-1, 64.0, 25.0]
+    assert list(main["sync_time_to_85pct_s_missed"]) == [2, 0, 1]
+    md, tex = (p.read_text() for p in write_main(main, tmp_path / "main")[1:])
+    assert [c.strip() for c in md.splitlines()[0].strip("|").split("|")] == [
+        "method", "sync (%)", "sync: time to 85% (s)"]
+    assert re.search(r"\| backprop .*\|\s+– \|$", md, re.M)
+    assert r"64.0 $\pm$ 19.8" in tex and "25.0 (not reached by 1 seed)" in tex
+
+
+def _capture_lines(monkeypatch) -> dict:
+    """Record each figure's plotted lines (label -> x, y) instead of only saving it."""
+    seen, finish = {}, figures._finish
+
+    def spy(fig, ax, stem):
+        seen[stem.name] = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+                           for line in ax.lines}
+        return finish(fig, ax, stem)
+
+    monkeypatch.setattr(figures, "_finish", spy)
+    return seen
+
+
+def test_wall_time_figure_plots_reference_runs_against_seconds(run_dirs, tmp_path, monkeypatch):
+    seen = _capture_lines(monkeypatch)
+    epochs_df = load_runs(run_dirs)[1]
+    paths = figures.plot_accuracy_vs_wall_time(epochs_df, tmp_path, 0.85)
+    assert [p.name for p in paths] == ["acc_vs_wall_time.png", "acc_vs_wall_time.pdf"]
+    assert all(_magic_ok(p) for p in paths)
+    lines = seen["acc_vs_wall_time"]
+    # Reference runs only, one engine (so not named), and the target.
+    assert list(lines) == ["backprop sync (2 seeds)", "dgl sync (2 seeds)", "dgl async (2 seeds)",
+                           "fdg sync (1 seed)", "fdg async (1 seed)", "target 85%"]
+    # Means over seeds at each epoch: seconds (25, 50, 75 and 26, 52, 78), accuracy (0.9, 0.95, 1
+    # times the final 0.880 and 0.876).
+    x, y = lines["dgl sync (2 seeds)"]
+    assert x == pytest.approx([25.5, 51.0, 76.5])
+    assert y == pytest.approx([90 * 0.878, 95 * 0.878, 100 * 0.878], abs=1e-6)
+    assert lines["target 85%"][1] == [85.0, 85.0]
+
+
+def test_runs_of_two_engines_are_told_apart(tmp_path, monkeypatch):
+    dgl = {k: v for k, v in CURVES.items() if k[0] == "dgl"}
+    simulated = write_curves(tmp_path / "simulated", dgl)  # no "engine" key: simulated
+    # The same run keys from a second experiment, on the distributed engine.
+    distributed = write_curves(tmp_path / "distributed", {k: [0.86, 0.87, 0.88] for k in dgl},
+                               engine="distributed")
+    runs_df, epochs_df = load_runs(simulated + distributed)
+    assert sorted(runs_df["engine"]) == ["distributed"] * 2 + ["simulated"] * 2
+    runs_df = add_time_to_accuracy(runs_df, epochs_df, 0.85)
+
+    table = summary(runs_df).set_index("engine")
+    assert table.loc["simulated", "time_to_85pct_s_mean"] == pytest.approx(64.0)
+    assert table.loc["distributed", "time_to_85pct_s_mean"] == pytest.approx(25.5)
+    header = write_summary(summary(runs_df), tmp_path / "tables")[1].read_text().splitlines()[0]
+    assert "| engine " in header
+
+    main = main_table(runs_df)
+    assert list(main[["method", "engine"]].itertuples(index=False, name=None)) == [
+        ("dgl", "distributed"), ("dgl", "simulated")]
+
+    seen = _capture_lines(monkeypatch)
+    figures.plot_accuracy_vs_wall_time(epochs_df, tmp_path, 0.85)
+    assert list(seen["acc_vs_wall_time"]) == [
+        "dgl sync (distributed, 2 seeds)", "dgl sync (simulated, 2 seeds)", "target 85%"]
+
+
+def test_cli_report_takes_the_target_accuracy(tmp_path):
+    dirs = [str(d) for d in write_curves(tmp_path / "runs")]
+    out = tmp_path / "out"
+    report = [sys.executable, "-m", "decoupled", "report", "--runs", *dirs,
+              "--tables", str(out / "tables"), "--figures", str(out / "figures")]
+    done = subprocess.run([*report, "--target-accuracy", "0.8"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    table = pd.read_csv(out / "tables" / "summary.csv").set_index("method")
+    assert table.loc["dgl", "time_to_80pct_s_mean"] == pytest.approx(25.5)  # both at epoch 1
+    assert (out / "figures" / "acc_vs_wall_time.pdf").is_file()
+
+    bad = subprocess.run([*report, "--target-accuracy", "85"], capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [
+        "decoupled: error: target accuracy must be a fraction in (0, 1], got 85.0"]
+
+
 def test_report_package_does_not_import_matplotlib():
     # The workflow imports the output names; that must stay cheap and headless.
     code = ("import sys, decoupled.report as r; "
@@ -445,6 +619,7 @@ def _edit(path: Path, change) -> None:
     (lambda d: d["settings"].update(buffer_size=None), r"'settings\.buffer_size' must be set"),
     (lambda d: d["epochs"][1].pop("steps_per_module"), r"epochs\[1\]: missing key 'steps_per_module'"),
     (lambda d: d["epochs"][2]["grad_staleness"].pop(), r"epochs\[2\]: 'grad_staleness' must be 3"),
+    (lambda d: d.update(engine=3), "'engine' must be str"),
 ])
 def test_bad_metrics_name_the_file(run_dirs, change, message):
     run_dir = next(d for d in run_dirs if d.parent.name == "S4m1_B10")

@@ -7,5 +7,5 @@ have neither torch nor pandas.
 # Every table is written as .csv, .md and .tex; every figure as .png and .pdf.
 TABLE_NAMES = ["summary", "main"]
 TABLE_FORMATS = ["csv", "md", "tex"]
-FIGURE_NAMES = ["test_acc_vs_epoch", "layerwise_acc", "acc_vs_slowdown", "acc_vs_buffer_size", "acc_vs_K"]
+FIGURE_NAMES = ["test_acc_vs_epoch", "acc_vs_wall_time", "layerwise_acc", "acc_vs_slowdown", "acc_vs_buffer_size", "acc_vs_K"]
 FIGURE_FORMATS = ["png", "pdf"]

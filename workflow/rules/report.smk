@@ -13,10 +13,12 @@ rule report:
         runs=run_dirs(),
         tables=lambda wildcards, output: Path(output.tables[0]).parent,
         figures=lambda wildcards, output: Path(output.figures[0]).parent,
+        target_accuracy=config["report"]["target_accuracy"],
     log:
         f"{RESULTS}/logs/report.log",
     conda:
         "../../envs/report.yaml"
     shell:
         "python -m decoupled report --runs {params.runs} --tables {params.tables} --figures {params.figures}"
+        " --target-accuracy {params.target_accuracy}"
         " --tracking {input.tracking} 2>&1 | tee {log}"

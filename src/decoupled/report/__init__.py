@@ -4,7 +4,8 @@ Each run directory (``results/runs/{method}/{mode}/K{K}/{variant}/seed{seed}/``)
 ``metrics.json`` from training and ``eval.json`` from the separate evaluation of the final
 checkpoint. The report reads both, so a reader can check every number in the tables against the
 files it came from. Headline accuracy comes from ``eval.json`` (the final checkpoint); the
-learning curves come from the per-epoch records in ``metrics.json``.
+learning curves and the time to reach a target accuracy come from the per-epoch records in
+``metrics.json``.
 
 A run's *variant* names its swept settings (``S4m1_B10``: slowdown 4 on module 1, buffer 10)
 and ``varied`` lists the swept axes on which it differs from the experiment's base values.
@@ -26,34 +27,71 @@ from decoupled.errors import UserError
 from decoupled.files import read_json
 from decoupled.layout import FIGURE_NAMES, TABLE_NAMES
 
-__all__ = ["load_runs", "build_report", "TABLE_NAMES", "FIGURE_NAMES", "METHOD_ORDER", "MODE_ORDER", "AXES"]
+__all__ = ["load_runs", "build_report", "add_time_to_accuracy", "time_to_accuracy_column",
+           "DEFAULT_TARGET_ACCURACY", "TABLE_NAMES", "FIGURE_NAMES", "METHOD_ORDER", "MODE_ORDER", "AXES"]
 
 # The paper's order of methods; any other method follows, alphabetically.
 METHOD_ORDER = ["backprop", "dgl", "dni", "cdni", "ddg", "fdg"]
 MODE_ORDER = ["sync", "async"]
 # The swept axes a run may differ on (its ``varied`` list is a subset).
 AXES = ["K", "slowdown", "buffer_size", "beta"]
+# The schema's default for ``report.target_accuracy``, for callers without a config (a test
+# checks that the two agree).
+DEFAULT_TARGET_ACCURACY = 0.85
+# What runs wrote before metrics.json named its engine: the simulated one was the only one.
+DEFAULT_ENGINE = "simulated"
 
-_RUN_KEYS = ["method", "mode", "K", "variant", "seed"]
+# Runs of two engines may share a run directory layout (two experiments), so the engine is
+# part of what tells runs apart.
+_RUN_KEYS = ["method", "mode", "K", "variant", "seed", "engine"]
 _STALENESS = ["input_staleness", "grad_staleness"]
 
 
-def build_report(run_dirs: Iterable[Path], tables_dir: Path, figures_dir: Path) -> list[Path]:
-    """Load the runs, write every table and figure (even empty ones); return every path written."""
+def build_report(run_dirs: Iterable[Path], tables_dir: Path, figures_dir: Path,
+                 target_accuracy: float = DEFAULT_TARGET_ACCURACY) -> list[Path]:
+    """Load the runs, write every table and figure (even empty ones); return every path written.
+
+    ``target_accuracy`` (a fraction) is the test accuracy whose time to reach the tables give
+    and the wall-time figure marks.
+    """
     # Imported here so that loading runs (e.g. from a notebook) never touches matplotlib or
     # switches its backend.
     from decoupled.report import figures, tables
 
     runs_df, epochs_df = load_runs(list(run_dirs))
+    runs_df = add_time_to_accuracy(runs_df, epochs_df, target_accuracy)
     tables_dir, figures_dir = Path(tables_dir), Path(figures_dir)
     written = tables.write_summary(tables.summary(runs_df), tables_dir)
     written += tables.write_main(tables.main_table(runs_df), tables_dir)
     written += figures.plot_accuracy_vs_epoch(epochs_df, figures_dir)
+    written += figures.plot_accuracy_vs_wall_time(epochs_df, figures_dir, target_accuracy)
     written += figures.plot_layerwise_accuracy(runs_df, figures_dir)
     written += figures.plot_accuracy_vs_slowdown(runs_df, figures_dir)
     written += figures.plot_accuracy_vs_buffer_size(runs_df, figures_dir)
     written += figures.plot_accuracy_vs_K(runs_df, figures_dir)
     return written
+
+
+def time_to_accuracy_column(target_accuracy: float) -> str:
+    """``time_to_85pct_s`` for 0.85: the column's name says which target its seconds are for."""
+    return f"time_to_{100 * target_accuracy:g}pct_s"
+
+
+def add_time_to_accuracy(runs_df: pd.DataFrame, epochs_df: pd.DataFrame,
+                         target_accuracy: float) -> pd.DataFrame:
+    """``runs_df`` (from ``load_runs``) with a ``time_to_{X}pct_s`` column (X = 100 × target).
+
+    A run's value is the ``wall_time_s`` of its first epoch whose test accuracy reaches the
+    target, NaN if none does. Epoch resolution: the target may have been crossed earlier within
+    that epoch, but the accuracy is only measured at the end of each.
+    """
+    # Written so that NaN is refused too: every comparison with it is false.
+    if not 0 < target_accuracy <= 1:
+        raise UserError(f"target accuracy must be a fraction in (0, 1], got {target_accuracy}")
+    reached = epochs_df[epochs_df["test_acc"] >= target_accuracy].sort_values("epoch")
+    first = reached.groupby(_RUN_KEYS)["wall_time_s"].first()
+    times = runs_df.join(first, on=_RUN_KEYS)["wall_time_s"]
+    return runs_df.assign(**{time_to_accuracy_column(target_accuracy): times.astype(float)})
 
 
 def method_rank(method: str) -> tuple[int, str]:
@@ -69,14 +107,15 @@ def mode_rank(mode: str) -> tuple[int, str]:
 def load_runs(run_dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Read run directories into a per-run frame and a per-epoch frame.
 
-    Per-run columns: method, mode, K, variant, seed, varied (list), test_acc,
+    Per-run columns: method, mode, K, variant, seed, engine ("simulated" or "distributed";
+    "simulated" where metrics.json predates its ``engine`` key), varied (list), test_acc,
     test_acc_per_module (list), train_time_s, epochs (count), images_per_s (mean over epochs),
     slowdown_factor, slowed_module, buffer_size, beta (missing where they do not apply), and for
     async runs (None otherwise) steps_per_module (list, summed over epochs) and
     input_staleness_mean / grad_staleness_mean (lists from the last epoch, since they are
     cumulative; an entry is None for a module that consumed nothing of that kind).
-    Per-epoch columns: method, mode, K, variant, seed, varied, epoch, test_acc, train_loss,
-    wall_time_s.
+    Per-epoch columns: method, mode, K, variant, seed, engine, varied, epoch, test_acc,
+    train_loss, wall_time_s (cumulative training seconds at the end of the epoch).
     """
     if not run_dirs:
         raise UserError("no run directories given to the report")
@@ -87,7 +126,7 @@ def load_runs(run_dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
         key = tuple(run[k] for k in _RUN_KEYS)
         # Two directories claiming the same run would be silently averaged as two seeds.
         if key in seen:
-            raise UserError(f"{run_dir}: same method/mode/K/variant/seed as {seen[key]}")
+            raise UserError(f"{run_dir}: same method/mode/K/variant/seed/engine as {seen[key]}")
         seen[key] = run_dir
         run_rows.append(run)
         epoch_rows.extend(epochs)
@@ -117,6 +156,8 @@ def _load_run(run_dir: Path) -> tuple[dict, list[dict]]:
         if _get(evaluation, key, type(value), eval_path) != value:
             raise UserError(f"{eval_path}: {key} does not match {metrics_path}")
     K, is_async = ident["K"], ident["mode"] == "async"
+    # Not in eval.json (evaluation is the same whichever engine trained), so not checked there.
+    engine = _get(metrics, "engine", str, metrics_path) if "engine" in metrics else DEFAULT_ENGINE
 
     varied = _get(metrics, "varied", list, metrics_path)
     if not all(isinstance(v, str) and v in AXES for v in varied):
@@ -133,6 +174,7 @@ def _load_run(run_dir: Path) -> tuple[dict, list[dict]]:
             raise UserError(f"{where} is not an object")
         epoch_rows.append({
             **ident,
+            "engine": engine,
             "varied": list(varied),
             "epoch": _get(record, "epoch", int, where),
             "test_acc": _get(record, "test_acc", float, where),
@@ -152,6 +194,7 @@ def _load_run(run_dir: Path) -> tuple[dict, list[dict]]:
 
     run_row = {
         **ident,
+        "engine": engine,
         "varied": list(varied),
         "test_acc": _get(evaluation, "test_acc", float, eval_path),
         "test_acc_per_module": [float(a) for a in per_module],

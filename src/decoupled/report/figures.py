@@ -1,5 +1,5 @@
-"""Figures of the report: learning curves, the DGL paper's layer-wise accuracy plot and the
-accuracy of the sweeps (vs slowdown, buffer size and K).
+"""Figures of the report: learning curves (vs epoch and vs training time), the DGL paper's
+layer-wise accuracy plot and the accuracy of the sweeps (vs slowdown, buffer size and K).
 
 Each figure is saved as PNG (for quick viewing) and PDF (for the paper), always: a figure whose
 runs are absent (e.g. no run varies the slowdown) is an empty axes saying so, since the
@@ -51,6 +51,42 @@ def plot_accuracy_vs_epoch(epochs_df: pd.DataFrame, figures_dir: Path) -> list[P
     ax.set_title("Test accuracy vs epoch (reference runs, mean over seeds, band = min–max)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return _finish(fig, ax, Path(figures_dir) / "test_acc_vs_epoch")
+
+
+def plot_accuracy_vs_wall_time(epochs_df: pd.DataFrame, figures_dir: Path,
+                               target_accuracy: float) -> list[Path]:
+    """Test accuracy vs training seconds of the reference runs, one line per method × mode × engine.
+
+    A point is one epoch: the means over seeds of its test accuracy and of its cumulative
+    ``wall_time_s``, so the first line to cross the dotted target line is the method that
+    reached that accuracy first (the tables give the seconds). The engine is named in the
+    labels, and told apart by the markers, only when the runs use several: the simulated engine
+    runs every module in one process, so its seconds are not those of a distributed run.
+    """
+    ref = _select(epochs_df, set())
+    engines = sorted(ref["engine"].unique()) if len(ref) else []
+    several_k = ref["K"].nunique() > 1 if len(ref) else False
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for (method, mode, k, engine), runs in _groups(ref, GROUP + ["engine"]):
+        per_epoch = runs.groupby("epoch")[["wall_time_s", "test_acc"]].mean()
+        details = [f"K={k}"] if several_k else []
+        if len(engines) > 1:
+            details.append(engine)
+        seeds = runs["seed"].nunique()
+        details.append(f"{seeds} seed{'s' if seeds != 1 else ''}")
+        label = f"{method} {mode} ({', '.join(details)})"
+        ax.plot(per_epoch["wall_time_s"], 100 * per_epoch["test_acc"], label=label, markersize=4,
+                marker=_MARKERS[engines.index(engine) % len(_MARKERS)], **_style(method, mode))
+    if ref.empty:
+        _note(ax, "no reference runs (every run varies a swept setting)")
+    else:
+        ax.axhline(100 * target_accuracy, color="0.4", linestyle=":", linewidth=1,
+                   label=f"target {100 * target_accuracy:g}%")
+        ax.set_xlim(left=0)  # time to accuracy is read from the start of training
+    ax.set_xlabel("Training time (s, wall clock, cumulative at the end of each epoch)")
+    ax.set_ylabel("Test accuracy (%)")
+    ax.set_title("Test accuracy vs training time (reference runs, mean over seeds)")
+    return _finish(fig, ax, Path(figures_dir) / "acc_vs_wall_time")
 
 
 def plot_layerwise_accuracy(runs_df: pd.DataFrame, figures_dir: Path) -> list[Path]:

@@ -1,14 +1,19 @@
 """Tables of the report, each written as CSV, Markdown and LaTeX.
 
-``summary``: one row per method × mode × K × variant, aggregated over seeds.
+``summary``: one row per method × mode × K × variant × engine, aggregated over seeds.
 ``main``: the paper's main table, test accuracy of the reference runs, one row per method and
 one column per mode.
+
+Both give the seconds of training it took to reach the report's target test accuracy (the
+per-run ``time_to_{X}pct_s`` column of ``add_time_to_accuracy``), as mean ± std over the seeds
+that reached it, with the number of seeds that never did (``..._missed``).
 
 The CSVs keep raw fractions for further analysis; the Markdown and LaTeX versions are for
 reading, so accuracies become percentages with two decimals and ``mean ± std``.
 """
 
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -16,8 +21,11 @@ import pandas as pd
 from decoupled.files import write_text
 from decoupled.report import method_rank, mode_rank
 
-GROUP = ["method", "mode", "K", "variant"]
+GROUP = ["method", "mode", "K", "variant", "engine"]
 SETTINGS = ["slowdown_factor", "slowed_module", "buffer_size", "beta"]
+# A per-run time-to-accuracy column; X (the target in percent) may have decimals.
+_TIME_COLUMN = r"time_to_(?P<percent>[\d.]+)pct_s"
+_TIME_STATS = ["mean", "std", "missed"]
 _PM = "\x00PM\x00"  # placeholders so LaTeX escaping cannot mangle the ± sign or the dash
 _NA = "\x00NA\x00"
 _LATEX_SPECIALS = {
@@ -29,11 +37,13 @@ _LATEX_SPECIALS = {
 def summary(runs_df: pd.DataFrame) -> pd.DataFrame:
     """Aggregate the per-run frame from ``load_runs`` over seeds.
 
-    Columns: method, mode, K, variant, seeds, test_acc_mean, test_acc_std (ddof=1, NaN for one
-    seed), train_time_s, images_per_s, epochs (means), slowdown_factor, slowed_module,
-    buffer_size, beta (the variant's settings, missing where they do not apply), then
-    aux_acc_mean_m1..m{max K}: the mean test accuracy of module k's auxiliary head (1-based, as
-    in the layer-wise figure), NaN for groups with fewer modules.
+    Columns: method, mode, K, variant, engine, seeds, test_acc_mean, test_acc_std (ddof=1, NaN
+    for one seed), train_time_s, images_per_s, epochs (means), then for each per-run
+    ``time_to_{X}pct_s`` column: ``time_to_{X}pct_s_mean`` and ``_std`` over the seeds that
+    reached X% (NaN where none did) and ``time_to_{X}pct_s_missed`` (seeds that never did), then
+    slowdown_factor, slowed_module, buffer_size, beta (the variant's settings, missing where
+    they do not apply), then aux_acc_mean_m1..m{max K}: the mean test accuracy of module k's
+    auxiliary head (1-based, as in the layer-wise figure), NaN for groups with fewer modules.
     """
     # Pad shorter runs with NaN, which is exactly "this group has no module k", so the mean
     # over seeds leaves those cells NaN instead of inventing a value.
@@ -50,6 +60,7 @@ def summary(runs_df: pd.DataFrame) -> pd.DataFrame:
         train_time_s=("train_time_s", "mean"),
         images_per_s=("images_per_s", "mean"),
         epochs=("epochs", "mean"),
+        **_time_aggregations(runs_df),
         # The variant fixes its settings, so every seed has the same ones.
         **{name: (name, "first") for name in SETTINGS},
     )
@@ -59,21 +70,31 @@ def summary(runs_df: pd.DataFrame) -> pd.DataFrame:
 def main_table(runs_df: pd.DataFrame) -> pd.DataFrame:
     """Test accuracy of the reference runs (``varied == []``), one row per method.
 
-    Columns: method, then K only if the reference runs have several K, then
+    Columns: method, then K and engine, each only if the reference runs have several, then
     {mode}_mean, {mode}_std (fractions; std ddof=1, NaN for one seed) for each mode present,
-    sync and async first. A method without a mode (backprop has no async) gets NaN there.
-    Rows follow ``METHOD_ORDER``, then any other method alphabetically.
+    sync and async first, then for each per-run ``time_to_{X}pct_s`` column and each mode
+    {mode}_time_to_{X}pct_s_mean, _std and _missed, as in ``summary``. A method without a mode
+    (backprop has no async) gets NaN there. Rows follow ``METHOD_ORDER``, then any other method
+    alphabetically.
     """
     ref = runs_df[runs_df["varied"].map(len) == 0]
     if ref.empty:
         return pd.DataFrame({"method": pd.Series([], dtype=str)})
-    index = ["method", "K"] if ref["K"].nunique() > 1 else ["method"]
-    stats = ref.groupby(index + ["mode"])["test_acc"].agg(["mean", "std"]).unstack("mode")
+    index = ["method"] + [col for col in ("K", "engine") if ref[col].nunique() > 1]
+    stats = (ref.groupby(index + ["mode"])
+             .agg(mean=("test_acc", "mean"), std=("test_acc", "std"), **_time_aggregations(ref))
+             .unstack("mode"))
     modes = sorted(stats.columns.get_level_values("mode").unique(), key=mode_rank)
     table = pd.DataFrame(index=stats.index)
     for mode in modes:
         table[f"{mode}_mean"] = stats[("mean", mode)]
         table[f"{mode}_std"] = stats[("std", mode)]
+    for time_col in _time_columns(ref):
+        for mode in modes:
+            for stat in _TIME_STATS:
+                table[f"{mode}_{time_col}_{stat}"] = stats[(f"{time_col}_{stat}", mode)]
+            # A mode the method lacks made the count float; keep it a count.
+            table[f"{mode}_{time_col}_missed"] = table[f"{mode}_{time_col}_missed"].astype("Int64")
     table = table.reset_index()
     rank = table["method"].map(lambda m: method_rank(m)[0])
     return (table.assign(_rank=rank).sort_values(["_rank"] + index)
@@ -83,7 +104,8 @@ def main_table(runs_df: pd.DataFrame) -> pd.DataFrame:
 def write_summary(df: pd.DataFrame, tables_dir: Path) -> list[Path]:
     """Write ``summary.csv``, ``summary.md`` and ``summary.tex``; return their paths.
 
-    The LaTeX tabular uses booktabs rules (``\\toprule``), so the paper needs ``booktabs``.
+    The LaTeX tabular uses booktabs rules (``\\toprule``), so the paper needs ``booktabs``. The
+    engine column is shown only when the runs use several engines (the CSV always has it).
     """
     aux_cols = [c for c in df.columns if c.startswith("aux_acc_mean_m")]
     display = pd.DataFrame({
@@ -96,6 +118,12 @@ def write_summary(df: pd.DataFrame, tables_dir: Path) -> list[Path]:
         "train time (s)": df["train_time_s"].map("{:.1f}".format),
         "images/s": df["images_per_s"].map("{:.0f}".format),
         "epochs": df["epochs"].map("{:g}".format),
+    })
+    if df["engine"].nunique() > 1:  # with one engine it would be the same word on every row
+        display.insert(display.columns.get_loc("seeds"), "engine", df["engine"].astype(str))
+    for time_col in _time_columns(df, suffix="_mean"):
+        display[_time_header(time_col)] = _seconds_cells(df, time_col)
+    display = display.assign(**{
         "slowdown": df["slowdown_factor"].map(_setting),
         "slowed module": df["slowed_module"].map(_setting),
         "buffer": df["buffer_size"].map(_setting),
@@ -103,22 +131,28 @@ def write_summary(df: pd.DataFrame, tables_dir: Path) -> list[Path]:
     })
     for col in aux_cols:
         display[f"module {col.removeprefix('aux_acc_mean_m')} acc (%)"] = df[col].map(_pct)
-    return _write("summary", df, display, ["method", "mode", "variant"], tables_dir)
+    return _write("summary", df, display, ["method", "mode", "variant", "engine"], tables_dir)
 
 
 def write_main(df: pd.DataFrame, tables_dir: Path) -> list[Path]:
     """Write ``main.csv``, ``main.md`` and ``main.tex``; return their paths.
 
     Cells read "91.31 ± 0.11" (percent, mean ± std over seeds) and "–" where a method has no
-    run in that mode.
+    run in that mode; the time-to-accuracy columns follow the accuracy ones, one per mode.
     """
     display = pd.DataFrame({"method": df["method"].astype(str)})
-    if "K" in df.columns:
-        display["K"] = df["K"].map(str)
-    for mean_col in [c for c in df.columns if c.endswith("_mean")]:
+    for col in ("K", "engine"):
+        if col in df.columns:
+            display[col] = df[col].map(str)
+    # Mode names are single words (the workflow's wildcard), so "sync_mean" is an accuracy
+    # column and "sync_time_to_85pct_s_mean" is not.
+    for mean_col in [c for c in df.columns if re.fullmatch(r"[a-z]+_mean", c)]:
         mode = mean_col.removesuffix("_mean")
         display[f"{mode} (%)"] = [_pct(m, s) for m, s in zip(df[mean_col], df[f"{mode}_std"])]
-    return _write("main", df, display, ["method"], tables_dir)
+    for time_col in _time_columns(df, suffix="_mean", mode_prefix=True):
+        mode, _, bare = time_col.partition("_")
+        display[f"{mode}: {_time_header(bare)}"] = _seconds_cells(df, time_col)
+    return _write("main", df, display, ["method", "engine"], tables_dir)
 
 
 def _write(name: str, df: pd.DataFrame, display: pd.DataFrame, text_cols: list[str],
@@ -149,6 +183,49 @@ def _write(name: str, df: pd.DataFrame, display: pd.DataFrame, text_cols: list[s
         paths.append(tables_dir / file_name)
         write_text(paths[-1], text)
     return paths
+
+
+def _time_aggregations(runs_df: pd.DataFrame) -> dict[str, tuple]:
+    """Named aggregations of each per-run time-to-accuracy column over seeds.
+
+    pandas' mean and std skip NaN, so they are over the seeds that reached the target; the
+    ``_missed`` count says how many did not, so a lucky seed cannot pass for a reliable method.
+    """
+    aggregations = {}
+    for col in _time_columns(runs_df):
+        aggregations |= {f"{col}_mean": (col, "mean"), f"{col}_std": (col, "std"),
+                         f"{col}_missed": (col, _count_missing)}
+    return aggregations
+
+
+def _count_missing(values: pd.Series) -> int:
+    return int(values.isna().sum())
+
+
+def _time_columns(df: pd.DataFrame, suffix: str = "", mode_prefix: bool = False) -> list[str]:
+    """The names ``[{mode}_]time_to_{X}pct_s`` of ``df``'s columns ``...{suffix}``, in order."""
+    pattern = ("[a-z]+_" if mode_prefix else "") + _TIME_COLUMN + re.escape(suffix)
+    return [c.removesuffix(suffix) for c in df.columns if re.fullmatch(pattern, c)]
+
+
+def _time_header(time_col: str) -> str:
+    """``time_to_85pct_s`` -> ``time to 85% (s)``."""
+    return f"time to {re.fullmatch(_TIME_COLUMN, time_col)['percent']}% (s)"
+
+
+def _seconds_cells(df: pd.DataFrame, time_col: str) -> list[str]:
+    """Cells like "31.0 ± 0.5": seconds over the seeds that reached the target; "–" where none
+    did, and "(not reached by 1 seed)" appended where some did not."""
+    cells = []
+    for mean, std, missed in zip(*(df[f"{time_col}_{stat}"] for stat in _TIME_STATS)):
+        if pd.isna(mean):
+            cells.append(_NA)
+            continue
+        text = f"{mean:.1f}" if pd.isna(std) else f"{mean:.1f}{_PM}{std:.1f}"
+        if missed:
+            text += f" (not reached by {missed} seed{'s' if missed != 1 else ''})"
+        cells.append(text)
+    return cells
 
 
 def _pct(mean: float, std: float = math.nan) -> str:
