@@ -73,6 +73,7 @@ except ImportError:  # not installed: use the checkout's sources
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model-widths", default="16,32,64", help="conv widths, comma-separated (one layer each)")
+    p.add_argument("--pools", default=None, help="pooling after each layer, comma-separated, e.g. max2,max1 (default: max-pool 2 after each)")
     p.add_argument("--split", default=None, help="layers per stage, comma-separated (default: model.split_layers)")
     p.add_argument("--aux-pool", type=int, default=2)
     p.add_argument("--aux-hidden", type=int, default=128)
@@ -95,6 +96,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.widths = [int(w) for w in args.model_widths.split(",")]
     args.counts = [int(c) for c in args.split.split(",")] if args.split else None
+    args.model_cfg = {"widths": args.widths, "pools": args.pools.split(",") if args.pools else None, "aux_pool": args.aux_pool, "aux_hidden": args.aux_hidden}
     if args.batch_size % args.microbatches:
         p.error("--batch-size must be a multiple of --microbatches (the static stage shapes assume equal microbatches)")
     if args.steps < 1 or args.warmup < 0:
@@ -242,7 +244,7 @@ def param_names(net: nn.Module) -> dict[int, str]:
 def reference_step(args, K, device, channels_last, autocast, batch):
     """One non-pipelined step of the whole SplitNet, by gradient accumulation over the microbatches."""
     torch.manual_seed(0)
-    ref = model.build({"widths": args.widths, "aux_pool": args.aux_pool, "aux_hidden": args.aux_hidden}, K, 1, 10, args.counts).to(device)
+    ref = model.build(args.model_cfg, K, 1, 10, args.counts).to(device)
     if channels_last:
         ref = ref.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(ref.parameters(), lr=args.lr, momentum=args.momentum)
@@ -309,7 +311,7 @@ def run(args, rank, K, device):
         autocast = contextlib.nullcontext
 
     torch.manual_seed(0)
-    net = model.build({"widths": args.widths, "aux_pool": args.aux_pool, "aux_hidden": args.aux_hidden}, K, 1, 10, args.counts).to(device)
+    net = model.build(args.model_cfg, K, 1, 10, args.counts).to(device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     parts = (net.blocks[k], net.heads[-1]) if last else (net.blocks[k],)

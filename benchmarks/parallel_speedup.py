@@ -13,15 +13,15 @@ Training throughput is counted as batches that *every* module has trained on, pe
 (``min_k steps_k x batch / seconds``): an async upper module that re-trains on its replay
 buffer does not count twice. Each variant trains 2 epochs in a fresh process (torchrun for the
 parallel ones) through ``decoupled.train.fit``; the second epoch is measured. Speedups are
-ratios to ``backprop_1thread`` measured in the same run. Two model sizes: the default config's
-widths and 4x wider; both split by ``model.split: balanced`` measured once per size and then
-fixed for every variant.
+ratios to ``backprop_1thread`` measured in the same run. Three networks (``SIZES``): the default
+config's, 4x wider, and 16 layers deep; each split by ``model.split: balanced`` measured once and
+then fixed for every variant.
 
 The scaling model: per-layer costs measured on one core and the link's bandwidth and latency
-measured with gloo feed ``decoupled.scaling`` (a discrete-event pipeline) for K = 2..16 on a
-16-layer version of the network, beside the measured K=2 points.
+measured with gloo feed ``decoupled.scaling`` (a discrete-event pipeline) for K = 2..16 on the
+deep network (K = 2, 3 on the default one), beside the measured K=2 points of the same networks.
 
-    python benchmarks/parallel_speedup.py [--K 2] [--steps 40] [--sizes default,wide]
+    python benchmarks/parallel_speedup.py [--K 2] [--steps 40] [--sizes default,wide,deep]
 
 Writes results/benchmarks/parallel_speedup.json and parallel_speedup.{png,pdf}.
 """
@@ -47,17 +47,24 @@ from decoupled.files import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 OUT_DIR = REPO / "results" / "benchmarks"
-SIZES = {"default": [16, 32, 64], "wide": [64, 128, 256]}
+# The networks measured: the default config's, 4x wider, and 16 layers deep, whose finer layers
+# can be cut into K near-equal modules (a 3-layer network cannot: its first layer, at full
+# resolution, costs about half). The deep one pools only now and then, or the images vanish.
+SIZES = {
+    "default": {"widths": [16, 32, 64]},
+    "wide": {"widths": [64, 128, 256]},
+    "deep": {"widths": [32] * 16, "pools": ["max2" if i in (0, 5, 10) else "max1" for i in range(16)]},
+}
 DECOUPLED = [("dgl", "sync"), ("dgl", "async"), ("dni", "async"), ("fdg", "sync"), ("fdg", "async")]
 BATCH = 128
 IMAGE = (1, 28, 28)
 
 
-def experiment(widths: list[int], split: list[int], method: str, mode: str, engine: str, threads: int, epochs: int) -> dict:
+def experiment(network: dict, split: list[int], method: str, mode: str, engine: str, threads: int, epochs: int) -> dict:
     cfg = {
         "experiment": "parallel-speedup",
         "engine": engine,
-        "model": {"widths": widths, "split": split},
+        "model": {**network, "split": split},
         "train": {"epochs": epochs, "batch_size": BATCH, "threads": threads, "lr": 0.01, "eval_batch_size": 256},
         "grid": {"methods": [method], "modes": [mode], "K": [len(split)], "seeds": [0]},
     }
@@ -146,10 +153,13 @@ def measure_ours(tmp: Path, name: str, job: dict, steps: int) -> dict:
     return result
 
 
-def measure_gpipe(tmp: Path, name: str, widths: list[int], split: list[int], steps: int) -> dict:
+def measure_gpipe(tmp: Path, name: str, network: dict, split: list[int], steps: int) -> dict:
     out = tmp / f"{name}.json"
-    run([*torchrun(len(split)), str(REPO / "benchmarks" / "gpipe.py"), "--model-widths", ",".join(map(str, widths)), "--split", ",".join(map(str, split)),
-         "--batch-size", str(BATCH), "--microbatches", "4", "--steps", str(steps), "--warmup", "5", "--threads", "1", "--isolated-reps", "0", "--out", str(out)], name)
+    shape = ["--model-widths", ",".join(map(str, network["widths"])), "--split", ",".join(map(str, split))]
+    if network.get("pools"):
+        shape += ["--pools", ",".join(network["pools"])]
+    run([*torchrun(len(split)), str(REPO / "benchmarks" / "gpipe.py"), *shape, "--batch-size", str(BATCH), "--microbatches", "4",
+         "--steps", str(steps), "--warmup", "5", "--threads", "1", "--isolated-reps", "0", "--out", str(out)], name)
     report = json.loads(out.read_text())
     return {
         "images_per_s": report["overall"]["images_per_s"],
@@ -160,29 +170,27 @@ def measure_gpipe(tmp: Path, name: str, widths: list[int], split: list[int], ste
     }
 
 
-def measure_size(tmp: Path, widths: list[int], K: int, steps: int) -> dict:
-    model_cfg = {"widths": widths, "aux_pool": 2, "aux_hidden": 128, "split": "balanced"}
+def measure_size(tmp: Path, network: dict, K: int, steps: int) -> dict:
+    model_cfg = {**network, "aux_pool": 2, "aux_hidden": 128, "split": "balanced"}
     split, info = profile.resolve_split(model_cfg, K, IMAGE[0], IMAGE[1], 10, BATCH)
-    print(f"widths {widths}: split {split}, predicted stage costs {[round(1000 * s, 1) for s in info['stage_s']]} ms", file=sys.stderr)
+    print(f"{network}: split {split}, predicted stage costs {[round(1000 * s, 1) for s in info['stage_s']]} ms", file=sys.stderr)
     variants = {}
     for threads, name in ((1, "backprop_1thread"), (K, f"backprop_{K}threads")):
-        variants[name] = measure_ours(tmp, name, experiment(widths, split, "backprop", "sync", "simulated", threads, 2), steps)
-    variants["gpipe"] = measure_gpipe(tmp, "gpipe", widths, split, steps)
+        variants[name] = measure_ours(tmp, name, experiment(network, split, "backprop", "sync", "simulated", threads, 2), steps)
+    variants["gpipe"] = measure_gpipe(tmp, "gpipe", network, split, steps)
     for method, mode in DECOUPLED:
         name = f"{method}_{mode}"
-        variants[name] = measure_ours(tmp, name, experiment(widths, split, method, mode, "distributed", 1, 2), steps)
+        variants[name] = measure_ours(tmp, name, experiment(network, split, method, mode, "distributed", 1, 2), steps)
     base = variants["backprop_1thread"]["images_per_s"]
     for name, v in variants.items():
         v["speedup"] = v["images_per_s"] / base
-        print(f"  {name:20s} {v['images_per_s']:8.0f} img/s  x{v['speedup']:.2f}  busy {v.get('busy_frac_per_stage', '-')}", file=sys.stderr)
-    return {"widths": widths, "split": split, "predicted_stage_s": info["stage_s"], "predicted_imbalance": info["imbalance"], "variants": variants}
+        busy = "/".join(f"{b:.2f}" for b in v.get("busy_frac_per_stage", []))
+        print(f"  {name:20s} {v['images_per_s']:8.0f} img/s  x{v['speedup']:.2f}  busy {busy or '-'}", file=sys.stderr)
+    return {**network, "split": split, "predicted_stage_s": info["stage_s"], "predicted_imbalance": info["imbalance"], "variants": variants}
 
 
-def scaling_estimates(widths: list[int], link: dict, Ks: list[int]) -> list[dict]:
-    cfg = {"widths": widths, "aux_pool": 2, "aux_hidden": 128}
-    if len(widths) > 3:  # the 16-layer network: pool only now and then, or the images vanish
-        cfg["pools"] = ["max2" if i in (0, 5, 10) else "max1" for i in range(len(widths))]
-    costs = profile.layer_costs(cfg, IMAGE[0], IMAGE[1], 10, BATCH)
+def scaling_estimates(network: dict, link: dict, Ks: list[int]) -> list[dict]:
+    costs = profile.layer_costs({**network, "aux_pool": 2, "aux_hidden": 128}, IMAGE[0], IMAGE[1], 10, BATCH)
     estimates = scaling.estimate_speedup(costs.layer_s, costs.head_s, costs.out_bytes, Ks, link["bandwidth_bytes_per_s"], link["latency_s"], BATCH)
     return [{"K": e.K, "split": e.counts, "images_per_s": e.images_per_s, "speedup": e.speedup, "ideal": e.ideal} for e in estimates]
 
@@ -197,7 +205,7 @@ def plot(results: dict, path_stem: Path) -> None:
     names = list(next(iter(results["sizes"].values()))["variants"])
     width = 0.8 / len(results["sizes"])
     for i, (size, r) in enumerate(results["sizes"].items()):
-        bars.bar([j + i * width for j in range(len(names))], [r["variants"][n]["speedup"] for n in names], width, label=f"{size} {r['widths']}")
+        bars.bar([j + i * width for j in range(len(names))], [r["variants"][n]["speedup"] for n in names], width, label=f"{size} ({len(r['widths'])} layers, split {r['split']})")
     bars.axhline(1, color="grey", lw=0.8)
     bars.set_xticks([j + width * (len(results["sizes"]) - 1) / 2 for j in range(len(names))], names, rotation=35, ha="right")
     bars.set_ylabel("speedup over backprop, 1 process, 1 thread")
@@ -208,7 +216,8 @@ def plot(results: dict, path_stem: Path) -> None:
     Ks = sorted({p["K"] for points in results["scaling"].values() for p in points})
     curve.plot(Ks, Ks, "k--", lw=0.8, label="ideal K x")
     for size, r in results["sizes"].items():
-        curve.plot([results["K"]], [r["variants"]["dgl_sync"]["speedup"]], "s", label=f"measured DGL sync, {size}")
+        if size in results["scaling"]:  # the measured point beside its own network's estimate
+            curve.plot([results["K"]], [r["variants"]["dgl_sync"]["speedup"]], "s", label=f"measured DGL sync, {size}")
     curve.set_xscale("log", base=2)
     curve.set_yscale("log", base=2)
     curve.set_xlabel("K (workers)")
@@ -224,7 +233,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--K", type=int, default=2)
     parser.add_argument("--steps", type=int, default=40, help="batches per epoch (2 epochs; the second is timed)")
-    parser.add_argument("--sizes", default="default,wide")
+    parser.add_argument("--sizes", default="default,wide,deep")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--probe-link", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -249,8 +258,8 @@ def main() -> None:
         "link": link,
         "sizes": sizes,
         "scaling": {
-            "16 layers x 32 ch": scaling_estimates([32] * 16, link, [2, 4, 8, 16]),
-            "default (3 layers)": scaling_estimates(SIZES["default"], link, [2, 3]),
+            "deep": scaling_estimates(SIZES["deep"], link, [2, 4, 8, 16]),
+            "default": scaling_estimates(SIZES["default"], link, [2, 3]),
         },
     }
     write_json(OUT_DIR / "parallel_speedup.json", results)

@@ -20,7 +20,6 @@ from decoupled import methods, model
 from decoupled.data import Dataset, load_prepared
 from decoupled.engines import ENGINES
 from decoupled.errors import UserError
-from decoupled.evaluate import evaluate
 from decoupled.files import atomic_path, write_json
 from decoupled.grid import RunKey
 
@@ -55,7 +54,8 @@ def run_settings(job: dict) -> dict:
 
 
 def build(job: dict, data: Dataset):
-    """The job's network (drawn from its seed), method and engine; the split info or None.
+    """The job's network (drawn from its seed), method and engine, and its split: ``counts``
+    (layers per module) and, for a measured balanced split, what the choice rests on.
 
     With the distributed engine this process first joins the other workers (one per module).
     """
@@ -113,7 +113,7 @@ def fit(job: dict, data: Dataset, on_epoch: Callable[[dict, dict], None] | None 
     """
     torch.set_num_threads(job["train"]["threads"])
     key = run_key(job)
-    net, method, engine, split = build(job, data)
+    net, _, engine, split = build(job, data)
     if engine.is_main:
         _print_split(key, split)
     epochs, wall = [], 0.0
