@@ -23,7 +23,8 @@ deep network (K = 2, 3 on the default one), beside the measured K=2 points of th
 
     python benchmarks/parallel_speedup.py [--K 2] [--steps 40] [--sizes default,wide,deep]
 
-Writes results/benchmarks/parallel_speedup.json and parallel_speedup.{png,pdf}.
+Writes results/benchmarks/parallel_speedup.json and parallel_speedup.{png,pdf}; ``--replot``
+redraws the figure from the JSON without measuring again.
 """
 
 from __future__ import annotations
@@ -211,13 +212,16 @@ def plot(results: dict, path_stem: Path) -> None:
     bars.set_ylabel("speedup over backprop, 1 process, 1 thread")
     bars.set_title(f"K={results['K']} on {results['machine']['cpu_count']} cores")
     bars.legend()
+    colors = dict(zip(results["sizes"], ("C0", "C1", "C2")))
     for label, points in results["scaling"].items():
-        curve.plot([p["K"] for p in points], [p["speedup"] for p in points], "o-", label=f"estimate, {label}")
+        curve.plot([p["K"] for p in points], [p["speedup"] for p in points], "o-", color=colors.get(label), label=f"estimate, {label}")
     Ks = sorted({p["K"] for points in results["scaling"].values() for p in points})
     curve.plot(Ks, Ks, "k--", lw=0.8, label="ideal K x")
     for size, r in results["sizes"].items():
-        if size in results["scaling"]:  # the measured point beside its own network's estimate
-            curve.plot([results["K"]], [r["variants"]["dgl_sync"]["speedup"]], "s", label=f"measured DGL sync, {size}")
+        color = colors[size]
+        if size in results["scaling"]:  # the measured points beside their own network's estimate
+            for mode, marker in (("sync", "s"), ("async", "^")):
+                curve.plot([results["K"]], [r["variants"][f"dgl_{mode}"]["speedup"]], marker, color=color, label=f"measured DGL {mode}, {size}")
     curve.set_xscale("log", base=2)
     curve.set_yscale("log", base=2)
     curve.set_xlabel("K (workers)")
@@ -234,6 +238,7 @@ def main() -> None:
     parser.add_argument("--K", type=int, default=2)
     parser.add_argument("--steps", type=int, default=40, help="batches per epoch (2 epochs; the second is timed)")
     parser.add_argument("--sizes", default="default,wide,deep")
+    parser.add_argument("--replot", action="store_true", help="redraw the figure from the JSON of the last run")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--probe-link", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -242,6 +247,8 @@ def main() -> None:
         return worker(args.worker, args.steps, args.out)
     if args.probe_link:
         return probe_link(args.out)
+    if args.replot:
+        return plot(json.loads((OUT_DIR / "parallel_speedup.json").read_text()), OUT_DIR / "parallel_speedup")
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)

@@ -1,8 +1,10 @@
 """How fast K workers, one per module, would train: a discrete-event model of the pipeline.
 
-Decoupled methods exist to run modules in parallel, but this project runs them in one process;
-this model predicts what real workers would gain from the measured costs (``profile``), so a
-cut and a K can be judged before anything is deployed. The events, for stage k and batch b:
+Decoupled methods exist to run modules in parallel. The distributed engine measures that on as
+many workers as the machine has; this model predicts, from the measured costs (``profile``),
+what K workers would gain beyond that, so a cut and a K can be judged before anything is
+deployed (benchmarks/parallel_speedup.py sets it beside the measured points). The events, for
+stage k and batch b:
 
 * stage k starts b once it has finished b-1, b has arrived from stage k-1, and its queue to
   stage k+1 has room: at most ``capacity`` of its batches that stage k+1 has not started yet

@@ -195,6 +195,7 @@ def epoch_metrics(record: dict) -> dict[str, float]:
 # per-module lists in an epoch record -> MLflow metric names (suffixed _m0, _m1, ...)
 PER_WORKER_METRICS = {
     "steps_per_module": "steps",
+    "images_per_s_per_module": "images_per_s",
     "idle_per_module": "idle",  # the async simulator's idle ticks
     "busy_s_per_module": "busy_s",  # the distributed engine's seconds
     "idle_s_per_module": "idle_s",

@@ -135,6 +135,7 @@ class DistributedEngine(Engine):
             "images": workers[-1]["steps"] * self.batch_size,  # what reached the network's output
             "seconds": seconds,
             "steps_per_module": [w["steps"] for w in workers],
+            "images_per_s_per_module": [w["steps"] * self.batch_size / seconds for w in workers],
             "busy_s_per_module": [w["busy_s"] for w in workers],
             "idle_s_per_module": [w["idle_s"] for w in workers],
             "busy_frac_per_module": [w["busy_s"] / seconds for w in workers],
