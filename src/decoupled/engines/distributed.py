@@ -39,7 +39,7 @@ from decoupled.engines.batches import BatchStream
 from decoupled.engines.buffers import Entry, ReplayBuffer
 from decoupled.engines.channels import DATA, END_EPOCH, END_STEP, STOP, Inbox, Message, Outbox, PeerLost, TensorSpec, first_line
 from decoupled.engines.losses import LossTally
-from decoupled.engines.simulated_async import _summary
+from decoupled.engines.simulated_async import staleness_summary
 from decoupled.errors import UserError
 from decoupled.evaluate import evaluate
 from decoupled.methods.base import Method
@@ -102,16 +102,20 @@ class DistributedEngine(Engine):
         self.newest_input = -1  # the producer's step count of the newest activation received
         self.forwarded_at: collections.deque[int] = collections.deque()  # steps awaiting a gradient
         self.input_staleness, self.grad_staleness = collections.Counter(), collections.Counter()
+        self._start_epoch_tally()
+
+    def _start_epoch_tally(self) -> None:
+        """What each epoch reports from scratch: losses, compute and waiting seconds, queue depths."""
+        self.losses = LossTally(self.K)
+        self.busy_s, self.receive_wait_s, self.queue_depths = 0.0, 0.0, []
 
     # --- one epoch -------------------------------------------------------------------------
 
     def run_epoch(self) -> dict:
         self.method.net.train()
-        self.losses = LossTally(self.K)
-        self.busy_s, self.queue_depths = 0.0, []
+        self._start_epoch_tally()
         steps_before = self.steps
         waits_before, bytes_before = self._outbox_wait(), self._bytes_sent()
-        self.receive_wait_s = 0.0
         start = time.perf_counter()
         (self._async_epoch if self.asynchronous else self._sync_epoch)()
         loop_s = time.perf_counter() - start
@@ -124,8 +128,8 @@ class DistributedEngine(Engine):
             "loop_s": loop_s,
             "queue_depth": sum(self.queue_depths) / len(self.queue_depths) if self.queue_depths else 0.0,
             "bytes_sent": self._bytes_sent() - bytes_before,
-            "input_staleness": _summary(self.input_staleness),
-            "grad_staleness": _summary(self.grad_staleness),
+            "input_staleness": staleness_summary(self.input_staleness),
+            "grad_staleness": staleness_summary(self.grad_staleness),
         }
         workers = [None] * self.K
         self._together("gathering the workers' numbers", dist.all_gather_object, workers, local, group=self.everyone)

@@ -67,8 +67,8 @@ class AsyncSimulator(Engine):
             "seconds": seconds,
             "steps_per_module": steps,
             "idle_per_module": [a - b for a, b in zip(self.idle, idle_before)],
-            "input_staleness": [_summary(c) for c in self.input_staleness],
-            "grad_staleness": [_summary(c) for c in self.grad_staleness],
+            "input_staleness": [staleness_summary(c) for c in self.input_staleness],
+            "grad_staleness": [staleness_summary(c) for c in self.grad_staleness],
         }
 
     def worker_tick(self, k: int) -> torch.Tensor | None:
@@ -129,7 +129,7 @@ class AsyncSimulator(Engine):
         self.grad_staleness = [collections.Counter(c) for c in state["grad_staleness"]]
 
 
-def _summary(counts: collections.Counter) -> dict:
+def staleness_summary(counts: collections.Counter) -> dict:
     """Mean, max and the histogram {staleness: count} of everything consumed so far."""
     n = sum(counts.values())
     if not n:
