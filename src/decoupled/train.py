@@ -229,7 +229,7 @@ def run_job(job: dict, data_path: str | Path, out_dir: str | Path, experiment: d
             torch.save({**state, "job": job, "mlflow_run_id": run.run_id}, tmp)
 
     # so that a terminated job, too, removes its outputs and marks its run FAILED
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         started = time.time()
         metrics = fit(job, data, on_epoch)
@@ -245,10 +245,15 @@ def run_job(job: dict, data_path: str | Path, out_dir: str | Path, experiment: d
         run.log_artifact(out_dir / "config.json")
         run.finish()
     except BaseException as e:
+        # A second SIGTERM (torchrun stopping the workers after a peer died) must not cut the
+        # clean-up short and leave the run RUNNING.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for name in OUTPUTS:
             (out_dir / name).unlink(missing_ok=True)
         run.fail(f"{type(e).__name__}: {e}")
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
     return metrics
 
 
