@@ -21,9 +21,10 @@ The scaling model: per-layer costs measured on one core and the link's bandwidth
 measured with gloo feed ``decoupled.scaling`` (a discrete-event pipeline) for K = 2..16 on the
 deep network (K = 2, 3 on the default one), beside the measured K=2 points of the same networks.
 
-    python benchmarks/parallel_speedup.py [--K 2] [--steps 40] [--sizes default,wide,deep]
+    python benchmarks/parallel_speedup.py [--K 2] [--steps 40] [--sizes default,wide,deep] [--batch-size 128]
 
-Writes results/benchmarks/parallel_speedup.json and parallel_speedup.{png,pdf}; ``--replot``
+Writes results/benchmarks/parallel_speedup.json and parallel_speedup.{png,pdf} (with
+``--batch-size`` other than 128: parallel_speedup_batch{N}.*); ``--replot``
 redraws the figure from the JSON without measuring again.
 """
 
@@ -142,7 +143,7 @@ def measure_ours(tmp: Path, name: str, job: dict, steps: int) -> dict:
     job_path, out = tmp / f"{name}.job.json", tmp / f"{name}.json"
     job_path.write_text(json.dumps(job))
     launcher = torchrun(job["run"]["K"]) if job["engine"] == "distributed" else [sys.executable]
-    run([*launcher, __file__, "--worker", str(job_path), "--steps", str(steps), "--out", str(out)], name)
+    run([*launcher, __file__, "--worker", str(job_path), "--steps", str(steps), "--batch-size", str(BATCH), "--out", str(out)], name)
     record = json.loads(out.read_text())
     steps_done = record.get("steps_per_module") or [steps]
     images = min(steps_done) * BATCH
@@ -234,21 +235,25 @@ def plot(results: dict, path_stem: Path) -> None:
 
 
 def main() -> None:
+    global BATCH  # the workers' and the driver's batch size, from --batch-size
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--K", type=int, default=2)
     parser.add_argument("--steps", type=int, default=40, help="batches per epoch (2 epochs; the second is timed)")
     parser.add_argument("--sizes", default="default,wide,deep")
+    parser.add_argument("--batch-size", type=int, default=BATCH, help="the smaller, the worse intra-op threads scale")
     parser.add_argument("--replot", action="store_true", help="redraw the figure from the JSON of the last run")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--probe-link", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    BATCH = args.batch_size
     if args.worker:
         return worker(args.worker, args.steps, args.out)
     if args.probe_link:
         return probe_link(args.out)
+    stem = OUT_DIR / ("parallel_speedup" if BATCH == 128 else f"parallel_speedup_batch{BATCH}")
     if args.replot:
-        return plot(json.loads((OUT_DIR / "parallel_speedup.json").read_text()), OUT_DIR / "parallel_speedup")
+        return plot(json.loads(stem.with_suffix(".json").read_text()), stem)
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -269,9 +274,9 @@ def main() -> None:
             "default": scaling_estimates(SIZES["default"], link, [2, 3]),
         },
     }
-    write_json(OUT_DIR / "parallel_speedup.json", results)
-    plot(results, OUT_DIR / "parallel_speedup")
-    print(f"wrote {OUT_DIR / 'parallel_speedup.json'}", file=sys.stderr)
+    write_json(stem.with_suffix(".json"), results)
+    plot(results, stem)
+    print(f"wrote {stem.with_suffix('.json')}", file=sys.stderr)
 
 
 if __name__ == "__main__":
