@@ -94,13 +94,14 @@ def _split(job: dict, data: Dataset, K: int, distributed: bool) -> tuple[list[in
     worker 0 measures it and the others take its choice, so that all build the same network."""
     from decoupled.profile import resolve_split
 
-    if job["model"]["split"] != "balanced" or not distributed:
+    def resolve():
         return resolve_split(job["model"], K, data.in_channels, data.train_x.shape[-1], data.num_classes, job["train"]["batch_size"])
+
+    if job["model"]["split"] != "balanced" or not distributed:
+        return resolve()
     import torch.distributed as dist
 
-    choice = [None]
-    if dist.get_rank() == 0:
-        choice = [resolve_split(job["model"], K, data.in_channels, data.train_x.shape[-1], data.num_classes, job["train"]["batch_size"])]
+    choice = [resolve() if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(choice, src=0)
     return choice[0]
 

@@ -15,6 +15,11 @@ from decoupled.model import SplitNet
 class Engine:
     is_main = True  # the process that prints progress, logs to MLflow and writes the outputs
 
+    @property
+    def steps_per_epoch(self) -> int:
+        """Mini-batches in one pass over the training set (every engine reads them from ``self.batches``)."""
+        return self.batches.batches_per_pass
+
     def evaluate(self, net: SplitNet, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> dict:
         return evaluate(net, x, y, batch_size)
 

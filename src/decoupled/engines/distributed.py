@@ -78,7 +78,6 @@ class DistributedEngine(Engine):
         self.asynchronous, self.device = asynchronous, device
         self.batch_size = batch_size
         self.batches = BatchStream(train_x, train_y, batch_size, seed, augment)
-        self.steps_per_epoch = self.batches.batches_per_pass
         self.gradients_travel = method.input_buffer == "fifo"
         self.replay = asynchronous and method.input_buffer == "replay"
         timeout, in_flight = distributed_cfg["timeout_s"], distributed_cfg["max_in_flight"]

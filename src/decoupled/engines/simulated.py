@@ -27,10 +27,6 @@ class SimulatedEngine(Engine):
         # gradients on their way down: in_flight[k] holds (due step, d loss / d outputs of module k)
         self.in_flight = [collections.deque() for _ in range(method.net.K - 1)]
 
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.batches.batches_per_pass
-
     def run_epoch(self) -> dict:
         """One pass over the training set; returns mean losses per module, images seen and seconds."""
         K = self.method.net.K

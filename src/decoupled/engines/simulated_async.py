@@ -47,10 +47,6 @@ class AsyncSimulator(Engine):
         self.input_staleness = [collections.Counter() for _ in range(K)]
         self.grad_staleness = [collections.Counter() for _ in range(K)]
 
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.batches.batches_per_pass
-
     def run_epoch(self) -> dict:
         K = self.method.net.K
         self.method.net.train()
