@@ -2,13 +2,22 @@
 # Set up a fresh Debian/Ubuntu machine (Python >= 3.11, no conda needed):
 #   - Fashion-MNIST from Debian's package dataset-fashion-mnist, where apt is available
 #     (elsewhere the data is downloaded through torchvision on first use);
-#   - a virtual environment .venv with this package, Snakemake and pytest.
+#   - a virtual environment .venv with this package, Snakemake and pytest;
+#   - with --test-services, also the Debian servers the tests start and stop themselves:
+#     SLURM (slurmctld, slurmd, slurmdbd, munge) with MariaDB for its accounting, and
+#     PostgreSQL (MLflow's server mode). CI runs `scripts/setup.sh --test-services`.
 # Safe to run again: it only adds what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 python="${PYTHON:-python3}"
 packages=()
+if [ "${1:-}" = "--test-services" ]; then
+    for tool in slurmctld:slurm-wlm slurmdbd:slurmdbd munged:munge mariadbd:mariadb-server; do
+        command -v "${tool%%:*}" >/dev/null || [ -x "/usr/sbin/${tool%%:*}" ] || packages+=("${tool#*:}")
+    done
+    ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || packages+=(postgresql)
+fi
 [ -d /usr/share/datasets/fashion-mnist ] || packages+=(dataset-fashion-mnist)
 # Debian's own python3 has no venv/ensurepip until python3-venv is installed.
 "$python" -c "import ensurepip, venv" 2>/dev/null || packages+=(python3-venv)

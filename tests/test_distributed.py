@@ -143,6 +143,26 @@ def test_a_killed_worker_ends_the_job_with_an_error(tmp_path, fashion_subset):
     assert_failed_cleanly(tmp_path, code, output)
 
 
+def test_a_terminated_sync_dgl_job_resumes_with_the_uninterrupted_numbers(tmp_path, fashion_subset):
+    cfg = config("dgl", "sync", train={"epochs": 3})
+    proc = launch(tmp_path, cfg, fashion_subset)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "epoch 1/3" in line:
+            proc.send_signal(signal.SIGTERM)  # the launcher hands it to torchrun, torchrun to the workers
+            break
+    code, output, _ = finish(proc, lines, 120)
+    assert code == 75 and "stopped by SIGTERM; a rerun resumes" in output, output[-3000:]
+    assert (tmp_path / "run" / "resume.pt").exists() and not (tmp_path / "run" / "metrics.json").exists()
+    metrics, output = train(tmp_path, cfg, fashion_subset)
+    assert "resuming after epoch" in output
+    reference = simulated(cfg, fashion_subset)
+    for ours, theirs in zip(metrics["epochs"], reference["epochs"], strict=True):
+        assert ours["train_loss_per_module"] == pytest.approx(theirs["train_loss_per_module"], rel=1e-6)
+        assert ours["test_acc_per_module"] == pytest.approx(theirs["test_acc_per_module"], abs=1e-9)
+
+
 def test_a_hung_worker_ends_the_job_after_the_timeout(tmp_path, fashion_subset):
     proc, lines = start_and_wait_for_epoch_1(tmp_path, fashion_subset, timeout_s=5)
     hung = worker_pid(tmp_path / "run", 1)

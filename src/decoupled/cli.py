@@ -109,8 +109,26 @@ def _launch_workers(job: dict) -> None:
 
     from decoupled.grid import RunKey, torchrun_args
 
+    import signal
+
     command = [sys.executable, "-m", "torch.distributed.run", *torchrun_args(job), "-m", "decoupled", *sys.argv[1:]]
-    code = subprocess.run(command).returncode
+    agent = subprocess.Popen(command)
+    terminated = []
+
+    def forward(signum, frame):
+        # to torchrun, which stops the workers: they keep their checkpoint, not train on as orphans
+        terminated.append(signum)
+        agent.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        code = agent.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if code != 0 and terminated:
+        from decoupled.train import Terminated
+
+        raise Terminated(f"distributed job {RunKey.of(job['run']).name} stopped by SIGTERM; a rerun resumes from its last checkpoint")
     if code != 0:
         raise UserError(f"distributed job {RunKey.of(job['run']).name} failed: torchrun exited with {code} (the failing worker's message is above)")
 
@@ -218,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except UserError as e:
         print(f"decoupled: error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)  # 75 for a terminated job that may be run again
     return 0
 
 

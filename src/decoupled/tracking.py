@@ -97,6 +97,32 @@ class ChildRun:
     def attach(cls, experiment: dict[str, str], run_id: str) -> "ChildRun":
         return cls(experiment, run_id)
 
+    @classmethod
+    def reopen(cls, experiment: dict[str, str], run_id: str, after_epoch: int) -> "ChildRun | None":
+        """The run of a job that resumes after ``after_epoch``, RUNNING again; None if the store
+        no longer has it in this experiment (then the job starts a new run)."""
+        from mlflow.exceptions import MlflowException
+
+        client = _client(experiment["tracking_uri"])
+        try:
+            info = client.get_run(run_id).info
+        except MlflowException:
+            return None
+        if info.experiment_id != experiment["experiment_id"] or info.lifecycle_stage != "active":
+            return None
+        client.update_run(run_id, status="RUNNING")
+        run = cls(experiment, run_id)
+        tags = client.get_run(run_id).data.tags
+        if "error" in tags:  # what stopped the last attempt; the run goes on
+            client.delete_tag(run_id, "error")
+        resumes = int(tags.get("resumes", "0")) + 1
+        run.set_tag("resumes", str(resumes))
+        run.set_tag("resumed_after_epoch", str(after_epoch))
+        return run
+
+    def logged_steps(self, metric: str) -> set[int]:
+        return {m.step for m in self.client.get_metric_history(self.run_id, metric)}
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 

@@ -2,6 +2,16 @@
 
 ``fit`` is the loop (usable from tests and notebooks, no tracking); ``run_job`` wraps it with
 the job's outputs (checkpoint, metrics, resolved config) and its MLflow child run.
+
+Resuming: at its start and after every epoch a job writes ``resume.pt`` in its run directory:
+everything needed to continue exactly (the network with its aux heads, every optimizer,
+scheduler and synthesizer, replay buffers and gradients in flight, the data order and RNG
+states, step counters, the epochs so far and the MLflow run id). It is not one of the job's
+outputs, so Snakemake keeps it when it removes a failed job's outputs; a rerun of the same
+job continues from it, into the same MLflow run, and computes what an uninterrupted run
+computes. SIGTERM (a SLURM preemption) stops the job at once with exit status 75 (EX_TEMPFAIL:
+try again), keeping that checkpoint, so the job can be requeued. On success the last
+``resume.pt`` becomes ``checkpoint.pt``.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ from decoupled.files import atomic_path, write_json
 from decoupled.grid import RunKey
 
 OUTPUTS = ("checkpoint.pt", "metrics.json", "config.json")
+RESUME_FILE = "resume.pt"
 
 
 class TrainingDiverged(UserError):
@@ -31,7 +42,9 @@ class TrainingDiverged(UserError):
 
 
 class Terminated(UserError):
-    """SIGTERM (torchrun stopping the other workers when one fails, a scheduler, kill)."""
+    """SIGTERM (a scheduler's preemption, torchrun stopping the other workers when one fails, kill)."""
+
+    exit_code = 75  # EX_TEMPFAIL: the job may be run again, and then resumes
 
 
 def _raise_terminated(signum, frame):
@@ -53,9 +66,10 @@ def run_settings(job: dict) -> dict:
     }
 
 
-def build(job: dict, data: Dataset):
+def build(job: dict, data: Dataset, split: dict | None = None):
     """The job's network (drawn from its seed), method and engine, and its split: ``counts``
     (layers per module) and, for a measured balanced split, what the choice rests on.
+    A ``split`` given (a resumed job's) is used as it is rather than measured again.
 
     With the distributed engine this process first joins the other workers (one per module).
     """
@@ -71,7 +85,7 @@ def build(job: dict, data: Dataset):
         device = join_workers(key.K, train_cfg["device"], job["distributed"]["timeout_s"])
     else:
         device = _device(train_cfg["device"])
-    counts, split_info = _split(job, data, key.K, distributed)
+    counts, split_info = (split["counts"], split) if split is not None else _split(job, data, key.K, distributed)
     torch.manual_seed(key.seed)
     net = model.build(job["model"], key.K, data.in_channels, data.num_classes, counts).to(device)
     method = methods.get(key.method)(net, train_cfg, train_cfg["epochs"] * steps_per_epoch)
@@ -106,19 +120,38 @@ def _split(job: dict, data: Dataset, K: int, distributed: bool) -> tuple[list[in
     return choice[0]
 
 
-def fit(job: dict, data: Dataset, on_epoch: Callable[[dict, dict], None] | None = None) -> dict:
-    """Train for ``train.epochs``; after each epoch call ``on_epoch(record, state)``; return the metrics.
+def fit(job: dict, data: Dataset, checkpoint: Callable[[dict], None] | None = None, resume: dict | None = None) -> dict:
+    """Train for ``train.epochs`` and return the metrics.
 
-    With the distributed engine every worker calls this; they return the same metrics, and
-    ``on_epoch`` is called on every worker (collecting the state takes all of them).
+    ``checkpoint(state)`` is called before the first epoch and after each one, with everything
+    a resumed job needs (``state["epochs"]`` holds the epoch records so far); ``resume`` is
+    such a state, to continue from. With the distributed engine every worker calls this; they
+    return the same metrics, and ``checkpoint`` is called on every worker (collecting the state
+    takes all of them).
     """
     torch.set_num_threads(job["train"]["threads"])
     key = run_key(job)
-    net, _, engine, split = build(job, data)
+    net, _, engine, split = build(job, data, resume["split_info"] if resume else None)
+    epochs, wall = [], 0.0
+    if resume is not None:
+        net.load_state_dict(resume["net"])
+        engine.load_checkpoint_state(resume)
+        torch.set_rng_state(resume["torch_rng"])
+        epochs, wall = list(resume["epochs"]), resume["wall_time_s"]
     if engine.is_main:
         _print_split(key, split)
-    epochs, wall = [], 0.0
-    for epoch in range(1, job["train"]["epochs"] + 1):
+        if resume is not None:
+            print(f"[{key.name}] resuming after epoch {resume['epoch']}/{job['train']['epochs']} from its checkpoint", file=sys.stderr, flush=True)
+
+    def save(epoch: int) -> None:
+        if checkpoint is not None:
+            state = engine.checkpoint_state()  # collective under the distributed engine
+            checkpoint({"net": net.state_dict(), **state, "split": split["counts"], "split_info": split, "epoch": epoch,
+                        "epochs": list(epochs), "wall_time_s": wall, "torch_rng": torch.get_rng_state()})
+
+    if resume is None:
+        save(0)  # so that a job stopped in its first epoch, too, resumes into its MLflow run
+    for epoch in range(len(epochs) + 1, job["train"]["epochs"] + 1):
         stats = engine.run_epoch()
         wall += stats["seconds"]
         losses = stats["train_loss_per_module"]
@@ -139,11 +172,9 @@ def fit(job: dict, data: Dataset, on_epoch: Callable[[dict, dict], None] | None 
             **{k: v for k, v in stats.items() if k not in ("train_loss_per_module", "images", "seconds")},
         }
         epochs.append(record)
+        save(epoch)  # before the progress line, which thus means: this epoch is safe
         if engine.is_main:
             _print_progress(key, job["train"]["epochs"], record)
-        if on_epoch is not None:
-            state = {"net": net.state_dict(), **engine.checkpoint_state(), "split": split["counts"], "epoch": epoch}
-            on_epoch(record, state)
     engine.close()
     return {
         **{k: job["run"][k] for k in ("method", "mode", "K", "variant", "seed")},
@@ -207,33 +238,48 @@ PER_WORKER_METRICS = {
 
 
 def run_job(job: dict, data_path: str | Path, out_dir: str | Path, experiment: dict | None, tags: dict[str, str]) -> dict:
-    """Train one job into ``out_dir`` and its MLflow child run; on failure leave neither output nor a RUNNING run."""
+    """Train one job into ``out_dir`` and its MLflow child run, resuming from ``resume.pt`` if a
+    previous attempt left one; on failure leave no output and no RUNNING run."""
     from decoupled.config import flatten
     from decoupled.tracking import ChildRun
 
     out_dir = Path(out_dir)
     key = run_key(job)
     data = load_prepared(data_path)  # input problems surface before any run or file exists
+    resume = load_resume(out_dir, job)
     if job["engine"] == "distributed" and int(os.environ.get("RANK", "0")) != 0:
         # worker k > 0: it trains its module; worker 0 logs, checkpoints and writes the outputs
-        return fit(job, data, on_epoch=lambda record, state: None)
+        return fit(job, data, checkpoint=lambda state: None, resume=resume)
     if experiment is None:
         from decoupled.tracking import init_experiment
 
         experiment = init_experiment(job)
-    run_tags = {"method": key.method, "mode": key.mode, "K": str(key.K), "variant": key.variant, "seed": str(key.seed), "dataset": data.name, **tags}
-    run = ChildRun.start(experiment, key.name, flatten(job), run_tags)
+    run = ChildRun.reopen(experiment, resume["mlflow_run_id"], resume["epoch"]) if resume is not None else None
+    if run is None:
+        run_tags = {"method": key.method, "mode": key.mode, "K": str(key.K), "variant": key.variant, "seed": str(key.seed), "dataset": data.name, **tags}
+        run = ChildRun.start(experiment, key.name, flatten(job), run_tags)
+    else:  # epochs the killed attempt finished but had not logged yet
+        logged = run.logged_steps("test_acc")
+        for record in resume["epochs"]:
+            if record["epoch"] not in logged:
+                run.log_metrics(epoch_metrics(record), step=record["epoch"])
+    resume_path = out_dir / RESUME_FILE
+    saved_epoch = resume["epoch"] if resume is not None else None
 
-    def on_epoch(record: dict, state: dict) -> None:
-        run.log_metrics(epoch_metrics(record), step=record["epoch"])
-        with atomic_path(out_dir / "checkpoint.pt") as tmp:
+    def checkpoint(state: dict) -> None:
+        nonlocal saved_epoch
+        # saved before it is logged: a job killed in between logs the epoch when it resumes
+        with atomic_path(resume_path) as tmp:
             torch.save({**state, "job": job, "mlflow_run_id": run.run_id}, tmp)
+        saved_epoch = state["epoch"]
+        if state["epochs"] and state["epochs"][-1]["epoch"] == state["epoch"]:
+            run.log_metrics(epoch_metrics(state["epochs"][-1]), step=state["epoch"])
 
     # so that a terminated job, too, removes its outputs and marks its run FAILED
     previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         started = time.time()
-        metrics = fit(job, data, on_epoch)
+        metrics = fit(job, data, checkpoint, resume)
         metrics.update(mlflow_run_id=run.run_id, started_at=started)
         write_json(out_dir / "config.json", job)
         write_json(out_dir / "metrics.json", metrics)
@@ -245,17 +291,49 @@ def run_job(job: dict, data_path: str | Path, out_dir: str | Path, experiment: d
         run.log_artifact(out_dir / "metrics.json")
         run.log_artifact(out_dir / "config.json")
         run.finish()
+        os.replace(resume_path, out_dir / "checkpoint.pt")
     except BaseException as e:
         # A second SIGTERM (torchrun stopping the workers after a peer died) must not cut the
         # clean-up short and leave the run RUNNING.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for name in OUTPUTS:
             (out_dir / name).unlink(missing_ok=True)
+        if isinstance(e, TrainingDiverged):  # the same job would diverge again from it
+            resume_path.unlink(missing_ok=True)
+        elif isinstance(e, Terminated) and saved_epoch is not None:
+            e.args = (f"{key.name}: {e}; a rerun resumes after epoch {saved_epoch} from {resume_path}",)
         run.fail(f"{type(e).__name__}: {e}")
         raise
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
     return metrics
+
+
+def load_resume(out_dir: Path, job: dict) -> dict | None:
+    """The state a previous attempt of this very job left in ``out_dir``, or None to start afresh."""
+    path = out_dir / RESUME_FILE
+    if not path.is_file():
+        return None
+    name = run_key(job).name
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as e:  # written atomically, so only a foreign or damaged file gets here
+        print(f"[{name}] ignoring {path} ({type(e).__name__}): starting afresh", file=sys.stderr, flush=True)
+        return None
+    if state.get("job") != job:
+        print(f"[{name}] ignoring {path}: it was written for another configuration of this job; starting afresh", file=sys.stderr, flush=True)
+        return None
+    if not resumable(job):
+        print(f"[{name}] cannot resume from {path}: gradients in flight between distributed workers are not "
+              "checkpointed (only methods that send none back, such as DGL, resume); starting afresh", file=sys.stderr, flush=True)
+        return None
+    return state
+
+
+def resumable(job: dict) -> bool:
+    """Whether a checkpoint holds everything in flight: always in one process; across distributed
+    workers only if no gradients travel back between them (their messages are not saved)."""
+    return job["engine"] != "distributed" or methods.get(job["run"]["method"]).input_buffer == "replay"
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -27,5 +27,10 @@ class Engine:
         """What a checkpoint needs besides the network's weights."""
         return {"method": self.method.state_dict(), "engine": self.state_dict()}
 
+    def load_checkpoint_state(self, state: dict) -> None:
+        """Continue from ``checkpoint_state()``'s output (the network's weights are loaded apart)."""
+        self.method.load_state_dict(state["method"])
+        self.load_state_dict(state["engine"])
+
     def close(self) -> None:
         """Release what the engine holds once training is over."""

@@ -288,13 +288,31 @@ class DistributedEngine(Engine):
         self._together("gathering the checkpoint", dist.gather_object, local, workers, dst=0, group=self.everyone)
         return {"workers": workers}
 
+    def load_checkpoint_state(self, state: dict) -> None:
+        """Every worker reads the same checkpoint and takes its own module's part."""
+        super().load_checkpoint_state(state["workers"][self.k])
+
     def state_dict(self) -> dict:
         return {
             "batches": self.batches.state_dict(),
             "steps": self.steps,
+            "newest_input": self.newest_input,
             "buffer": [(e.inputs, e.labels, e.produced_at, e.uses) for e in self.buffer.entries] if self.buffer is not None else None,
             "forwarded_at": list(self.forwarded_at),
+            "input_staleness": dict(self.input_staleness),
+            "grad_staleness": dict(self.grad_staleness),
         }
+
+    def load_state_dict(self, state: dict) -> None:
+        # Messages still in flight between workers are not in a checkpoint: train.py resumes a
+        # distributed job only where none can be (no gradients travel back, see resumable()).
+        self.batches.load_state_dict(state["batches"])
+        self.steps, self.newest_input = state["steps"], state["newest_input"]
+        if self.buffer is not None:
+            self.buffer.entries = collections.deque(Entry(*e) for e in state["buffer"])
+        self.forwarded_at = collections.deque(state["forwarded_at"])
+        self.input_staleness = collections.Counter(state["input_staleness"])
+        self.grad_staleness = collections.Counter(state["grad_staleness"])
 
     def close(self) -> None:
         """Tell the neighbours to stop receiving, wait for the last sends, leave the group."""
