@@ -147,8 +147,13 @@ def test_mlflow_runs(smoke):
 @needs_fashion_mnist
 def test_rerun_does_nothing_and_plot_code_reruns_only_the_report(smoke):
     workdir, _ = smoke
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir}/results/mlflow/mlflow.db")
+    runs_before = len(client.search_runs([client.get_experiment_by_name("smoke").experiment_id]))
     again = snakemake(workdir)
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+    assert len(client.search_runs([client.get_experiment_by_name("smoke").experiment_id])) == runs_before  # no duplicates
     plot_code = workdir / "src/decoupled/report/figures.py"
     plot_code.write_text(plot_code.read_text() + "\n# an edit to the plot code\n")
     dry = snakemake(workdir, "--dry-run", "--quiet", "rules")

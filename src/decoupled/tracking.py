@@ -10,12 +10,16 @@ costs ~20 ms on SQLite.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from decoupled.errors import UserError
 
 # Offline, MLflow's telemetry thread races on an environment variable and fails HTTP calls.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -39,26 +43,52 @@ def _client(uri: str):
 
 
 def init_experiment(config: dict) -> dict[str, str]:
-    """Create (or find) the store's schema, the experiment and its parent run; return their ids."""
+    """Create (or find) the store's schema, the experiment and its parent run; return their ids.
+
+    An http(s):// URI is an ``mlflow server``: the server owns the schema (the server's
+    ``mlflow db upgrade``) and gives the experiment its artifact location. A SQLite store is
+    locked meanwhile (``<db>.lock``), so that jobs started at once without ``init-tracking``
+    (``decoupled train`` without ``--tracking``) on one machine take turns instead of racing.
+    """
     uri = tracking_uri(config)
     db = _sqlite_path(uri)
     artifact_location = None
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
         artifact_location = (db.parent / "artifacts").resolve().as_uri()
-    if uri.split(":", 1)[0].split("+")[0] in ("sqlite", "postgresql", "mysql", "mssql"):
-        # Brings an existing database to the installed MLflow's schema; creates a fresh one.
-        subprocess.run([sys.executable, "-m", "mlflow", "db", "upgrade", uri], check=True, capture_output=True)
-    client = _client(uri)
-    name = config["experiment"]
-    experiment = client.get_experiment_by_name(name)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(name, artifact_location=artifact_location)
-    parents = client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = 'parent'", max_results=1)
-    if parents:
-        parent_id = parents[0].info.run_id
-    else:
-        parent_id = client.create_run(experiment_id, run_name=name, tags={PARENT_TAG: "parent"}).info.run_id
+    with _locked(db.parent / f"{db.name}.lock" if db is not None else None):
+        if uri.split(":", 1)[0].split("+")[0] in ("sqlite", "postgresql", "mysql", "mssql"):
+            _upgrade_schema(uri)
+        client = _client(uri)
+        name = config["experiment"]
+        experiment = client.get_experiment_by_name(name)
+        experiment_id = experiment.experiment_id if experiment else client.create_experiment(name, artifact_location=artifact_location)
+        parents = client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = 'parent'", max_results=1)
+        if parents:
+            parent_id = parents[0].info.run_id
+        else:
+            parent_id = client.create_run(experiment_id, run_name=name, tags={PARENT_TAG: "parent"}).info.run_id
     return {"tracking_uri": uri, "experiment": name, "experiment_id": experiment_id, "parent_run_id": parent_id}
+
+
+@contextlib.contextmanager
+def _locked(path: Path | None):
+    """An exclusive lock on ``path`` (created if need be) while the block runs; none for None."""
+    if path is None:
+        yield
+        return
+    with open(path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
+def _upgrade_schema(uri: str) -> None:
+    """Bring an existing database to the installed MLflow's schema; create a fresh one."""
+    result = subprocess.run([sys.executable, "-m", "mlflow", "db", "upgrade", uri], capture_output=True, text=True)
+    if result.returncode != 0:
+        lines = [line.strip() for line in result.stderr.splitlines() if line.strip()]
+        errors = [line for line in lines if "Error:" in line or "Exception:" in line]
+        raise UserError(f"tracking_uri {uri}: mlflow db upgrade failed: {(errors or lines or ['no message'])[-1]}")
 
 
 def git_commit() -> str:

@@ -16,6 +16,11 @@ from decoupled import grid as decoupled_grid  # noqa: E402
 from decoupled.config import describe  # noqa: E402
 from decoupled.errors import UserError  # noqa: E402
 from decoupled.layout import FIGURE_FORMATS, FIGURE_NAMES, TABLE_FORMATS, TABLE_NAMES  # noqa: E402
+from decoupled.slurm import patch_status_query  # noqa: E402
+
+# Under the SLURM executor (workflow/profiles/slurm): a scancel-ed job fails the workflow
+# instead of being waited for for ever (see decoupled/slurm.py).
+patch_status_query()
 
 # Jobs run `python -m decoupled` with the package taken from this checkout (PYTHONPATH) and the
 # interpreter from --use-conda's env if any, else the one running Snakemake (its bin/ first
@@ -104,3 +109,33 @@ def report_figures():
 
 def report_outputs():
     return [*report_tables(), *report_figures()]
+
+
+# How `snakemake --report` shows each table and figure: its subcategory and the name in its
+# list; the caption is workflow/report/{name}.rst (a name missing here lands under "Other", and
+# without a caption file it has no caption).
+REPORT_ENTRIES = {
+    "main": ("Main table", "main"),
+    "summary": ("Summary table", "summary"),
+    "test_acc_vs_epoch": ("Learning curves", "test accuracy vs epoch"),
+    "acc_vs_wall_time": ("Learning curves", "test accuracy vs training time"),
+    "layerwise_acc": ("Learning curves", "layer-wise accuracy"),
+    "acc_vs_slowdown": ("Sweeps", "accuracy vs slowdown"),
+    "acc_vs_buffer_size": ("Sweeps", "accuracy vs buffer size"),
+    "acc_vs_K": ("Sweeps", "accuracy vs K"),
+}
+# Shown as the "format" label; PNG sorts before "vector PDF", so the report shows the PNG first.
+REPORT_FORMATS = {"csv": "CSV", "md": "Markdown", "tex": "LaTeX", "png": "PNG", "pdf": "vector PDF"}
+
+
+def for_report(paths, category, kind):
+    """``paths`` marked for `snakemake --report`, each with its caption, subcategory and labels."""
+    marked = []
+    for path in paths:
+        name, ext = Path(path).stem, Path(path).suffix[1:]
+        subcategory, title = REPORT_ENTRIES.get(name, ("Other", name))
+        labels = {kind: title, "format": REPORT_FORMATS.get(ext, ext)}
+        caption = REPO / f"workflow/report/{name}.rst"
+        caption = str(caption) if caption.is_file() else None
+        marked.append(report(path, caption=caption, category=category, subcategory=subcategory, labels=labels))
+    return marked

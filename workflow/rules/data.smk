@@ -1,4 +1,6 @@
+# A local rule under a cluster executor: it may download, and compute nodes often have no internet.
 rule prepare_data:
+    localrule: True
     output:
         PREPARED,
     params:

@@ -7,8 +7,8 @@ rule report:
         tracking=TRACKING,
         plot_code=PLOT_CODE,
     output:
-        tables=report_tables(),
-        figures=report_figures(),
+        tables=for_report(report_tables(), "Tables", "table"),
+        figures=for_report(report_figures(), "Figures", "figure"),
     params:
         runs=run_dirs(),
         tables=lambda wildcards, output: Path(output.tables[0]).parent,

@@ -1,6 +1,8 @@
 # Creates the MLflow store, experiment and parent run once, before any training job: done by
 # many jobs at once it loses runs (see decoupled/tracking.py).
+# A local rule under a cluster executor (a second of work, not worth a place in the queue).
 rule init_tracking:
+    localrule: True
     output:
         TRACKING,
     params:

@@ -1,0 +1,121 @@
+"""`snakemake --report`: one HTML file holding every figure and table of a finished run, each with
+its caption and in its category, built from the files on disk without re-running any job."""
+
+import base64
+import html
+import json
+import re
+import zipfile
+
+import pytest
+import yaml
+
+from conftest import REPO, needs_fashion_mnist
+from decoupled.layout import FIGURE_FORMATS, FIGURE_NAMES, TABLE_FORMATS, TABLE_NAMES
+from test_workflow import copy_repo, snakemake
+
+# A phrase of each caption (workflow/report/{name}.rst), and where the report files it.
+CAPTIONS = {
+    "main": ("Tables", "Main table", "one row per method, one column per mode"),
+    "summary": ("Tables", "Summary table", "one row per method × mode × K × variant"),
+    "test_acc_vs_epoch": ("Figures", "Learning curves", "after each epoch (x axis)"),
+    "acc_vs_wall_time": ("Figures", "Learning curves", "vs training time (x axis: wall-clock seconds"),
+    "layerwise_acc": ("Figures", "Learning curves", "vs the module's depth (x axis"),
+    "acc_vs_slowdown": ("Figures", "Sweeps", "vs the slowdown factor S of one module"),
+    "acc_vs_buffer_size": ("Figures", "Sweeps", "vs the buffer size between two modules"),
+    "acc_vs_K": ("Figures", "Sweeps", "vs the number of modules K"),
+}
+MIME = {"png": "image/png", "pdf": "application/pdf", "csv": "text/csv", "md": "text/markdown", "tex": "text/x-tex"}
+
+
+def test_every_table_and_figure_has_a_caption():
+    assert set(CAPTIONS) == set(TABLE_NAMES) | set(FIGURE_NAMES)
+    for name in [*CAPTIONS, "workflow"]:
+        assert (REPO / f"workflow/report/{name}.rst").is_file(), name
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished run of a tiny grid (backprop and DGL, sync, one seed, one epoch): about a minute."""
+    workdir = copy_repo(tmp_path_factory.mktemp("report_html") / "repo")
+    cfg = yaml.safe_load((REPO / "config/smoke.yaml").read_text())
+    cfg["experiment"] = "report-html-test"
+    cfg["grid"].update(methods=["backprop", "dgl"], modes=["sync"], seeds=[0])
+    cfg["train"]["epochs"] = 1
+    cfg["report"] = {"target_accuracy": 0.42}  # shows in the captions, through Jinja
+    configfile = workdir / "config/report_html.yaml"
+    configfile.write_text(yaml.safe_dump(cfg))
+    result = snakemake(workdir, configfile=configfile)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return workdir, configfile
+
+
+def _script_var(page: str, script_id: str, name: str):
+    """A JSON value the report embeds as `<script id="...">var name = {...};</script>`."""
+    match = re.search(rf'<script id="{script_id}">\s*var {name} = (.*?);\s*</script>', page, re.S)
+    assert match, f"no {name} in the report"
+    return json.loads(match.group(1))
+
+
+def _mtimes(workdir):
+    return {p: p.stat().st_mtime_ns for p in (workdir / "results").rglob("*") if p.is_file()}
+
+
+@needs_fashion_mnist
+def test_html_report_holds_every_result_with_its_caption(finished):
+    workdir, configfile = finished
+    before = _mtimes(workdir)
+    out = workdir / "results/report.html"
+    result = snakemake(workdir, "--report", str(out), configfile=configfile)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    assert "Report created." in log
+
+    # Building the report re-ran nothing: no job started and no file under results/ changed.
+    assert "rule train" not in log and "Execute" not in log, log[-4000:]
+    after = _mtimes(workdir)
+    assert after.pop(out) and after == before
+    assert any(p.name == "metrics.json" for p in before)
+
+    page = out.read_text()
+    results = _script_var(page, "results", "results")
+    categories = _script_var(page, "categories", "categories")
+    expected = {f"results/tables/{n}.{e}" for n in TABLE_NAMES for e in TABLE_FORMATS}
+    expected |= {f"results/figures/{n}.{e}" for n in FIGURE_NAMES for e in FIGURE_FORMATS}
+    assert set(results) == expected
+
+    filed = {path: (cat, sub) for cat, subs in categories.items() for sub, paths in subs.items() for path in paths}
+    assert set(filed) == expected
+    main_md = (workdir / "results/tables/main.md").read_text()
+    for path, entry in results.items():
+        name, ext = path.rsplit("/", 1)[1].split(".")
+        category, subcategory, phrase = CAPTIONS[name]
+        assert filed[path] == (category, subcategory), path
+        assert entry["name"] == f"{name}.{ext}" and entry["mime_type"] == MIME[ext]
+        # embedded, byte for byte
+        assert base64.b64decode(entry["data_uri"].split("base64,", 1)[1]) == (workdir / path).read_bytes(), path
+        assert entry["labels"]["format"] in {"CSV", "Markdown", "LaTeX", "PNG", "vector PDF"}
+        caption = html.unescape(entry["caption"])
+        assert phrase in " ".join(caption.split()), (path, caption)
+        assert "{{" not in caption and "{%" not in caption, caption  # Jinja rendered
+        if name in ("main", "summary", "acc_vs_wall_time"):
+            assert "42 %" in caption  # report.target_accuracy from the config
+        if name == "main":  # the table itself, from main.md, in every format's caption
+            assert all(line in caption for line in main_md.splitlines() if line.strip())
+            assert "| backprop" in caption and "| dgl" in caption
+
+    description = html.unescape(_script_var(page, "workflow-desc", "workflow_desc"))
+    assert "report-html-test" in description and "backprop, dgl" in description
+    assert "app.showCategory('Figures')" in description and "app.showCategory('Tables')" in description
+
+
+@needs_fashion_mnist
+def test_zip_report(finished):
+    workdir, configfile = finished
+    out = workdir / "results/report.zip"
+    result = snakemake(workdir, "--report", str(out), configfile=configfile)
+    assert result.returncode == 0, result.stderr[-4000:]
+    names = zipfile.ZipFile(out).namelist()
+    assert "report/report.html" in names
+    for name in FIGURE_NAMES:
+        assert any(n.endswith(f"/{name}.png") for n in names), name
