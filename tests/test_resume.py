@@ -4,6 +4,7 @@ what an uninterrupted run computes, in the same MLflow run."""
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,7 +19,8 @@ from conftest import REPO, needs_fashion_mnist
 
 from decoupled import config, grid
 from decoupled.data import load_prepared
-from decoupled.train import RESUME_FILE, fit, load_resume
+from decoupled.engines.base import StopRequest
+from decoupled.train import RESUME_FILE, Terminated, fit, load_resume
 
 
 def job(method, mode="sync", epochs=3, widths=(8, 16)):
@@ -60,6 +62,40 @@ def test_resuming_from_any_epoch_gives_the_uninterrupted_numbers(fashion_subset,
         state = torch.load(io.BytesIO(saved[epoch]), weights_only=True)
         resumed = fit(the_job, data, resume=state)
         assert numbers(resumed) == numbers(uninterrupted), f"resumed after epoch {epoch}"
+
+
+class StopAtCheck(StopRequest):
+    """A SIGTERM that arrives just before the engine's ``n``-th step (or tick) of the run."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.checks_left = n
+
+    def is_set(self):
+        self.checks_left -= 1
+        return self.checks_left < 0
+
+
+@pytest.mark.parametrize("method, mode", [("dgl", "sync"), ("ddg", "sync"), ("dni", "async"), ("dgl", "async")])
+def test_a_stop_inside_an_epoch_checkpoints_that_step_and_resumes_from_it(fashion_subset, method, mode):
+    data = load_prepared(fashion_subset)
+    the_job = job(method, mode)
+    saved = []
+
+    def checkpoint(state):
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        saved.append(buffer.getvalue())
+
+    uninterrupted = fit(the_job, data)
+    with pytest.raises(Terminated, match="stopped by SIGTERM at (step|tick) 15 of .* of epoch 2"):
+        # checks: one per step of epoch 1 (40 batches; async: 60 ticks, module 1 at half
+        # speed), one after it, then 15 steps into epoch 2
+        fit(the_job, data, checkpoint, stop=StopAtCheck((40 if mode == "sync" else 60) + 1 + 15))
+    state = torch.load(io.BytesIO(saved[-1]), weights_only=True)
+    assert state["epoch"] == 1 and state["stopped_inside_epoch"] and state["engine"]["partial"] is not None
+    resumed = fit(the_job, data, resume=state)
+    assert numbers(resumed) == numbers(uninterrupted)
 
 
 def test_a_checkpoint_of_another_configuration_is_ignored(tmp_path, capsys):
@@ -128,12 +164,13 @@ def run_to_the_end(tmp_path, the_job, data, out):
 
 def stop_during_epoch_2(tmp_path, the_job, data, out, signum):
     """Start the job, send ``signum`` once epoch 1 is done (its checkpoint is written before the
-    progress line), and return the exit status and output."""
+    progress line) and epoch 2 is under way, and return the exit status and output."""
     proc = start(tmp_path, the_job, data, out)
     lines = []
     for line in proc.stdout:
         lines.append(line)
         if "epoch 1/" in line:
+            time.sleep(0.2)  # an epoch takes about a second: this lands among its steps
             proc.send_signal(signum)
             break
     output, _ = proc.communicate(timeout=120)
@@ -170,8 +207,7 @@ def test_a_killed_job_run_again_resumes_into_the_same_mlflow_run(tmp_path, fashi
 
     metrics, output = run_to_the_end(tmp_path, the_job, fashion_subset, "run")
     assert "resuming after epoch" in output
-    reference, _ = run_to_the_end(tmp_path, the_job, fashion_subset, "reference")
-    assert numbers(metrics) == numbers(reference)
+    assert numbers(metrics) == numbers(fit(the_job, load_prepared(fashion_subset)))  # uninterrupted
     assert not (tmp_path / "run" / RESUME_FILE).exists()  # it became checkpoint.pt
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["epoch"] == 4
 
@@ -181,7 +217,7 @@ def test_a_killed_job_run_again_resumes_into_the_same_mlflow_run(tmp_path, fashi
     history = client.get_metric_history(killed.info.run_id, "test_acc")
     assert sorted(m.step for m in history) == [1, 2, 3, 4]  # each epoch logged once
     assert [m.value for m in sorted(history, key=lambda m: m.step)] == [e["test_acc"] for e in metrics["epochs"]]
-    assert len(child_runs()) == 2  # the killed-and-resumed job and the reference: no third
+    assert len(child_runs()) == 1  # the killed job resumed: no second run
 
 
 @needs_fashion_mnist
@@ -190,14 +226,18 @@ def test_sigterm_keeps_a_checkpoint_and_asks_to_be_run_again(tmp_path, fashion_s
     the_job = job("ddg", epochs=3, widths=(16, 32))
     code, output = stop_during_epoch_2(tmp_path, the_job, fashion_subset, "run", signal.SIGTERM)
     assert code == 75, output[-3000:]  # EX_TEMPFAIL
-    assert "stopped by SIGTERM; a rerun resumes after epoch" in output
+    # the engine finished the step at hand and saved it: the rerun goes on from that step
+    assert re.search(r"stopped by SIGTERM at step \d+ of 40 of epoch 2; a rerun resumes from .*resume.pt", output), output[-3000:]
     state = torch.load(tmp_path / "run" / RESUME_FILE, weights_only=True)
-    assert state["epoch"] >= 1 and state["mlflow_run_id"] and state["method"]["optimizers"]
+    assert state["epoch"] == 1 and state["stopped_inside_epoch"] and state["engine"]["partial"]["done"] >= 0
+    assert state["mlflow_run_id"] and state["method"]["optimizers"]
     assert not any((tmp_path / "run" / name).exists() for name in ("checkpoint.pt", "metrics.json", "config.json"))
     [stopped] = child_runs()
     assert stopped.info.status == "FAILED" and "SIGTERM" in stopped.data.tags["error"]
 
-    metrics, _ = run_to_the_end(tmp_path, the_job, fashion_subset, "run")
+    metrics, output = run_to_the_end(tmp_path, the_job, fashion_subset, "run")
+    assert "resuming inside epoch 2/3" in output
+    assert numbers(metrics) == numbers(fit(the_job, load_prepared(fashion_subset)))  # uninterrupted
     finished = client.get_run(stopped.info.run_id)
     assert finished.info.status == "FINISHED" and "error" not in finished.data.tags
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2, 3]

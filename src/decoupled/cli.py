@@ -235,7 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except UserError as e:
-        print(f"decoupled: error: {e}", file=sys.stderr)
+        try:
+            print(f"decoupled: error: {e}", file=sys.stderr)
+        except BrokenPipeError:  # e.g. a SIGTERM to the whole job stopped the `tee` we write to
+            pass
         return getattr(e, "exit_code", 2)  # 75 for a terminated job that may be run again
     return 0
 

@@ -9,9 +9,11 @@ scheduler and synthesizer, replay buffers and gradients in flight, the data orde
 states, step counters, the epochs so far and the MLflow run id). It is not one of the job's
 outputs, so Snakemake keeps it when it removes a failed job's outputs; a rerun of the same
 job continues from it, into the same MLflow run, and computes what an uninterrupted run
-computes. SIGTERM (a SLURM preemption) stops the job at once with exit status 75 (EX_TEMPFAIL:
-try again), keeping that checkpoint, so the job can be requeued. On success the last
-``resume.pt`` becomes ``checkpoint.pt``.
+computes. SIGTERM (a SLURM preemption) stops the job with exit status 75 (EX_TEMPFAIL: try
+again) so that it can be requeued: the simulated engines finish the step at hand and write a
+checkpoint of the epoch's progress too (a rerun goes on from that step); elsewhere (the
+distributed engine, evaluation) the job stops at once and the last epoch's checkpoint stays.
+On success the last ``resume.pt`` becomes ``checkpoint.pt``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 from decoupled import methods, model
 from decoupled.data import Dataset, load_prepared
 from decoupled.engines import ENGINES
+from decoupled.engines.base import EpochInterrupted, StopRequest
 from decoupled.errors import UserError
 from decoupled.files import atomic_path, write_json
 from decoupled.grid import RunKey
@@ -45,10 +48,6 @@ class Terminated(UserError):
     """SIGTERM (a scheduler's preemption, torchrun stopping the other workers when one fails, kill)."""
 
     exit_code = 75  # EX_TEMPFAIL: the job may be run again, and then resumes
-
-
-def _raise_terminated(signum, frame):
-    raise Terminated(f"stopped by {signal.Signals(signum).name}")
 
 
 def run_key(job: dict) -> RunKey:
@@ -120,14 +119,16 @@ def _split(job: dict, data: Dataset, K: int, distributed: bool) -> tuple[list[in
     return choice[0]
 
 
-def fit(job: dict, data: Dataset, checkpoint: Callable[[dict], None] | None = None, resume: dict | None = None) -> dict:
+def fit(job: dict, data: Dataset, checkpoint: Callable[[dict], None] | None = None, resume: dict | None = None,
+        stop: StopRequest | None = None) -> dict:
     """Train for ``train.epochs`` and return the metrics.
 
     ``checkpoint(state)`` is called before the first epoch and after each one, with everything
     a resumed job needs (``state["epochs"]`` holds the epoch records so far); ``resume`` is
-    such a state, to continue from. With the distributed engine every worker calls this; they
-    return the same metrics, and ``checkpoint`` is called on every worker (collecting the state
-    takes all of them).
+    such a state, to continue from. Once ``stop`` is set, training ends with ``Terminated``
+    after a last checkpoint: between two steps (simulated engines) or after the epoch.
+    With the distributed engine every worker calls this; they return the same metrics, and
+    ``checkpoint`` is called on every worker (collecting the state takes all of them).
     """
     torch.set_num_threads(job["train"]["threads"])
     key = run_key(job)
@@ -138,21 +139,28 @@ def fit(job: dict, data: Dataset, checkpoint: Callable[[dict], None] | None = No
         engine.load_checkpoint_state(resume)
         torch.set_rng_state(resume["torch_rng"])
         epochs, wall = list(resume["epochs"]), resume["wall_time_s"]
+    engine.stop = stop
     if engine.is_main:
         _print_split(key, split)
         if resume is not None:
-            print(f"[{key.name}] resuming after epoch {resume['epoch']}/{job['train']['epochs']} from its checkpoint", file=sys.stderr, flush=True)
+            where = f"inside epoch {resume['epoch'] + 1}" if resume.get("stopped_inside_epoch") else f"after epoch {resume['epoch']}"
+            print(f"[{key.name}] resuming {where}/{job['train']['epochs']} from its checkpoint", file=sys.stderr, flush=True)
 
-    def save(epoch: int) -> None:
+    def save(epoch: int, inside_next: bool = False) -> None:
+        """Checkpoint after ``epoch`` epochs (and, ``inside_next``, part of the next one)."""
         if checkpoint is not None:
             state = engine.checkpoint_state()  # collective under the distributed engine
             checkpoint({"net": net.state_dict(), **state, "split": split["counts"], "split_info": split, "epoch": epoch,
-                        "epochs": list(epochs), "wall_time_s": wall, "torch_rng": torch.get_rng_state()})
+                        "stopped_inside_epoch": inside_next, "epochs": list(epochs), "wall_time_s": wall, "torch_rng": torch.get_rng_state()})
 
     if resume is None:
         save(0)  # so that a job stopped in its first epoch, too, resumes into its MLflow run
     for epoch in range(len(epochs) + 1, job["train"]["epochs"] + 1):
-        stats = engine.run_epoch()
+        try:
+            stats = engine.run_epoch()
+        except EpochInterrupted as where:
+            save(epoch - 1, inside_next=True)  # the engine's state holds the epoch's progress
+            raise Terminated(f"stopped by SIGTERM at {where} of epoch {epoch}") from None
         wall += stats["seconds"]
         losses = stats["train_loss_per_module"]
         train_loss = losses[-1]
@@ -175,6 +183,8 @@ def fit(job: dict, data: Dataset, checkpoint: Callable[[dict], None] | None = No
         save(epoch)  # before the progress line, which thus means: this epoch is safe
         if engine.is_main:
             _print_progress(key, job["train"]["epochs"], record)
+        if stop is not None and stop.is_set():  # asked after the last step had looked
+            raise Terminated(f"stopped by SIGTERM after epoch {epoch}")
     engine.close()
     return {
         **{k: job["run"][k] for k in ("method", "mode", "K", "variant", "seed")},
@@ -264,22 +274,31 @@ def run_job(job: dict, data_path: str | Path, out_dir: str | Path, experiment: d
             if record["epoch"] not in logged:
                 run.log_metrics(epoch_metrics(record), step=record["epoch"])
     resume_path = out_dir / RESUME_FILE
-    saved_epoch = resume["epoch"] if resume is not None else None
+    logged_through = resume["epoch"] if resume is not None else 0
 
     def checkpoint(state: dict) -> None:
-        nonlocal saved_epoch
+        nonlocal logged_through
         # saved before it is logged: a job killed in between logs the epoch when it resumes
         with atomic_path(resume_path) as tmp:
             torch.save({**state, "job": job, "mlflow_run_id": run.run_id}, tmp)
-        saved_epoch = state["epoch"]
-        if state["epochs"] and state["epochs"][-1]["epoch"] == state["epoch"]:
-            run.log_metrics(epoch_metrics(state["epochs"][-1]), step=state["epoch"])
+        if state["epochs"] and state["epochs"][-1]["epoch"] > logged_through:
+            logged_through = state["epochs"][-1]["epoch"]
+            run.log_metrics(epoch_metrics(state["epochs"][-1]), step=logged_through)
 
-    # so that a terminated job, too, removes its outputs and marks its run FAILED
-    previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
+    # SIGTERM: inside an engine's step loop, a request to stop after the step at hand (with a
+    # checkpoint); anywhere else, at once. Either way the clean-up below runs.
+    stop = StopRequest()
+
+    def on_sigterm(signum, frame):
+        if stop.between_steps:
+            stop.set()
+        else:
+            raise Terminated("stopped by SIGTERM")
+
+    previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         started = time.time()
-        metrics = fit(job, data, checkpoint, resume)
+        metrics = fit(job, data, checkpoint, resume, stop)
         metrics.update(mlflow_run_id=run.run_id, started_at=started)
         write_json(out_dir / "config.json", job)
         write_json(out_dir / "metrics.json", metrics)
@@ -300,8 +319,8 @@ def run_job(job: dict, data_path: str | Path, out_dir: str | Path, experiment: d
             (out_dir / name).unlink(missing_ok=True)
         if isinstance(e, TrainingDiverged):  # the same job would diverge again from it
             resume_path.unlink(missing_ok=True)
-        elif isinstance(e, Terminated) and saved_epoch is not None:
-            e.args = (f"{key.name}: {e}; a rerun resumes after epoch {saved_epoch} from {resume_path}",)
+        elif isinstance(e, Terminated) and resume_path.exists():
+            e.args = (f"{key.name}: {e}; a rerun resumes from {resume_path}",)
         run.fail(f"{type(e).__name__}: {e}")
         raise
     finally:

@@ -6,14 +6,58 @@ over several processes, overrides them.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from decoupled.evaluate import evaluate
 from decoupled.model import SplitNet
 
 
+class StopRequest:
+    """A request to stop (SIGTERM: a preemption) that an engine honours between two steps.
+
+    ``train.run_job``'s signal handler calls ``set()`` while ``between_steps`` (the engine is in
+    its step loop); elsewhere it stops the job at once.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self.between_steps = False
+
+    def set(self) -> None:
+        self.requested = True
+
+    def is_set(self) -> bool:
+        return self.requested
+
+
+class EpochInterrupted(Exception):
+    """The engine stopped inside an epoch on a ``StopRequest``; its state holds the epoch's progress."""
+
+
 class Engine:
     is_main = True  # the process that prints progress, logs to MLflow and writes the outputs
+    # Set by train.fit. The simulated engines stop between two steps when it is set, keeping
+    # the epoch's progress in ``partial`` (part of their state), so that a checkpoint taken then
+    # resumes inside the epoch; the distributed engine does not look at it.
+    stop: StopRequest | None = None
+    partial: dict | None = None
+
+    @contextlib.contextmanager
+    def _stoppable(self):
+        """While the step loop runs, a stop request waits for the end of the current step."""
+        if self.stop is None:
+            yield
+            return
+        self.stop.between_steps = True
+        try:
+            yield
+        finally:
+            self.stop.between_steps = False
+
+    def _stop_requested(self) -> bool:
+        return self.stop is not None and self.stop.is_set()
 
     @property
     def steps_per_epoch(self) -> int:

@@ -17,5 +17,11 @@ class LossTally:
             self.sums[k] += loss.item()
             self.counts[k] += 1
 
+    def state_dict(self) -> dict:
+        return {"sums": list(self.sums), "counts": list(self.counts)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sums, self.counts = list(state["sums"]), list(state["counts"])
+
     def means(self) -> list[float | None]:
         return [total / count if count else None for total, count in zip(self.sums, self.counts)]

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from decoupled.engines.base import Engine
+from decoupled.engines.base import Engine, EpochInterrupted
 from decoupled.engines.batches import BatchStream
 from decoupled.engines.losses import LossTally
 from decoupled.methods.base import Method
@@ -31,18 +31,25 @@ class SimulatedEngine(Engine):
         """One pass over the training set; returns mean losses per module, images seen and seconds."""
         K = self.method.net.K
         self.method.net.train()
-        losses = LossTally(K)
+        losses, done, seconds_before = LossTally(K), 0, 0.0
+        if self.partial is not None:  # an epoch stopped part-way: go on where it stopped
+            losses.load_state_dict(self.partial["losses"])
+            done, seconds_before, self.partial = self.partial["done"], self.partial["seconds"], None
         start = time.perf_counter()
-        for _ in range(self.steps_per_epoch):
-            h, labels = self.batches.next()
-            for k in range(K):
-                h, loss, input_grad = self.method.module_step(k, h, labels)
-                losses.add(k, loss)
-                if input_grad is not None and k > 0:
-                    self._send_gradient(k - 1, input_grad)
-            self._deliver_gradients()
-            self.step += 1
-        seconds = time.perf_counter() - start
+        with self._stoppable():
+            for done in range(done, self.steps_per_epoch):
+                if self._stop_requested():
+                    self.partial = {"done": done, "losses": losses.state_dict(), "seconds": seconds_before + time.perf_counter() - start}
+                    raise EpochInterrupted(f"step {done} of {self.steps_per_epoch}")
+                h, labels = self.batches.next()
+                for k in range(K):
+                    h, loss, input_grad = self.method.module_step(k, h, labels)
+                    losses.add(k, loss)
+                    if input_grad is not None and k > 0:
+                        self._send_gradient(k - 1, input_grad)
+                self._deliver_gradients()
+                self.step += 1
+        seconds = seconds_before + time.perf_counter() - start
         return {"train_loss_per_module": losses.means(), "images": self.steps_per_epoch * self.batches.batch_size, "seconds": seconds}
 
     def _send_gradient(self, k: int, grad: torch.Tensor) -> None:
@@ -59,9 +66,10 @@ class SimulatedEngine(Engine):
                     self._send_gradient(k - 1, passed_down)
 
     def state_dict(self) -> dict:
-        return {"batches": self.batches.state_dict(), "step": self.step, "in_flight": [list(q) for q in self.in_flight]}
+        return {"batches": self.batches.state_dict(), "step": self.step, "in_flight": [list(q) for q in self.in_flight], "partial": self.partial}
 
     def load_state_dict(self, state: dict) -> None:
         self.batches.load_state_dict(state["batches"])
         self.step = state["step"]
         self.in_flight = [collections.deque(q) for q in state["in_flight"]]
+        self.partial = state["partial"]

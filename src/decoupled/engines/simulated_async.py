@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from decoupled.engines.base import Engine
+from decoupled.engines.base import Engine, EpochInterrupted
 from decoupled.engines.batches import BatchStream
 from decoupled.engines.buffers import Entry, FifoQueue, ReplayBuffer
 from decoupled.engines.losses import LossTally
@@ -51,11 +51,25 @@ class AsyncSimulator(Engine):
         K = self.method.net.K
         self.method.net.train()
         losses = LossTally(K)
-        steps_before, idle_before = list(self.steps), list(self.idle)
+        if self.partial is None:
+            # the whole epoch's order up front (it does not depend on training), so that an
+            # epoch stopped part-way can go on with the rest of it
+            ticks, seconds_before = list(self.schedule.epoch(self.steps_per_epoch)), 0.0
+            steps_before, idle_before = list(self.steps), list(self.idle)
+        else:
+            ticks, seconds_before = self.partial["ticks"], self.partial["seconds"]
+            steps_before, idle_before = self.partial["steps_before"], self.partial["idle_before"]
+            losses.load_state_dict(self.partial["losses"])
+            self.partial = None
         start = time.perf_counter()
-        for k in self.schedule.epoch(self.steps_per_epoch):
-            losses.add(k, self.worker_tick(k))
-        seconds = time.perf_counter() - start
+        with self._stoppable():
+            for i, k in enumerate(ticks):
+                if self._stop_requested():
+                    self.partial = {"ticks": ticks[i:], "seconds": seconds_before + time.perf_counter() - start,
+                                    "steps_before": steps_before, "idle_before": idle_before, "losses": losses.state_dict()}
+                    raise EpochInterrupted(f"tick {i} of {len(ticks)}")
+                losses.add(k, self.worker_tick(k))
+        seconds = seconds_before + time.perf_counter() - start
         steps = [a - b for a, b in zip(self.steps, steps_before)]
         return {
             "train_loss_per_module": losses.means(),
@@ -111,6 +125,7 @@ class AsyncSimulator(Engine):
             "idle": list(self.idle),
             "input_staleness": [dict(c) for c in self.input_staleness],
             "grad_staleness": [dict(c) for c in self.grad_staleness],
+            "partial": self.partial,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -123,6 +138,7 @@ class AsyncSimulator(Engine):
         self.steps, self.idle = list(state["steps"]), list(state["idle"])
         self.input_staleness = [collections.Counter(c) for c in state["input_staleness"]]
         self.grad_staleness = [collections.Counter(c) for c in state["grad_staleness"]]
+        self.partial = state["partial"]
 
 
 def staleness_summary(counts: collections.Counter) -> dict:
