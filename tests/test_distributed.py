@@ -143,8 +143,10 @@ def test_a_killed_worker_ends_the_job_with_an_error(tmp_path, fashion_subset):
     assert_failed_cleanly(tmp_path, code, output)
 
 
-def test_a_terminated_sync_dgl_job_resumes_with_the_uninterrupted_numbers(tmp_path, fashion_subset):
-    cfg = config("dgl", "sync", train={"epochs": 3})
+def test_a_terminated_sync_ddg_job_resumes_with_the_uninterrupted_numbers(tmp_path, fashion_subset):
+    # DDG: at the end of an epoch delayed gradients are still on their way down; the
+    # checkpoint holds them, and the resumed workers apply them when they fall due
+    cfg = config("ddg", "sync", train={"epochs": 3})
     proc = launch(tmp_path, cfg, fashion_subset)
     lines = []
     for line in proc.stdout:

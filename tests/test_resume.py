@@ -107,16 +107,6 @@ def test_a_checkpoint_of_another_configuration_is_ignored(tmp_path, capsys):
     assert load_resume(tmp_path, the_job) is None
 
 
-def test_distributed_jobs_whose_gradients_travel_start_afresh(tmp_path, capsys):
-    ddg = {**job("ddg"), "engine": "distributed"}
-    torch.save({"job": ddg, "epoch": 1}, tmp_path / RESUME_FILE)
-    assert load_resume(tmp_path, ddg) is None
-    assert "gradients in flight" in capsys.readouterr().err
-    dgl = {**job("dgl"), "engine": "distributed"}
-    torch.save({"job": dgl, "epoch": 1}, tmp_path / RESUME_FILE)
-    assert load_resume(tmp_path, dgl)["epoch"] == 1
-
-
 def test_any_exception_fails_the_run_removes_the_outputs_and_keeps_the_checkpoint(tmp_path, fashion_subset, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     from mlflow.tracking import MlflowClient

@@ -342,17 +342,7 @@ def load_resume(out_dir: Path, job: dict) -> dict | None:
     if state.get("job") != job:
         print(f"[{name}] ignoring {path}: it was written for another configuration of this job; starting afresh", file=sys.stderr, flush=True)
         return None
-    if not resumable(job):
-        print(f"[{name}] cannot resume from {path}: gradients in flight between distributed workers are not "
-              "checkpointed (only methods that send none back, such as DGL, resume); starting afresh", file=sys.stderr, flush=True)
-        return None
     return state
-
-
-def resumable(job: dict) -> bool:
-    """Whether a checkpoint holds everything in flight: always in one process; across distributed
-    workers only if no gradients travel back between them (their messages are not saved)."""
-    return job["engine"] != "distributed" or methods.get(job["run"]["method"]).input_buffer == "replay"
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -53,6 +53,7 @@ class Outbox:
         self.max_in_flight, self.timeout = max_in_flight, datetime.timedelta(seconds=timeout_s)
         self.in_flight: collections.deque = collections.deque()  # (works, tensors kept alive until sent)
         self.bytes_sent = 0
+        self.sent = 0  # messages, so that a checkpoint can wait until the receiver has them all
         self.wait_s = 0.0  # time spent waiting for the receiver (back-pressure)
 
     def send(self, kind: int, step: int, tensors: list[torch.Tensor] = ()) -> None:
@@ -61,6 +62,7 @@ class Outbox:
         works = [dist.isend(t, self.peer, group=self.group) for t in payload]
         self.in_flight.append((works, payload))
         self.bytes_sent += sum(t.numel() * t.element_size() for t in payload)
+        self.sent += 1
         while len(self.in_flight) > self.max_in_flight:
             self._wait_oldest()
 
@@ -85,6 +87,7 @@ class Inbox:
         self.timeout_s = timeout_s
         self.queue: queue.Queue[Message] = queue.Queue(maxsize=capacity)  # 0 = unbounded
         self.error: str | None = None
+        self.received = 0  # messages, counted when they are in the queue
         self.thread = threading.Thread(target=self._receive_all, name=f"inbox-{what}", daemon=True)
         self.thread.start()
 
@@ -102,6 +105,7 @@ class Inbox:
                         tensors.append(torch.empty(spec.shape, dtype=spec.dtype, device=self.device))
                         dist.recv(tensors[-1], self.peer, group=self.group)
                 self.queue.put(Message(kind, step, tensors))
+                self.received += 1
                 if kind == STOP:
                     return
         except Exception as e:  # the peer died or timed out: tell the worker's main thread
@@ -124,6 +128,27 @@ class Inbox:
 
     def __len__(self) -> int:
         return self.queue.qsize()
+
+    def settle(self, sent: int) -> None:
+        """Wait until the ``sent`` messages the peer has sent so far are all in the queue."""
+        deadline = time.monotonic() + self.timeout_s
+        while self.received < sent:
+            if self.error is not None:
+                raise PeerLost(f"{self.what}: lost worker {self.peer} ({self.error})")
+            if time.monotonic() > deadline:
+                raise PeerLost(f"{self.what}: {sent - self.received} message(s) of worker {self.peer} did not arrive within {self.timeout_s:g} s")
+            time.sleep(0.001)
+
+    def snapshot(self) -> list[list]:
+        """The messages waiting in the queue, oldest first, as plain lists (for a checkpoint)."""
+        with self.queue.mutex:
+            return [[m.kind, m.step, list(m.tensors)] for m in self.queue.queue]
+
+    def restore(self, messages: list[list]) -> None:
+        """Put a checkpoint's waiting messages back, before any that arrived since."""
+        with self.queue.mutex:
+            self.queue.queue.extendleft(Message(kind, step, [t.to(self.device) for t in tensors]) for kind, step, tensors in reversed(messages))
+            self.queue.not_empty.notify_all()
 
     def join(self) -> None:
         self.thread.join(timeout=self.timeout_s)

@@ -282,7 +282,18 @@ class DistributedEngine(Engine):
         return {"test_acc": per_module[-1], "test_acc_per_module": per_module, "test_loss": loss, "n_test": n}
 
     def checkpoint_state(self) -> dict:
-        """Each worker's method state (its module's optimizer, pending state) and engine state, on worker 0."""
+        """Each worker's method state (its module's optimizer, pending state) and engine state, on worker 0.
+
+        Gradients still travelling down are part of it: every worker first waits until its
+        inbox from the worker above holds all that worker has sent, then saves the waiting ones.
+        """
+        if self.gradients_travel:
+            if self.to_prev is not None:
+                self.to_prev.flush()
+            sent = [None] * self.K
+            self._together("counting the messages in flight", dist.all_gather_object, sent, self.to_prev.sent if self.to_prev else 0, group=self.everyone)
+            if self.from_next is not None:
+                self.from_next.settle(sent[self.k + 1])
         local = {"method": self.method.state_dict(), "engine": self.state_dict()}
         workers = [None] * self.K if self.is_main else None
         self._together("gathering the checkpoint", dist.gather_object, local, workers, dst=0, group=self.everyone)
@@ -301,11 +312,12 @@ class DistributedEngine(Engine):
             "forwarded_at": list(self.forwarded_at),
             "input_staleness": dict(self.input_staleness),
             "grad_staleness": dict(self.grad_staleness),
+            # gradients (and sync mode's END_STEP marks) received but not yet applied; nothing
+            # else waits at an epoch's end: activations are all taken within their epoch
+            "from_next": self.from_next.snapshot() if self.from_next is not None else [],
         }
 
     def load_state_dict(self, state: dict) -> None:
-        # Messages still in flight between workers are not in a checkpoint: train.py resumes a
-        # distributed job only where none can be (no gradients travel back, see resumable()).
         self.batches.load_state_dict(state["batches"])
         self.steps, self.newest_input = state["steps"], state["newest_input"]
         if self.buffer is not None:
@@ -313,6 +325,8 @@ class DistributedEngine(Engine):
         self.forwarded_at = collections.deque(state["forwarded_at"])
         self.input_staleness = collections.Counter(state["input_staleness"])
         self.grad_staleness = collections.Counter(state["grad_staleness"])
+        if self.from_next is not None:
+            self.from_next.restore(state["from_next"])
 
     def close(self) -> None:
         """Tell the neighbours to stop receiving, wait for the last sends, leave the group."""
