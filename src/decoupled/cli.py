@@ -105,11 +105,10 @@ def cmd_train(args) -> None:
 
 def _launch_workers(job: dict) -> None:
     """Run this very command as K worker processes under torchrun on this machine."""
+    import signal
     import subprocess
 
     from decoupled.grid import RunKey, torchrun_args
-
-    import signal
 
     command = [sys.executable, "-m", "torch.distributed.run", *torchrun_args(job), "-m", "decoupled", *sys.argv[1:]]
     agent = subprocess.Popen(command)
