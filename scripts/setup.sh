@@ -25,8 +25,8 @@ if [ ${#packages[@]} -gt 0 ] && command -v apt-get >/dev/null; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
     echo "setup: installing ${packages[*]} with apt-get" >&2
-    if ! { $sudo apt-get update -qq && $sudo apt-get install -y -qq "${packages[@]}"; } >&2; then
-        echo "setup: warning: apt-get failed; without dataset-fashion-mnist the data is downloaded by torchvision" >&2
+    if ! { $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${packages[@]}"; } >&2; then
+        echo "setup: warning: apt-get failed: without dataset-fashion-mnist the data is downloaded by torchvision; without their servers the SLURM and PostgreSQL tests skip" >&2
     fi
 fi
 
