@@ -135,14 +135,14 @@ class ChildRun:
 
         client = _client(experiment["tracking_uri"])
         try:
-            info = client.get_run(run_id).info
+            stored = client.get_run(run_id)
         except MlflowException:
             return None
-        if info.experiment_id != experiment["experiment_id"] or info.lifecycle_stage != "active":
+        if stored.info.experiment_id != experiment["experiment_id"] or stored.info.lifecycle_stage != "active":
             return None
         client.update_run(run_id, status="RUNNING")
         run = cls(experiment, run_id)
-        tags = client.get_run(run_id).data.tags
+        tags = stored.data.tags
         if "error" in tags:  # what stopped the last attempt; the run goes on
             client.delete_tag(run_id, "error")
         resumes = int(tags.get("resumes", "0")) + 1
