@@ -21,11 +21,11 @@ from pathlib import Path
 
 import pytest
 
+from conftest import FASHION_DIR
+
 from decoupled import config, grid
 from decoupled.config import flatten
 from decoupled.files import read_json
-
-FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 # Imports what a training job imports, waits for the gate file, then runs the CLI exactly as
 # `python -m decoupled ARGS...` does.

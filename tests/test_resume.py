@@ -172,9 +172,10 @@ def tracking(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     from mlflow.tracking import MlflowClient
 
+    from mlflow_check import init_tracking
+
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    subprocess.run([sys.executable, "-m", "decoupled", "init-tracking", "--experiment", "resume-test", "--tracking-uri", uri,
-                    "--out", str(tmp_path / "tracking.json")], check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    init_tracking(uri, tmp_path / "tracking.json", "resume-test")
     client = MlflowClient(uri)
 
     def child_runs():
