@@ -159,11 +159,16 @@ def torchrun(K: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--nproc-per-node={K}"]
 
 
+def worker_args(job_path: Path, steps: int, out: Path) -> list[str]:
+    """This script's arguments to train ``job_path`` in a measured process."""
+    return [__file__, "--worker", str(job_path), "--steps", str(steps), "--batch-size", str(BATCH), "--out", str(out)]
+
+
 def measure_ours(tmp: Path, name: str, job: dict, steps: int) -> dict:
     job_path, out = tmp / f"{name}.job.json", tmp / f"{name}.json"
     job_path.write_text(json.dumps(job))
     launcher = torchrun(job["run"]["K"]) if job["engine"] == "distributed" else [sys.executable]
-    run([*launcher, __file__, "--worker", str(job_path), "--steps", str(steps), "--batch-size", str(BATCH), "--out", str(out)], name)
+    run([*launcher, *worker_args(job_path, steps, out)], name)
     record = json.loads(out.read_text())
     steps_done = record.get("steps_per_module") or [steps]
     images = min(steps_done) * BATCH
@@ -181,8 +186,7 @@ def measure_independent(tmp: Path, name: str, job: dict, steps: int, K: int) -> 
     job_path.write_text(json.dumps(job))
     outs = [tmp / f"{name}.{i}.json" for i in range(K)]
     procs = [
-        subprocess.Popen([sys.executable, __file__, "--worker", str(job_path), "--steps", str(steps), "--batch-size", str(BATCH), "--out", str(out)],
-                         env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen([sys.executable, *worker_args(job_path, steps, out)], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for out in outs
     ]
     for proc in procs:
@@ -245,17 +249,17 @@ def summarize(name: str, rounds: list[dict], K: int) -> dict:
     """One variant over the rounds: medians, and ratios taken within each round first."""
     samples = [r[name] for r in rounds]
 
-    def ratio_to(other: str) -> float:
-        return statistics.median(r[name]["images_per_s"] / r[other]["images_per_s"] for r in rounds)
+    def ratios_to(other: str) -> list[float]:
+        return [r[name]["images_per_s"] / r[other]["images_per_s"] for r in rounds]
 
+    speedups = ratios_to("backprop_1thread")
     summary = {
         **samples[0],
         "images_per_s": statistics.median(s["images_per_s"] for s in samples),
-        "speedup": ratio_to("backprop_1thread"),
-        "speedup_range": [min(r[name]["images_per_s"] / r["backprop_1thread"]["images_per_s"] for r in rounds),
-                          max(r[name]["images_per_s"] / r["backprop_1thread"]["images_per_s"] for r in rounds)],
-        "vs_Kthreads": ratio_to(f"backprop_{K}threads"),
-        "of_ceiling": ratio_to(f"independent_{K}x1thread"),
+        "speedup": statistics.median(speedups),
+        "speedup_range": [min(speedups), max(speedups)],
+        "vs_Kthreads": statistics.median(ratios_to(f"backprop_{K}threads")),
+        "of_ceiling": statistics.median(ratios_to(f"independent_{K}x1thread")),
         "samples": samples,
     }
     if "busy_frac_per_stage" in samples[0]:
