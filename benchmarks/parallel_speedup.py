@@ -18,11 +18,15 @@ buffer does not count twice. Each variant trains 2 epochs in a fresh process (to
 parallel ones) through ``decoupled.train.fit``; the second epoch is measured. Processes are
 not pinned to cores: pinned, the 1-thread baseline ran slower here (median 525 vs 603 img/s).
 
-Single runs on a shared machine vary by 10 % or more, so every variant is measured in
-``--repeats`` rounds, interleaved (round r measures every variant once, in the same order),
-and a ratio is taken within each round, then the median over rounds: a slow spell of the
-machine then slows the variants it is compared with as well. Images/s and busy fractions are
-medians over rounds too; every round's numbers are kept in the JSON (``samples``).
+Single runs on a shared machine vary by 10 % or more, and the speed of this machine's cores
+drifts by as much within a minute, so every variant is measured in ``--repeats`` rounds,
+interleaved (round r measures every variant once, in the same order), and the 1-thread
+baseline is measured again between every two variants: a variant's speedup in a round is
+taken against the baseline runs just before and just after it (their geometric mean), then
+the median over rounds is kept. Ratios to another variant (K threads, the ceiling) are ratios
+of these speedups. Images/s and busy fractions are medians over rounds too; every round's
+numbers are kept in the JSON (``samples``; each with the ``baseline_images_per_s`` it was
+compared with).
 
 Three networks (``SIZES``): the default config's, 4x wider, and 24 layers deep; each split by
 ``model.split: balanced`` measured once and then fixed for every variant. The targets of the
@@ -45,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -230,8 +235,8 @@ def measure_size(tmp: Path, network: dict, K: int, steps: int, repeats: int) -> 
         plan[f"{method}_{mode}"] = lambda name, job=job: measure_ours(tmp, name, job, steps)
     rounds = []
     for round_ in range(repeats):
-        rounds.append({name: measure(name) for name, measure in plan.items()})
-        line = "  ".join(f"{name} {r['images_per_s']:.0f}" for name, r in rounds[-1].items())
+        rounds.append(measure_round(plan))
+        line = "  ".join(f"{name} {v['images_per_s']:.0f}" for name, v in rounds[-1].items())
         print(f"  round {round_ + 1}/{repeats} (img/s): {line}", file=sys.stderr)
     variants = {name: summarize(name, rounds, K) for name in plan}
     for name, v in variants.items():
@@ -245,14 +250,37 @@ def measure_size(tmp: Path, network: dict, K: int, steps: int, repeats: int) -> 
     return size
 
 
+def measure_round(plan: dict) -> dict:
+    """Every variant once, in order, with the 1-thread baseline measured before the first and
+    after each: a variant's ``baseline_images_per_s`` is the geometric mean of the baseline
+    runs on either side of it, the machine's speed as close in time as can be had."""
+    baseline, *others = plan
+    baselines = [plan[baseline](baseline)]
+    results = {}
+    for name in others:
+        results[name] = plan[name](name)
+        baselines.append(plan[baseline](baseline))
+        results[name]["baseline_images_per_s"] = math.sqrt(baselines[-2]["images_per_s"] * baselines[-1]["images_per_s"])
+    median = statistics.median(b["images_per_s"] for b in baselines)
+    results[baseline] = {**baselines[0], "images_per_s": median, "baseline_images_per_s": median, "runs_images_per_s": [b["images_per_s"] for b in baselines]}
+    return {baseline: results[baseline], **{name: results[name] for name in others}}
+
+
 def summarize(name: str, rounds: list[dict], K: int) -> dict:
-    """One variant over the rounds: medians, and ratios taken within each round first."""
+    """One variant over the rounds: medians, and ratios taken within each round first.
+
+    A round's speedup divides by the baseline measured next to the variant (its
+    ``baseline_images_per_s``; the round's ``backprop_1thread`` where there is none)."""
     samples = [r[name] for r in rounds]
 
-    def ratios_to(other: str) -> list[float]:
-        return [r[name]["images_per_s"] / r[other]["images_per_s"] for r in rounds]
+    def speedup(r: dict, variant: str) -> float:
+        baseline = r[variant].get("baseline_images_per_s", r["backprop_1thread"]["images_per_s"])
+        return r[variant]["images_per_s"] / baseline
 
-    speedups = ratios_to("backprop_1thread")
+    def ratios_to(other: str) -> list[float]:
+        return [speedup(r, name) / speedup(r, other) for r in rounds]
+
+    speedups = [speedup(r, name) for r in rounds]
     summary = {
         **samples[0],
         "images_per_s": statistics.median(s["images_per_s"] for s in samples),

@@ -68,6 +68,39 @@ def test_one_bad_round_does_not_move_the_median(bench):
     assert summary["speedup_range"] == pytest.approx([1.82, 185 / 60])
 
 
+def test_each_variant_is_compared_with_the_baseline_measured_beside_it(bench):
+    # the machine halves its speed halfway through the round: the baseline runs before and
+    # after each variant say how fast it was then
+    speeds = iter([100, 100, 50, 50])
+    measured = []
+
+    def measure(value):
+        def run(name):
+            measured.append(name)
+            return {"images_per_s": next(speeds) if value is None else value}
+        return run
+
+    # (the variants' names are those ``summarize`` compares with; their numbers are made up)
+    plan = {"backprop_1thread": measure(None), "backprop_2threads": measure(190), "independent_2x1thread": measure(95), "dgl_sync": measure(95)}
+    round_ = bench.measure_round(plan)
+    assert measured == ["backprop_1thread", "backprop_2threads", "backprop_1thread", "independent_2x1thread", "backprop_1thread", "dgl_sync", "backprop_1thread"]
+    assert list(round_) == list(plan)
+    assert round_["backprop_1thread"]["images_per_s"] == 75  # the median of its 4 runs
+    assert round_["backprop_1thread"]["runs_images_per_s"] == [100, 100, 50, 50]
+    speedups = {name: bench.summarize(name, [round_], K=2)["speedup"] for name in list(plan)[1:]}
+    # before the slow spell, across it (geometric mean of 100 and 50), in it
+    assert speedups == pytest.approx({"backprop_2threads": 1.9, "independent_2x1thread": 95 / (100 * 50) ** 0.5, "dgl_sync": 1.9})
+
+
+def test_ratios_between_variants_use_each_ones_own_baseline(bench):
+    round_ = one_round(base=100, threads=160, ceiling=195, dgl=95, busy=[0.95, 0.97])
+    round_["dgl_sync"]["baseline_images_per_s"] = 50  # DGL ran while the machine ran at half speed
+    summary = bench.summarize("dgl_sync", [round_], K=2)
+    assert summary["speedup"] == pytest.approx(1.9)
+    assert summary["vs_Kthreads"] == pytest.approx(1.9 / 1.6)
+    assert summary["of_ceiling"] == pytest.approx(1.9 / 1.95)
+
+
 @pytest.mark.parametrize(
     "dgl, busy, threads, met",
     [
