@@ -116,3 +116,25 @@ def test_the_targets_need_all_three(bench, dgl, busy, threads, met):
     targets = bench.check_targets(variants, K=2)
     assert targets["dgl_sync"]["met"] is met
     assert sum(targets["dgl_sync"]["checks"].values()) == (3 if met else 2)
+
+
+def test_neighbouring_splits_move_one_boundary_and_keep_every_module(bench):
+    assert bench.neighbouring_splits([6, 18]) == [[6, 18], [5, 19], [7, 17], [4, 20], [8, 16]]
+    assert bench.neighbouring_splits([1, 2], window=2) == [[1, 2], [2, 1]]
+    assert bench.neighbouring_splits([3, 3, 3], window=1) == [[3, 3, 3], [2, 4, 3], [4, 2, 3], [3, 2, 4], [3, 4, 2]]
+
+
+def test_split_trial_keeps_the_cut_that_trains_fastest_in_the_median(bench):
+    # [8, 16] is fastest in 2 of 3 rounds; [7, 17] once, by a spike that the median ignores
+    speeds = {"[6, 18]": [100, 100, 100], "[5, 19]": [90, 90, 90], "[7, 17]": [105, 200, 105], "[4, 20]": [80, 80, 80], "[8, 16]": [120, 110, 120]}
+    calls = []
+
+    def measure(cut):
+        calls.append(cut)
+        return {"images_per_s": speeds[str(cut)][sum(c == cut for c in calls) - 1]}
+
+    chosen, trial = bench.choose_split_by_trial([6, 18], measure, rounds=3)
+    assert chosen == [8, 16]
+    assert calls == bench.neighbouring_splits([6, 18]) * 3  # interleaved: every cut once per round
+    assert trial["profiled"] == [6, 18] and trial["chosen"] == [8, 16]
+    assert trial["images_per_s"] == speeds
