@@ -66,6 +66,7 @@ import torch
 from decoupled import grid, profile, scaling
 from decoupled.config import validate
 from decoupled.data import Dataset
+from decoupled.engines.distributed import worker_cores
 from decoupled.files import write_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -188,13 +189,21 @@ def measure_ours(tmp: Path, name: str, job: dict, steps: int) -> dict:
 
 
 def measure_independent(tmp: Path, name: str, job: dict, steps: int, K: int) -> dict:
-    """K copies of a 1-process job at once; their images/s summed."""
+    """K copies of a 1-process job at once; their images/s summed. Each copy is bound to a
+    core of its own as the distributed workers are (``distributed.pin_cores``), where they fit."""
     job_path = tmp / f"{name}.job.json"
     job_path.write_text(json.dumps(job))
     outs = [tmp / f"{name}.{i}.json" for i in range(K)]
+    allowed = sorted(os.sched_getaffinity(0))
+
+    def bind(i: int):
+        cores = worker_cores(allowed, i, K, job["train"]["threads"])
+        return (lambda: os.sched_setaffinity(0, cores)) if cores is not None else None
+
     procs = [
-        subprocess.Popen([sys.executable, *worker_args(job_path, steps, out)], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for out in outs
+        subprocess.Popen([sys.executable, *worker_args(job_path, steps, out)], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=bind(i))
+        for i, out in enumerate(outs)
     ]
     for proc in procs:
         stdout, stderr = proc.communicate()

@@ -75,6 +75,9 @@ def test_sync_workers_compute_what_the_simulator_computes(tmp_path, fashion_subs
     steps = 2000 // 50
     assert last["steps_per_module"] == [steps, steps]
     assert all(0 < f <= 1 for f in last["busy_frac_per_module"])
+    # each worker bound to a core of its own (distributed.pin_cores, on by default)
+    cores = last["cores_per_module"]
+    assert [len(c) for c in cores] == [1, 1] and cores[0] != cores[1]
     # module 0 sends activations and labels; module 1 sends gradients back only in DDG
     activations, labels = 50 * 8 * 14 * 14 * 4, 50 * 8  # bytes per batch, headers aside
     assert steps * (activations + labels) <= last["bytes_sent_per_module"][0] <= steps * (activations + labels + 64)
@@ -180,6 +183,23 @@ def test_a_hung_worker_ends_the_job_after_the_timeout(tmp_path, fashion_subset):
     # worker 0 names the peer that stopped answering, or the collective it hung in
     assert re.search(r"decoupled: error: .*(worker 1 sent nothing for 5 s|stopped receiving|a worker did not answer within 5 s)", output)
     assert_failed_cleanly(tmp_path, code, output)
+
+
+def test_workers_keep_cores_of_their_own_only_when_all_fit():
+    from decoupled.engines.distributed import worker_cores
+
+    # a SLURM allocation of CPUs 4-7: worker 1 of 2, 2 threads each, takes the second pair
+    assert worker_cores([4, 5, 6, 7], local_rank=1, local_world=2, threads=2) == [6, 7]
+    assert worker_cores([0, 1], local_rank=0, local_world=2, threads=1) == [0]
+    assert worker_cores([0, 1], local_rank=1, local_world=3, threads=1) is None  # 3 workers on 2 cores share
+    assert worker_cores([0, 1, 2, 3], local_rank=0, local_world=2, threads=3) is None
+
+
+def test_pinning_can_be_turned_off(tmp_path, fashion_subset):
+    cfg = config("dgl", "sync", distributed={"pin_cores": False}, train={"epochs": 1})
+    metrics, _ = train(tmp_path, cfg, fashion_subset)
+    allowed = sorted(os.sched_getaffinity(0))
+    assert metrics["epochs"][-1]["cores_per_module"] == [allowed, allowed]
 
 
 def test_backprop_has_no_distributed_form_unless_overridden():

@@ -81,7 +81,7 @@ def build(job: dict, data: Dataset, split: dict | None = None):
     if distributed:
         from decoupled.engines.distributed import join_workers
 
-        device = join_workers(key.K, train_cfg["device"], job["distributed"]["timeout_s"])
+        device = join_workers(key.K, train_cfg["device"], job["distributed"]["timeout_s"], job["distributed"]["pin_cores"], train_cfg["threads"])
     else:
         device = _device(train_cfg["device"])
     counts, split_info = (split["counts"], split) if split is not None else _split(job, data, key.K, distributed)

@@ -45,13 +45,23 @@ from decoupled.evaluate import evaluate
 from decoupled.methods.base import Method
 
 
-def join_workers(K: int, device: str, timeout_s: float) -> torch.device:
-    """Join the process group torchrun set up; returns this worker's device."""
+def join_workers(K: int, device: str, timeout_s: float, pin_cores: bool = False, threads: int = 1) -> torch.device:
+    """Join the process group torchrun set up; returns this worker's device.
+
+    With ``pin_cores`` a CPU worker first binds itself to cores of its own (``worker_cores``),
+    before the process group starts its threads, so that they inherit the binding. GPU workers
+    are left alone: there the cores near each GPU matter (torchrun's ``--numa-binding``).
+    """
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise UserError("engine 'distributed' runs one process per module: launch with torchrun --nproc-per-node K (the workflow and `decoupled train` do)")
     world = int(os.environ["WORLD_SIZE"])
     if world != K:
         raise UserError(f"engine 'distributed' needs one process per module: K={K} but torchrun started {world}")
+    if pin_cores and device == "cpu" and hasattr(os, "sched_setaffinity"):
+        local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        cores = worker_cores(sorted(os.sched_getaffinity(0)), local_rank, local_world, threads)
+        if cores is not None:
+            os.sched_setaffinity(0, cores)
     if device == "cuda":
         local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(local)
@@ -67,6 +77,21 @@ def join_workers(K: int, device: str, timeout_s: float) -> torch.device:
 
 
 JOIN_TIMEOUT_S = 600
+
+
+def worker_cores(allowed: list[int], local_rank: int, local_world: int, threads: int) -> list[int] | None:
+    """The CPUs worker ``local_rank`` of a node keeps to itself: the ``threads`` after those of
+    the workers before it, among the CPUs the job may use (``allowed``: a SLURM allocation or a
+    cgroup may give fewer than the machine has). None when the node's workers do not all fit:
+    then sharing is unavoidable and the OS places them.
+
+    Why bind at all: unbound, the OS moved the workers of a 2-stage pipeline between this
+    machine's 2 cores, and each one's receiving threads woke on the other's core; bound, DGL
+    trained 7 % faster (median of 7 paired runs, 24-layer network, batch 32).
+    """
+    if local_world * threads > len(allowed):
+        return None
+    return allowed[local_rank * threads : (local_rank + 1) * threads]
 
 
 class DistributedEngine(Engine):
@@ -126,6 +151,7 @@ class DistributedEngine(Engine):
             "idle_s": self.receive_wait_s + self._outbox_wait() - waits_before,
             "loop_s": loop_s,
             "queue_depth": sum(self.queue_depths) / len(self.queue_depths) if self.queue_depths else 0.0,
+            "cores": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
             "bytes_sent": self._bytes_sent() - bytes_before,
             "input_staleness": staleness_summary(self.input_staleness),
             "grad_staleness": staleness_summary(self.grad_staleness),
@@ -144,6 +170,7 @@ class DistributedEngine(Engine):
             "busy_frac_per_module": [w["busy_s"] / seconds for w in workers],
             "queue_depth_per_module": [w["queue_depth"] for w in workers],
             "bytes_sent_per_module": [w["bytes_sent"] for w in workers],
+            "cores_per_module": [w["cores"] for w in workers],  # the CPUs each worker may run on
         }
         if self.asynchronous:
             stats.update(input_staleness=[w["input_staleness"] for w in workers], grad_staleness=[w["grad_staleness"] for w in workers])
