@@ -377,16 +377,17 @@ def plot(results: dict, path_stem: Path) -> None:
     fig, (bars, curve) = plt.subplots(1, 2, figsize=(12, 4.5))
     names = list(next(iter(results["sizes"].values()))["variants"])
     width = 0.8 / len(results["sizes"])
+    # one colour per network, the same in both panels whichever networks a run measured
+    colors = {size: f"C{i}" for i, size in enumerate([*SIZES, *(s for s in results["sizes"] if s not in SIZES)])}
     for i, (size, r) in enumerate(results["sizes"].items()):
         speedups = [r["variants"][n]["speedup"] for n in names]
         spread = [[s - r["variants"][n]["speedup_range"][0] for n, s in zip(names, speedups)], [r["variants"][n]["speedup_range"][1] - s for n, s in zip(names, speedups)]]
-        bars.bar([j + i * width for j in range(len(names))], speedups, width, yerr=spread, capsize=2, label=f"{size} ({len(r['widths'])} layers, split {r['split']})")
+        bars.bar([j + i * width for j in range(len(names))], speedups, width, yerr=spread, capsize=2, color=colors[size], label=f"{size} ({len(r['widths'])} layers, split {r['split']})")
     bars.axhline(1, color="grey", lw=0.8)
     bars.set_xticks([j + width * (len(results["sizes"]) - 1) / 2 for j in range(len(names))], names, rotation=35, ha="right")
     bars.set_ylabel("speedup over backprop, 1 process, 1 thread\n(median over rounds; bars: min-max)")
     bars.set_title(f"K={results['K']} on {results['machine']['cpu_count']} cores")
     bars.legend()
-    colors = dict(zip(results["sizes"], ("C0", "C1", "C2")))
     for label, points in results["scaling"].items():
         curve.plot([p["K"] for p in points], [p["speedup"] for p in points], "o-", color=colors.get(label), label=f"estimate, {label}")
     Ks = sorted({p["K"] for points in results["scaling"].values() for p in points})
