@@ -15,8 +15,10 @@ On the same network, split the same way, with the same data, batch size and nume
 Training throughput is counted as batches that *every* module has trained on, per second
 (``min_k steps_k x batch / seconds``): an async upper module that re-trains on its replay
 buffer does not count twice. Each variant trains 2 epochs in a fresh process (torchrun for the
-parallel ones) through ``decoupled.train.fit``; the second epoch is measured. Processes are
-not pinned to cores: pinned, the 1-thread baseline ran slower here (median 525 vs 603 img/s).
+parallel ones) through ``decoupled.train.fit``; the second epoch is measured. The distributed
+workers bind themselves to a core each (``distributed.pin_cores``: 7 % faster here), and so do
+the independent copies; the 1-thread baseline is left unbound, where it ran faster here (median
+603 vs 525 img/s bound).
 
 Single runs on a shared machine vary by 10 % or more, and the speed of this machine's cores
 drifts by as much within a minute, so every variant is measured in ``--repeats`` rounds,
@@ -31,8 +33,8 @@ compared with).
 Three networks (``SIZES``): the default config's, 4x wider, and 24 layers deep; each split by
 ``model.split: balanced``, then (``--split-trial ROUNDS``, default 2) that cut and the cuts
 moving its boundary by up to 2 layers are trained with DGL sync on the distributed engine and
-the fastest is kept (``split_trial`` in the JSON), fixed for every pipeline variant. The targets of the
-issue that asked for this benchmark (at K=2: DGL >= 1.8x backprop with 1 thread, every stage
+the fastest is kept (``split_trial`` in the JSON), fixed for every pipeline variant. The
+targets of the issue that asked for this benchmark (at K=2: DGL >= 1.8x backprop with 1 thread, every stage
 busy >= 90 %, >= 1.1x backprop with K threads; generally 0.9 K) are checked for DGL sync and
 async on each network and printed, and written under ``targets``.
 
