@@ -34,9 +34,9 @@ Three networks (``SIZES``): the default config's, 4x wider, and 24 layers deep; 
 ``model.split: balanced``, then (``--split-trial ROUNDS``, default 2) that cut and the cuts
 moving its boundary by up to 2 layers are trained with DGL sync on the distributed engine and
 the fastest is kept (``split_trial`` in the JSON), fixed for every pipeline variant. The
-targets of the issue that asked for this benchmark (at K=2: DGL >= 1.8x backprop with 1 thread, every stage
-busy >= 90 %, >= 1.1x backprop with K threads; generally 0.9 K) are checked for DGL sync and
-async on each network and printed, and written under ``targets``.
+targets of the issue that asked for this benchmark (at K=2: DGL >= 1.8x backprop with 1
+thread, every stage busy >= 90 %, >= 1.1x backprop with K threads; generally 0.9 K) are
+checked for DGL sync and async on each network and printed, and written under ``targets``.
 
 The scaling model: per-layer costs measured on one core and the link's bandwidth and latency
 measured with gloo feed ``decoupled.scaling`` (a discrete-event pipeline) for K = 2..16 on the
