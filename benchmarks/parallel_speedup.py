@@ -315,8 +315,8 @@ def measure_round(plan: dict) -> dict:
         baselines.append(plan[baseline](baseline))
         results[name]["baseline_images_per_s"] = math.sqrt(baselines[-2]["images_per_s"] * baselines[-1]["images_per_s"])
     median = statistics.median(b["images_per_s"] for b in baselines)
-    results[baseline] = {**baselines[0], "images_per_s": median, "baseline_images_per_s": median, "runs_images_per_s": [b["images_per_s"] for b in baselines]}
-    return {baseline: results[baseline], **{name: results[name] for name in others}}
+    runs = [b["images_per_s"] for b in baselines]
+    return {baseline: {**baselines[0], "images_per_s": median, "baseline_images_per_s": median, "runs_images_per_s": runs}, **results}
 
 
 def summarize(name: str, rounds: list[dict], K: int) -> dict:
