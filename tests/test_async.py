@@ -53,7 +53,7 @@ def test_simulator_is_deterministic_under_a_seed(schedule):
 def test_event_schedule_steps_follow_the_slowdown_exactly():
     x, y = data(n=16 * 24)
     _, dgl = make("dgl", K=3)
-    sim = AsyncSimulator(dgl, x, y, 16, 0, async_cfg(schedule="event", slowdown_factor=4, slowed_module=1))
+    sim = AsyncSimulator(dgl, x, y, 16, 0, async_cfg(schedule="event", slowdown_factor=4, slowed_module=1, budget="time"))
     stats = sim.run_epoch()
     assert stats["steps_per_module"][0] == 24 and stats["steps_per_module"][1] == 6
     # module 2 reads module 1's replay buffer: it keeps training on recent entries
@@ -62,15 +62,41 @@ def test_event_schedule_steps_follow_the_slowdown_exactly():
     assert stats["input_staleness"][1]["max"] == 0
 
 
-def test_categorical_schedule_steps_follow_the_slowdown():
-    x, y = data(n=16 * 200)
-    _, dgl = make("dgl", K=2)
-    sim = AsyncSimulator(dgl, x, y, 16, 0, async_cfg(schedule="categorical", slowdown_factor=4, slowed_module=0))
-    worker_draws = torch.zeros(2)  # one epoch = 200 x (1 + 1/4) ticks
-    for k in sim.schedule.epoch(200):
-        worker_draws[k] += 1
-    assert worker_draws.sum() == 250
-    assert 3.0 < worker_draws[1] / worker_draws[0] < 5.3  # about 4x as often as the slowed one
+@pytest.mark.parametrize("lazy", [False, True])
+def test_categorical_schedule_draws_follow_the_1_over_S_weights(lazy):
+    from decoupled.engines.schedule import CategoricalSchedule, durations
+
+    schedule = CategoricalSchedule(durations(3, 4, 1), seed=0)  # weights 1, 1/4, 1
+    ticks = [schedule.next() for _ in range(9000)] if lazy else list(schedule.epoch(4000))
+    assert len(ticks) == 9000  # an epoch of 4000 normal steps: 4000 x (1 + 1/4 + 1) ticks
+    counts = torch.bincount(torch.tensor(ticks), minlength=3).double()
+    expected = torch.tensor([4, 1, 4], dtype=torch.float64) / 9 * 9000
+    sigma = (expected * (1 - expected / 9000)).sqrt()
+    assert ((counts - expected).abs() < 4 * sigma).all(), counts  # binomial spread: 4 sigma
+
+
+@pytest.mark.parametrize("method", ["dgl", "dni", "ddg", "fdg"])
+@pytest.mark.parametrize("slowed", [0, 2])
+def test_equal_updates_budget_gives_every_module_the_steps_of_sync_mode(method, slowed):
+    x, y = data(n=16 * 10)  # 10 steps per epoch, 2 epochs
+    _, m = make(method, K=3, total_steps=20)
+    sim = AsyncSimulator(m, x, y, 16, 0, async_cfg(slowdown_factor=3, slowed_module=slowed))
+    epochs = [sim.run_epoch(), sim.run_epoch()]
+    assert [sum(e["steps_per_module"][k] for e in epochs) for k in range(3)] == [20, 20, 20]
+    assert all(min(sum(e["steps_per_module"][k] for e in epochs[: i + 1]) for k in range(3)) >= 10 * (i + 1) for i in range(2))
+    if method in ("dgl", "dni"):  # each module's LR schedule ran on its own 20 updates
+        assert [s.last_epoch for s in m.schedulers[:3]] == [20, 20, 20]
+
+
+@pytest.mark.parametrize("method", ["dgl", "ddg"])
+def test_time_budget_gives_the_slowed_module_fewer_steps(method):
+    x, y = data(n=16 * 24)
+    _, m = make(method, K=3, total_steps=24)
+    sim = AsyncSimulator(m, x, y, 16, 0, async_cfg(schedule="event", slowdown_factor=4, slowed_module=0, budget="time"))
+    steps = sim.run_epoch()["steps_per_module"]
+    assert steps[0] == 6  # a quarter of the epoch's 24
+    if method == "ddg":  # each activation once: the modules above wait for the slowed one
+        assert steps[1] <= 6 and steps[2] <= 6
 
 
 def test_replay_buffer_serves_least_used_then_most_recent():
@@ -97,7 +123,7 @@ def test_fifo_queue_is_in_order_and_bounded():
 def test_fifo_back_pressure_makes_the_fast_producer_wait():
     x, y = data(n=16 * 20)
     _, dni = make("dni", K=2)
-    sim = AsyncSimulator(dni, x, y, 16, 0, async_cfg(schedule="event", slowdown_factor=4, slowed_module=1, buffer_size=2))
+    sim = AsyncSimulator(dni, x, y, 16, 0, async_cfg(schedule="event", slowdown_factor=4, slowed_module=1, buffer_size=2, budget="time"))
     stats = sim.run_epoch()
     assert stats["steps_per_module"][1] == 5
     # module 0 may only run 2 batches ahead of module 1, so it idles most ticks
@@ -129,3 +155,66 @@ def test_crop_flip_moves_pixels_but_keeps_the_batch():
         windows = [padded[:, t : t + 8, l : l + 8] for t in range(5) for l in range(5)]
         assert any(torch.equal(out[i], w) or torch.equal(out[i], w.flip(2)) for w in windows)
     assert torch.equal(crop_flip(x, torch.Generator().manual_seed(0), 2), out)  # seeded
+
+
+class FakeTime:
+    """perf_counter advancing by one second per call: every piece of work costs exactly 1 s."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        self.now += 1.0
+        return self.now
+
+
+def test_parallel_clock_of_a_sync_pipeline(monkeypatch):
+    from decoupled.engines import simulated
+
+    monkeypatch.setattr(simulated, "time", FakeTime())
+    x, y = data(n=16 * 6)
+    _, dgl = make("dgl", K=3)
+    stats = SimulatedEngine(dgl, x, y, 16, 0).run_epoch()
+    assert stats["finish_time_s_per_module"] == [6, 7, 8]  # a pipeline: module k starts one step late
+    _, backprop = make("backprop", K=3)
+    stats = SimulatedEngine(backprop, x, y, 16, 0).run_epoch()
+    assert stats["sim_time_s"] == 18  # locked: the next batch waits for the last backward
+
+
+def test_parallel_clock_counts_the_slowdown_and_the_waits(monkeypatch):
+    from decoupled.engines import simulated_async
+
+    monkeypatch.setattr(simulated_async, "time", FakeTime())
+    x, y = data(n=16 * 6)
+    _, dgl = make("dgl", K=2, total_steps=6)
+    stats = AsyncSimulator(dgl, x, y, 16, 0, async_cfg(schedule="event", slowdown_factor=3, slowed_module=0)).run_epoch()
+    assert stats["steps_per_module"] == [6, 6]
+    assert stats["finish_time_s_per_module"][0] == 18 and stats["sim_time_s"] == 18  # 6 steps of 3 s
+    assert stats["finish_time_s_per_module"][1] < 18  # module 1 replays while module 0 is slow
+    # DNI: the top module, slowed 4x, waits for nothing but its first input (ready at 1 s)
+    _, dni = make("dni", K=2, total_steps=6)
+    stats = AsyncSimulator(dni, x, y, 16, 0, async_cfg(schedule="event", slowdown_factor=4, slowed_module=1, buffer_size=2)).run_epoch()
+    assert stats["finish_time_s_per_module"][1] == 1 + 6 * 4
+    # module 0 waits for gradients: it ends applying the fifth, sent at 21 s (the sixth is sent
+    # by the run's last step)
+    assert stats["finish_time_s_per_module"][0] == 21 + 1
+
+
+def test_a_finished_module_keeps_forwarding_for_the_replay_buffer_above():
+    """DGL, equal updates, the top module slowed: modules 0 and 1 finish first, then feed it
+    fresh batches through their final weights (as the DGL code does) rather than leaving it
+    to replay the last few forever."""
+    x, y = data(n=16 * 12)
+    _, dgl = make("dgl", K=3, total_steps=12)
+    sim = AsyncSimulator(dgl, x, y, 16, 0, async_cfg(schedule="event", slowdown_factor=4, slowed_module=2, buffer_size=2))
+    take, uses = sim.buffers[2].take, []
+
+    def spy_take():
+        entry = take()
+        uses.append(entry.uses)
+        return entry
+
+    sim.buffers[2].take = spy_take
+    assert sim.run_epoch()["steps_per_module"] == [12, 12, 12]
+    # modules 0 and 1 were done after 3 of module 2's steps; it never had to reuse an input
+    assert uses == [1] * 12

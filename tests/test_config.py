@@ -149,6 +149,19 @@ def test_grid_variants_product_and_one_at_a_time():
     assert dgl_async == {(2, "S1_B4"), (1, "S1_B4"), (2, "S2m0_B4"), (2, "S1_B8")}
 
 
+def test_the_budget_axis_names_its_runs_and_crosses_the_slowdown_sweep():
+    slowdown = [{"factor": 1}, {"factor": 2, "module": 0}]
+    one = sweep(slowdown=slowdown, buffer_size=[4, 8], budget=["updates", "time"], design="one_at_a_time")
+    dgl_async = {(K, v) for m, mode, K, v in one if (m, mode) == ("dgl", "async")}
+    # the default budget adds nothing to a name; the slowdown sweep runs under each budget
+    assert dgl_async == {(2, "S1_B4"), (1, "S1_B4"), (2, "S2m0_B4"), (2, "S1_B8"), (2, "S1_B4_time"), (2, "S2m0_B4_time")}
+    cfg = config.validate(base())
+    cfg["grid"].update(modes=["async"], methods=["dgl"], slowdown=slowdown, budget=["updates", "time"], design="one_at_a_time")
+    job = grid.job_config(cfg, grid.RunKey("dgl", "async", 2, 0, "S2m0_B4_time"))
+    assert job["async"]["budget"] == "time" and job["run"]["varied"] == ["budget", "slowdown"]
+    assert grid.job_config(cfg, grid.RunKey("dgl", "async", 2, 0, "S2m0_B4"))["async"]["budget"] == "updates"
+
+
 def test_varied_names_the_axes_a_run_moves_off_the_base():
     cfg = config.validate(base())
     cfg["grid"].update(modes=["async"], methods=["dgl"], K=[2, 1], slowdown=[{"factor": 1}, {"factor": 2, "module": 1}], design="one_at_a_time")

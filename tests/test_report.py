@@ -1,8 +1,10 @@
 """Tests of the report: tables, figures and input validation, on synthetic run directories.
 
-The synthetic experiment has base settings K=3, no slowdown, buffer 10 and (FDG) beta 0.5;
-around its reference runs it sweeps the slowdown (S in {2, 4} on module 1 or 2), the buffer
-size, K and FDG's beta, the way ``decoupled.grid`` names and marks such runs.
+The synthetic experiment has base settings K=3, no slowdown, buffer 10, the updates budget
+and (FDG) beta 0.5; around its reference runs it sweeps the slowdown (S in {2, 4} on module 1
+or 2; S=4 on module 1 under the time budget too), the buffer size, K and FDG's beta, the way
+``decoupled.grid`` names and marks such runs. Runs are written as the simulated engine writes
+them: their simulated parallel seconds are half their process's seconds.
 """
 
 import json
@@ -22,7 +24,7 @@ from decoupled.report import (DEFAULT_TARGET_ACCURACY, FIGURE_NAMES, TABLE_NAMES
                               build_report, figures, load_runs)
 from decoupled.report.tables import main_table, summary, write_main, write_summary
 
-BASE = {"K": 3, "slowdown_factor": 1.0, "slowed_module": None, "buffer_size": 10, "beta": 0.5}
+BASE = {"K": 3, "slowdown_factor": 1.0, "slowed_module": None, "buffer_size": 10, "beta": 0.5, "budget": "updates"}
 TRAIN_TIME = {0: 130.0, 1: 134.0}
 
 
@@ -49,6 +51,9 @@ FINAL = {
     **{("dgl", "async", 3, f"S{s}m{m}_B10", seed): [0.8, 0.85, _sweep_acc(s, m, seed)]
        for s in (2, 4) for m in (1, 2) for seed in (0, 1)},
     ("fdg", "async", 3, "S4m1_B10_beta0.5", 0): [0.50, 0.70, 0.840],
+    # ... and DGL's under the time budget, where the slowed module makes fewer updates.
+    ("dgl", "async", 3, "S1_B10_time", 0): [0.8, 0.85, 0.868],
+    ("dgl", "async", 3, "S4m1_B10_time", 0): [0.8, 0.85, 0.800],
     # Buffer-size sweep, with and without a slowdown.
     ("dgl", "async", 3, "S1_B2", 0): [0.8, 0.85, 0.850],
     ("dgl", "async", 3, "S1_B50", 0): [0.8, 0.85, 0.872],
@@ -73,6 +78,8 @@ def settings_of(method: str, mode: str, variant: str) -> dict:
         "buffer_size": BASE["buffer_size"] if asynchronous else None,
         "beta": BASE["beta"] if method == "fdg" else None,
         "schedule": "categorical" if asynchronous else None,
+        "budget": BASE["budget"] if asynchronous else None,
+        "gradient_delay": 2 if method == "fdg" and not asynchronous else None,
     }
     for part in [] if variant == "default" else variant.split("_"):
         if match := re.fullmatch(r"S([\d.]+)(?:m(\d+))?", part):
@@ -82,6 +89,8 @@ def settings_of(method: str, mode: str, variant: str) -> dict:
             settings["buffer_size"] = int(match[1])
         elif match := re.fullmatch(r"beta([\d.]+)", part):
             settings["beta"] = float(match[1])
+        elif part == "time":
+            settings["budget"] = part
         else:
             raise AssertionError(part)
     return settings
@@ -94,7 +103,7 @@ def varied_of(k: int, settings: dict) -> list[str]:
             (settings["slowdown_factor"], settings["slowed_module"])
             != (BASE["slowdown_factor"], BASE["slowed_module"])):
         varied.append("slowdown")
-    varied += [n for n in ("buffer_size", "beta") if settings[n] not in (None, BASE[n])]
+    varied += [n for n in ("buffer_size", "budget", "beta") if settings[n] not in (None, BASE[n])]
     return sorted(varied)
 
 
@@ -114,6 +123,8 @@ def write_run(root: Path, method: str, mode: str, k: int, variant: str, seed: in
             "train_loss_per_module": [round(1.2 / epoch - 0.1 * i, 3) for i in range(k)],
             "test_acc": per_module[-1], "test_acc_per_module": per_module,
             "epoch_time_s": 25.0 + seed, "wall_time_s": wall, "images_per_s": 2400.0 - 10 * epoch,
+            "sim_time_s": wall / 2, "finish_time_s_per_module": [wall / 2 - (k - 1 - i) for i in range(k)],
+            "steps_per_module": [100] * k,
         }
         if mode == "async":
             # Staleness is cumulative, so only the last epoch's means describe the whole run;
@@ -176,7 +187,10 @@ def test_load_runs_frames(run_dirs):
     # A sync run: no async settings and no async statistics.
     assert pd.isna(first["slowdown_factor"]) and pd.isna(first["slowed_module"])
     assert pd.isna(first["buffer_size"]) and pd.isna(first["beta"])
-    assert first["steps_per_module"] is None and first["input_staleness_mean"] is None
+    assert first["steps_per_module"] == [300, 300, 300] and first["input_staleness_mean"] is None
+    # seconds on the run's clock: the simulated engine's parallel time
+    assert (first["clock"], first["time_s"], first["train_time_s"]) == ("simulated parallel", 37.5, 130.0)
+    assert first["finish_time_s_per_module"] == [35.5, 36.5, 37.5]
 
     slowed = runs_df[(runs_df["variant"] == "S4m1_B10") & (runs_df["seed"] == 0)].iloc[0]
     assert slowed["varied"] == ["slowdown"]
@@ -191,18 +205,40 @@ def test_load_runs_frames(run_dirs):
     assert str(runs_df["slowed_module"].dtype) == "Int64"  # module 1 stays 1, not 1.0
 
     assert list(epochs_df.columns) == ["method", "mode", "K", "variant", "seed", "engine", "varied",
-                                       "epoch", "test_acc", "train_loss", "wall_time_s"]
+                                       "epoch", "test_acc", "train_loss", "wall_time_s", "time_s", "clock"]
+    assert list(epochs_df["time_s"][:3]) == [12.5, 25.0, 37.5]
+    assert runs_df[runs_df["variant"] == "S4m1_B10_time"].iloc[0]["budget"] == "time"
+    assert runs_df[runs_df["variant"] == "beta0.25"].iloc[0]["gradient_delay"] == 2
     assert set(epochs_df["engine"]) == {"simulated"}
     assert epochs_df[epochs_df["variant"] == "S4m1_B10"]["varied"].iloc[0] == ["slowdown"]
+
+
+def test_runs_written_before_the_parallel_clock_keep_their_seconds(tmp_path):
+    run_dir = write_run(tmp_path, "dgl", "sync", 3, "default", 0, [0.8, 0.85, 0.88])
+
+    def old(metrics):
+        for record in metrics["epochs"]:
+            for key in ("sim_time_s", "finish_time_s_per_module", "steps_per_module"):
+                del record[key]
+        del metrics["settings"]["budget"], metrics["settings"]["gradient_delay"]
+
+    _edit(run_dir / "metrics.json", old)
+    runs_df, epochs_df = load_runs([run_dir])
+    run = runs_df.iloc[0]
+    assert (run["clock"], run["time_s"]) == ("one process", 75.0)
+    assert run["steps_per_module"] is None and run["finish_time_s_per_module"] is None
+    assert list(epochs_df["time_s"]) == [25.0, 50.0, 75.0]
 
 
 def test_summary_numbers_and_columns(table):
     assert list(table.columns) == [
         "method", "mode", "K", "variant", "engine", "seeds", "test_acc_mean", "test_acc_std",
-        "train_time_s", "images_per_s", "epochs",
+        "train_time_s", "clock", "time_s", "images_per_s", "epochs",
         "time_to_85pct_s_mean", "time_to_85pct_s_std", "time_to_85pct_s_missed",
-        "slowdown_factor", "slowed_module", "buffer_size", "beta",
-        "aux_acc_mean_m1", "aux_acc_mean_m2", "aux_acc_mean_m3", "aux_acc_mean_m4"]
+        "slowdown_factor", "slowed_module", "buffer_size", "budget", "beta", "gradient_delay",
+        "aux_acc_mean_m1", "aux_acc_mean_m2", "aux_acc_mean_m3", "aux_acc_mean_m4",
+        "steps_mean_m1", "steps_mean_m2", "steps_mean_m3", "steps_mean_m4",
+        "finish_time_s_mean_m1", "finish_time_s_mean_m2", "finish_time_s_mean_m3", "finish_time_s_mean_m4"]
     groups = {key[:4] for key in FINAL}
     assert len(table) == len(groups)
     assert set(zip(table["method"], table["mode"], table["K"], table["variant"])) == groups
@@ -217,7 +253,9 @@ def test_summary_numbers_and_columns(table):
     assert dgl["train_time_s"] == pytest.approx(132.0)
     assert dgl["epochs"] == 3
     # Both seeds pass 85% at their last epoch only (79.2, 83.6, 88.0 and 78.8, 83.2, 87.6).
-    assert dgl["time_to_85pct_s_mean"] == pytest.approx((75.0 + 78.0) / 2)
+    assert dgl["time_to_85pct_s_mean"] == pytest.approx((75.0 + 78.0) / 2 / 2)  # simulated parallel seconds
+    assert dgl["time_s"] == pytest.approx((75.0 + 78.0) / 2 / 2) and dgl["clock"] == "simulated parallel"
+    assert dgl["finish_time_s_mean_m3"] == pytest.approx(38.25) and dgl["steps_mean_m1"] == 300
     assert dgl["time_to_85pct_s_missed"] == 0
     assert pd.isna(dgl["slowdown_factor"]) and pd.isna(dgl["beta"])
 
@@ -225,6 +263,9 @@ def test_summary_numbers_and_columns(table):
     assert (slowed["slowdown_factor"], slowed["slowed_module"], slowed["buffer_size"]) == (4.0, 2, 10)
     assert slowed["test_acc_mean"] == pytest.approx((_sweep_acc(4, 2, 0) + _sweep_acc(4, 2, 1)) / 2)
     assert row(table, "fdg", "sync", 3, "beta0.25")["beta"] == 0.25
+    assert row(table, "fdg", "sync", 3, "beta0.25")["gradient_delay"] == 2
+    assert row(table, "dgl", "async", 3, "S4m1_B10_time")["budget"] == "time"
+    assert row(table, "dgl", "async", 3, "S4m1_B10")["steps_mean_m3"] == 91 + 92 + 93
 
 
 def test_single_seed_group_has_nan_std_and_missing_modules(table):
@@ -250,8 +291,8 @@ def test_written_tables_are_formatted(table, tmp_path):
     single_line = next(line for line in md.splitlines() if "S1_B10_beta0.5" in line)
     assert "86.00" in single_line and "±" not in single_line
     slowed_line = next(line for line in md.splitlines() if "S4m1_B10 " in line)
-    # slowdown, slowed module, buffer, beta (none for DGL)
-    assert re.search(r"\|\s+4 \|\s+1 \|\s+10 \|\s+– \|", slowed_line)
+    # steps and finish times per module, slowdown, slowed module, buffer, budget, beta and delay (none for DGL)
+    assert re.search(r"\|\s+300/300/276 \|\s+36.2/37.2/38.2 \|\s+4 \|\s+1 \|\s+10 \|\s+updates\s+\|\s+– \|\s+– \|", slowed_line)
 
     tex = paths[2].read_text()
     assert r"\begin{tabular}" in tex
@@ -272,7 +313,7 @@ def test_latex_escapes_method_names(table, tmp_path):
 def test_main_table_values(runs_df, tmp_path):
     main = main_table(runs_df)
     # Reference runs only, all at K=3, so no K column.
-    assert list(main.columns) == ["method", "sync_mean", "sync_std", "async_mean", "async_std"]
+    assert list(main.columns) == ["method", "sync_mean", "sync_std", "sync_clock", "async_mean", "async_std", "async_clock"]
     assert list(main["method"]) == ["backprop", "dgl", "fdg"]
     dgl = main.set_index("method").loc["dgl"]
     # By hand: sync mean(0.880, 0.876) = 0.878, std 0.004 / sqrt(2); async mean(0.870, 0.868).
@@ -312,7 +353,7 @@ def test_main_table_with_several_reference_k(tmp_path):
                                  ("backprop", "sync", 3, "default", 0): [0.4, 0.6, 0.89]})
     k2 = write_run(tmp_path, "dgl", "sync", 2, "default", 0, [0.8, 0.86], varied=[])
     main = main_table(load_runs(dirs + [k2])[0])
-    assert list(main.columns) == ["method", "K", "sync_mean", "sync_std"]
+    assert list(main.columns) == ["method", "K", "sync_mean", "sync_std", "sync_clock"]
     assert list(zip(main["method"], main["K"])) == [("backprop", 3), ("dgl", 2), ("dgl", 3)]
     header = write_main(main, tmp_path / "t")[1].read_text().splitlines()[0]
     assert [c.strip() for c in header.strip("|").split("|")] == ["method", "K", "sync (%)"]
@@ -347,7 +388,7 @@ def test_figures_are_written_without_their_data(tmp_path):
             path = tmp_path / "figures" / f"{name}{ext}"
             assert path in paths and _magic_ok(path)
     main = pd.read_csv(tmp_path / "tables" / "main.csv")
-    assert list(main.columns) == ["method", "sync_mean", "sync_std", "sync_time_to_85pct_s_mean",
+    assert list(main.columns) == ["method", "sync_mean", "sync_std", "sync_clock", "sync_time_to_85pct_s_mean",
                                   "sync_time_to_85pct_s_std", "sync_time_to_85pct_s_missed"]
 
 
@@ -372,15 +413,19 @@ def test_sweep_figures_plot_the_right_runs(runs_df, tmp_path, monkeypatch):
     figures.plot_accuracy_vs_K(runs_df, tmp_path)
 
     slowdown = seen["acc_vs_slowdown"]
+    # one line per method, slowed module and budget (updates first)
     assert [k for k in slowdown if k != "_texts"] == [
-        "dgl, module 1 slowed (2 seeds)", "dgl, module 2 slowed (2 seeds)", "fdg, module 1 slowed (1 seed)"]
-    x, y = slowdown["dgl, module 1 slowed (2 seeds)"]
+        "dgl, module 1 slowed, updates budget (2 seeds)", "dgl, module 2 slowed, updates budget (2 seeds)",
+        "dgl, module 1 slowed, time budget (1 seed)", "fdg, module 1 slowed, updates budget (1 seed)"]
+    x, y = slowdown["dgl, module 1 slowed, updates budget (2 seeds)"]
     # S=1 is the shared start (the reference async runs); buffer-sweep runs are left out.
     assert x == [1, 2, 4]
     assert y == pytest.approx([86.9, 100 * (_sweep_acc(2, 1, 0) + _sweep_acc(2, 1, 1)) / 2,
                                100 * (_sweep_acc(4, 1, 0) + _sweep_acc(4, 1, 1)) / 2])
-    assert slowdown["dgl, module 2 slowed (2 seeds)"][1][0] == pytest.approx(86.9)
-    assert slowdown["fdg, module 1 slowed (1 seed)"] == ([1, 4], pytest.approx([86.0, 84.0]))
+    assert slowdown["dgl, module 2 slowed, updates budget (2 seeds)"][1][0] == pytest.approx(86.9)
+    # the time budget's line starts at its own S=1 run
+    assert slowdown["dgl, module 1 slowed, time budget (1 seed)"] == ([1, 4], pytest.approx([86.8, 80.0]))
+    assert slowdown["fdg, module 1 slowed, updates budget (1 seed)"] == ([1, 4], pytest.approx([86.0, 84.0]))
 
     # Settings run at one buffer size only (S=2, FDG) are single points there: left out.
     buffer = seen["acc_vs_buffer_size"]
@@ -415,12 +460,12 @@ def test_reference_figures_use_reference_runs_only(run_dirs, tmp_path, monkeypat
     assert (tmp_path / "test_acc_vs_epoch.png").is_file()
 
 
-# Test accuracy at epochs 1-3 of reference sync runs. write_run's wall times are 25, 50, 75 s
-# for seed 0 and 26, 52, 78 s for seed 1.
+# Test accuracy at epochs 1-3 of reference sync runs. write_run's simulated parallel times are
+# 12.5, 25, 37.5 s for seed 0 and 13, 26, 39 s for seed 1 (half the process's seconds).
 CURVES = {
-    ("dgl", "sync", 3, "default", 0): [0.80, 0.86, 0.84],  # 85% at epoch 2, then a dip: 50 s
-    ("dgl", "sync", 3, "default", 1): [0.80, 0.84, 0.85],  # exactly 85% at epoch 3: 78 s
-    ("fdg", "sync", 3, "beta0.5", 0): [0.90, 0.91, 0.92],  # epoch 1: 25 s
+    ("dgl", "sync", 3, "default", 0): [0.80, 0.86, 0.84],  # 85% at epoch 2, then a dip: 25 s
+    ("dgl", "sync", 3, "default", 1): [0.80, 0.84, 0.85],  # exactly 85% at epoch 3: 39 s
+    ("fdg", "sync", 3, "beta0.5", 0): [0.90, 0.91, 0.92],  # epoch 1: 12.5 s
     ("fdg", "sync", 3, "beta0.5", 1): [0.70, 0.80, 0.84],  # never
     ("backprop", "sync", 3, "default", 0): [0.50, 0.60, 0.70],  # never
     ("backprop", "sync", 3, "default", 1): [0.50, 0.60, 0.70],  # never
@@ -438,6 +483,9 @@ def write_curves(root: Path, curves: dict = CURVES, engine: str | None = None) -
                 record["test_acc"] = acc
             if engine is not None:
                 metrics["engine"] = engine
+            if engine == "distributed":  # real workers: their seconds are wall-clock seconds
+                for record in metrics["epochs"]:
+                    del record["sim_time_s"]
 
         _edit(dirs[-1] / "metrics.json", change)
     return dirs
@@ -447,16 +495,16 @@ def _time_by_run(runs: pd.DataFrame, column: str) -> dict:
     return {(m, s): t for m, s, t in zip(runs["method"], runs["seed"], runs[column])}
 
 
-def test_time_to_accuracy_is_the_wall_time_of_the_first_epoch_reaching_it(tmp_path):
+def test_time_to_accuracy_is_the_time_of_the_first_epoch_reaching_it(tmp_path):
     runs_df, epochs_df = load_runs(write_curves(tmp_path))
     times = _time_by_run(add_time_to_accuracy(runs_df, epochs_df, 0.85), "time_to_85pct_s")
     assert {k: t for k, t in times.items() if not math.isnan(t)} == {
-        ("dgl", 0): 50.0, ("dgl", 1): 78.0, ("fdg", 0): 25.0}
+        ("dgl", 0): 25.0, ("dgl", 1): 39.0, ("fdg", 0): 12.5}
     assert math.isnan(times[("fdg", 1)]) and math.isnan(times[("backprop", 0)])
 
     # The column names its target; a higher one is reached later or not at all.
     higher = _time_by_run(add_time_to_accuracy(runs_df, epochs_df, 0.855), "time_to_85.5pct_s")
-    assert higher[("dgl", 0)] == 50.0 and math.isnan(higher[("dgl", 1)])
+    assert higher[("dgl", 0)] == 25.0 and math.isnan(higher[("dgl", 1)])
     assert "time_to_85pct_s" not in runs_df  # the per-run frame itself is left as it was
 
 
@@ -478,30 +526,31 @@ def test_time_to_accuracy_in_the_tables(tmp_path):
     dgl, fdg, backprop = (row(table, m, "sync", 3, v)
                           for m, v in (("dgl", "default"), ("fdg", "beta0.5"), ("backprop", "default")))
     # Mean and std over the seeds that reached 85%; how many did not.
-    assert dgl["time_to_85pct_s_mean"] == pytest.approx(64.0)
-    assert dgl["time_to_85pct_s_std"] == pytest.approx(28.0 / math.sqrt(2))
+    assert dgl["time_to_85pct_s_mean"] == pytest.approx(32.0)
+    assert dgl["time_to_85pct_s_std"] == pytest.approx(14.0 / math.sqrt(2))
     assert dgl["time_to_85pct_s_missed"] == 0
-    assert fdg["time_to_85pct_s_mean"] == 25.0 and math.isnan(fdg["time_to_85pct_s_std"])
+    assert fdg["time_to_85pct_s_mean"] == 12.5 and math.isnan(fdg["time_to_85pct_s_std"])
     assert fdg["time_to_85pct_s_missed"] == 1
     assert math.isnan(backprop["time_to_85pct_s_mean"]) and backprop["time_to_85pct_s_missed"] == 2
 
     md = write_summary(table, tmp_path / "tables")[1].read_text().splitlines()
     assert "time to 85% (s)" in md[0] and "engine" not in md[0]  # one engine: no column for it
     cells = {line.split("|")[1].strip(): line for line in md[2:]}
-    assert re.search(r"\|\s+64.0 ± 19.8 \|", cells["dgl"])
-    assert re.search(r"\|\s+25.0 \(not reached by 1 seed\) \|", cells["fdg"])
+    assert re.search(r"\|\s+simulated parallel \|\s+38.2 \|", cells["dgl"])  # the clock, and the time on it
+    assert re.search(r"\|\s+32.0 ± 9.9 \|", cells["dgl"])
+    assert re.search(r"\|\s+12.5 \(not reached by 1 seed\) \|", cells["fdg"])
     assert re.search(r"\|\s+3 \|\s+– \|", cells["backprop"])  # epochs, then no time
 
     main = main_table(runs_df)
-    assert list(main.columns) == ["method", "sync_mean", "sync_std", "sync_time_to_85pct_s_mean",
+    assert list(main.columns) == ["method", "sync_mean", "sync_std", "sync_clock", "sync_time_to_85pct_s_mean",
                                   "sync_time_to_85pct_s_std", "sync_time_to_85pct_s_missed"]
-    assert list(main["sync_time_to_85pct_s_mean"].fillna(-1)) == [-1, 64.0, 25.0]
+    assert list(main["sync_time_to_85pct_s_mean"].fillna(-1)) == [-1, 32.0, 12.5]
     assert list(main["sync_time_to_85pct_s_missed"]) == [2, 0, 1]
     md, tex = (p.read_text() for p in write_main(main, tmp_path / "main")[1:])
     assert [c.strip() for c in md.splitlines()[0].strip("|").split("|")] == [
-        "method", "sync (%)", "sync: time to 85% (s)"]
+        "method", "sync (%)", "sync: time to 85% (s, simulated parallel)"]
     assert re.search(r"\| backprop .*\|\s+– \|$", md, re.M)
-    assert r"64.0 $\pm$ 19.8" in tex and "25.0 (not reached by 1 seed)" in tex
+    assert r"32.0 $\pm$ 9.9" in tex and "12.5 (not reached by 1 seed)" in tex
 
 
 def _capture_lines(monkeypatch) -> dict:
@@ -527,10 +576,10 @@ def test_wall_time_figure_plots_reference_runs_against_seconds(run_dirs, tmp_pat
     # Reference runs only, one engine (so not named), and the target.
     assert list(lines) == ["backprop sync (2 seeds)", "dgl sync (2 seeds)", "dgl async (2 seeds)",
                            "fdg sync (1 seed)", "fdg async (1 seed)", "target 85%"]
-    # Means over seeds at each epoch: seconds (25, 50, 75 and 26, 52, 78), accuracy (0.9, 0.95, 1
-    # times the final 0.880 and 0.876).
+    # Means over seeds at each epoch: simulated parallel seconds (12.5, 25, 37.5 and 13, 26, 39),
+    # accuracy (0.9, 0.95, 1 times the final 0.880 and 0.876).
     x, y = lines["dgl sync (2 seeds)"]
-    assert x == pytest.approx([25.5, 51.0, 76.5])
+    assert x == pytest.approx([12.75, 25.5, 38.25])
     assert y == pytest.approx([90 * 0.878, 95 * 0.878, 100 * 0.878], abs=1e-6)
     assert lines["target 85%"][1] == [85.0, 85.0]
 
@@ -546,8 +595,9 @@ def test_runs_of_two_engines_are_told_apart(tmp_path, monkeypatch):
     runs_df = add_time_to_accuracy(runs_df, epochs_df, 0.85)
 
     table = summary(runs_df).set_index("engine")
-    assert table.loc["simulated", "time_to_85pct_s_mean"] == pytest.approx(64.0)
-    assert table.loc["distributed", "time_to_85pct_s_mean"] == pytest.approx(25.5)
+    assert table.loc["simulated", "time_to_85pct_s_mean"] == pytest.approx(32.0)
+    assert table.loc["distributed", "time_to_85pct_s_mean"] == pytest.approx(25.5)  # wall clock
+    assert list(table["clock"]) == ["wall clock", "simulated parallel"]
     header = write_summary(summary(runs_df), tmp_path / "tables")[1].read_text().splitlines()[0]
     assert "| engine " in header
 
@@ -558,7 +608,7 @@ def test_runs_of_two_engines_are_told_apart(tmp_path, monkeypatch):
     seen = _capture_lines(monkeypatch)
     figures.plot_accuracy_vs_wall_time(epochs_df, tmp_path, 0.85)
     assert list(seen["acc_vs_wall_time"]) == [
-        "dgl sync (distributed, 2 seeds)", "dgl sync (simulated, 2 seeds)", "target 85%"]
+        "dgl sync (distributed: wall clock, 2 seeds)", "dgl sync (simulated: simulated parallel, 2 seeds)", "target 85%"]
 
 
 def test_cli_report_takes_the_target_accuracy(tmp_path):
@@ -569,7 +619,7 @@ def test_cli_report_takes_the_target_accuracy(tmp_path):
     done = subprocess.run([*report, "--target-accuracy", "0.8"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     table = pd.read_csv(out / "tables" / "summary.csv").set_index("method")
-    assert table.loc["dgl", "time_to_80pct_s_mean"] == pytest.approx(25.5)  # both at epoch 1
+    assert table.loc["dgl", "time_to_80pct_s_mean"] == pytest.approx(12.75)  # both at epoch 1
     assert (out / "figures" / "acc_vs_wall_time.pdf").is_file()
 
     bad = subprocess.run([*report, "--target-accuracy", "85"], capture_output=True, text=True)

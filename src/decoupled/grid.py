@@ -1,9 +1,10 @@
 """The experiment grid: which training jobs an experiment config asks for, and each job's config.
 
 An experiment config names lists under ``grid``: methods × modes × K × seeds, and, where they
-apply, settings swept per run: ``slowdown`` and ``buffer_size`` (async runs) and ``beta``
-(methods that have one, FDG). The swept settings of a run make its *variant*, a short name
-such as ``S4m1_B10`` (slowdown 4 on module 1, buffer 10), ``beta0.5``, or ``default``.
+apply, settings swept per run: ``slowdown``, ``buffer_size`` and ``budget`` (async runs) and
+``beta`` (methods that have one, FDG). The swept settings of a run make its *variant*, a short
+name such as ``S4m1_B10`` (slowdown 4 on module 1, buffer 10; ``S4m1_B10_time`` under
+``async.budget: time``), ``beta0.5``, or ``default``.
 A *job* config is one point of the grid with per-method ``overrides`` applied: the shared
 sections (dataset, model, train, async, ...) plus ``run: {method, mode, K, variant, seed}``.
 
@@ -94,6 +95,8 @@ def _axes(config: dict[str, Any], method: str, mode: str) -> list[tuple[Option, 
         axes.append((_slowdown(base), [_slowdown(s) for s in grid.get("slowdown") or [base]]))
         size = base_async["buffer_size"]
         axes.append(((f"B{size}", {"buffer_size": size}), [(f"B{b}", {"buffer_size": b}) for b in grid.get("buffer_size") or [size]]))
+        budget = base_async["budget"]
+        axes.append((_budget(budget), [_budget(b) for b in grid.get("budget") or [budget]]))
     if method in USES_BETA:
         beta = config["train"]["beta"]
         axes.append(((f"beta{beta:g}", {"beta": beta}), [(f"beta{b:g}", {"beta": b}) for b in grid.get("beta") or [beta]]))
@@ -106,11 +109,16 @@ def _slowdown(slowdown: dict) -> Option:
     return name, {"slowdown_factor": slowdown["factor"], "slowed_module": module}
 
 
+def _budget(budget: str) -> Option:
+    # the default budget adds nothing to a variant's name: "S4m0_B10", and "S4m0_B10_time"
+    return ("" if budget == "updates" else budget), {"budget": budget}
+
+
 def _combine(options: list[Option]) -> Option:
     settings = {}
     for _, more in options:
         settings.update(more)
-    return "_".join(name for name, _ in options) or "default", settings
+    return "_".join(name for name, _ in options if name) or "default", settings
 
 
 def variants(config: dict[str, Any], method: str, mode: str) -> dict[str, dict[str, Any]]:
@@ -131,12 +139,15 @@ def _points(config: dict[str, Any], method: str, mode: str) -> list[tuple[int, s
     points = [(K, _combine(base)[0]) for K in Ks]
     for i, (_, options) in enumerate(axes):
         points += [(Ks[0], _combine(base[:i] + [option] + base[i + 1 :])[0]) for option in options]
+    if mode == "async":  # what a slowdown costs depends on the budget: sweep it under each one
+        (_, slowdowns), _, (_, budgets) = axes[:3]
+        points += [(Ks[0], _combine([s, base[1], b] + base[3:])[0]) for s in slowdowns for b in budgets]
     return list(dict.fromkeys(points))
 
 
 def job_config(config: dict[str, Any], key: RunKey) -> dict[str, Any]:
     """The resolved, validated config of one job."""
-    from decoupled.methods import SYNC_ONLY
+    from decoupled.methods import GRADIENT_DELAY, SYNC_ONLY
 
     known = method_names()
     if key.method not in known:
@@ -154,13 +165,15 @@ def job_config(config: dict[str, Any], key: RunKey) -> dict[str, Any]:
     # Which swept settings differ from the config's base values: the report compares runs
     # along one axis at a time (e.g. accuracy vs slowdown with everything else at base).
     varied = ["K"] if grid.get("K") and key.K != grid["K"][0] else []
-    base = {**{n: job["async"][n] for n in ("slowdown_factor", "slowed_module", "buffer_size")}, "beta": job["train"]["beta"]}
+    base = {**{n: job["async"][n] for n in ("slowdown_factor", "slowed_module", "buffer_size", "budget")}, "beta": job["train"]["beta"]}
     varied += sorted({"slowdown" if n.startswith("slow") else n for n, v in settings.items() if v != base[n]})
-    for name in ("slowdown_factor", "slowed_module", "buffer_size"):
+    for name in ("slowdown_factor", "slowed_module", "buffer_size", "budget"):
         if name in settings:
             job["async"][name] = settings[name]
     if "beta" in settings:
         job["train"]["beta"] = settings["beta"]
+    if job["train"]["gradient_delay"] is None and key.method in GRADIENT_DELAY:
+        job["train"]["gradient_delay"] = GRADIENT_DELAY[key.method]  # so that it is logged as used
     _check_run(job, key)
     job["run"] = {"method": key.method, "mode": key.mode, "K": key.K, "variant": key.variant, "seed": key.seed, "varied": varied}
     return job

@@ -56,12 +56,14 @@ def run_key(job: dict) -> RunKey:
 
 def run_settings(job: dict) -> dict:
     """The swept settings of a job, null where they do not apply (the report plots against them)."""
-    from decoupled.methods import USES_BETA
+    from decoupled.methods import GRADIENT_DELAY, USES_BETA
 
     asynchronous = job["run"]["mode"] == "async"
+    method = job["run"]["method"]
     return {
-        **{name: job["async"][name] if asynchronous else None for name in ("slowdown_factor", "slowed_module", "buffer_size", "schedule")},
-        "beta": job["train"]["beta"] if job["run"]["method"] in USES_BETA else None,
+        **{name: job["async"][name] if asynchronous else None for name in ("slowdown_factor", "slowed_module", "buffer_size", "schedule", "budget")},
+        "beta": job["train"]["beta"] if method in USES_BETA else None,
+        "gradient_delay": job["train"]["gradient_delay"] if method in GRADIENT_DELAY and not asynchronous else None,
     }
 
 
@@ -208,9 +210,10 @@ def _print_split(key: RunKey, split: dict) -> None:
 
 def _print_progress(key: RunKey, total: int, r: dict) -> None:
     heads = "/".join(f"{100 * a:.1f}" for a in r["test_acc_per_module"])
+    parallel = f" (simulated parallel {r['sim_time_s']:.1f} s so far)" if "sim_time_s" in r else ""
     print(
         f"[{key.name}] epoch {r['epoch']}/{total}  train loss {r['train_loss']:.4f}  "
-        f"test acc {100 * r['test_acc']:.2f}% (heads {heads})  {r['epoch_time_s']:.1f} s  {r['images_per_s']:.0f} img/s",
+        f"test acc {100 * r['test_acc']:.2f}% (heads {heads})  {r['epoch_time_s']:.1f} s{parallel}  {r['images_per_s']:.0f} img/s",
         file=sys.stderr,
         flush=True,
     )
@@ -218,7 +221,7 @@ def _print_progress(key: RunKey, total: int, r: dict) -> None:
 
 def epoch_metrics(record: dict) -> dict[str, float]:
     """The flat per-epoch metrics logged to MLflow (step = epoch)."""
-    flat = {k: record[k] for k in ("train_loss", "test_acc", "epoch_time_s", "wall_time_s", "images_per_s")}
+    flat = {k: record[k] for k in ("train_loss", "test_acc", "epoch_time_s", "wall_time_s", "images_per_s", "sim_time_s") if k in record}
     for k, loss in enumerate(record["train_loss_per_module"]):
         if loss is not None:
             flat[f"train_loss_m{k}"] = loss
@@ -244,6 +247,7 @@ PER_WORKER_METRICS = {
     "busy_frac_per_module": "busy_frac",
     "queue_depth_per_module": "queue_depth",
     "bytes_sent_per_module": "bytes_sent",
+    "finish_time_s_per_module": "finish_time_s",  # when each worker ended its last step so far (simulated parallel or wall seconds)
 }
 
 

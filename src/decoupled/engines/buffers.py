@@ -21,6 +21,7 @@ class Entry:
     labels: torch.Tensor
     produced_at: int  # the producing module's step count when it made this
     uses: int = 0
+    ready_at: float = 0.0  # simulated parallel time at which the producer finished it
 
 
 class ReplayBuffer:
@@ -58,6 +59,13 @@ class FifoQueue:
     def __init__(self, size: int):
         self.size = size
         self.entries: collections.deque[Entry] = collections.deque()
+        self.take_times: collections.deque[float] = collections.deque(maxlen=size)  # of the last takes
+
+    def slot_free_at(self) -> float:
+        """When the slot the next put fills was freed: the (simulated) time of the take ``size``
+        puts before it; 0 while the queue has never been full."""
+        i = len(self.entries) - self.size + len(self.take_times)
+        return self.take_times[i] if i >= 0 else 0.0
 
     def full(self) -> bool:
         return len(self.entries) >= self.size

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from decoupled.errors import UserError
 
-DATA, END_STEP, END_EPOCH, STOP = range(4)  # message kinds
+DATA, END_EPOCH, STOP = range(3)  # message kinds
 
 
 class PeerLost(UserError):
@@ -111,17 +111,19 @@ class Inbox:
         except Exception as e:  # the peer died or timed out: tell the worker's main thread
             self.error = first_line(e)
 
-    def get(self, block: bool = True) -> Message | None:
-        """The next message; None when not blocking and none has arrived."""
-        deadline = time.monotonic() + self.timeout_s
+    def get(self, block: bool = True, wait_s: float | None = None) -> Message | None:
+        """The next message; None when not blocking, or after ``wait_s`` seconds, and none has arrived."""
+        now = time.monotonic()
+        deadline = now + self.timeout_s
+        give_up = None if wait_s is None else now + wait_s
         while True:
             try:
-                return self.queue.get(timeout=0.05) if block else self.queue.get_nowait()
+                return self.queue.get(timeout=0.05 if wait_s is None else min(0.05, wait_s)) if block else self.queue.get_nowait()
             except queue.Empty:
                 # a message that arrived before the error is still delivered first
                 if self.error is not None:
                     raise PeerLost(f"{self.what}: lost worker {self.peer} ({self.error})") from None
-                if not block:
+                if not block or (give_up is not None and time.monotonic() > give_up):
                     return None
                 if time.monotonic() > deadline:
                     raise PeerLost(f"{self.what}: worker {self.peer} sent nothing for {self.timeout_s:g} s") from None

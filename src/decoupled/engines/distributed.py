@@ -8,20 +8,28 @@ whose modules exchange them (``input_buffer == "fifo"``: an activation is used o
 gradient comes back for it). gloo on CPU, NCCL on GPU.
 
 * **sync**: the lockstep pipeline of the simulator. Every worker takes each batch once, in
-  order; a gradient sent during step u is handed to its module at the end of step
-  u + ``method.gradient_delay`` (the sender closes each step with an END_STEP message), so a
-  sync run computes exactly what ``SimulatedEngine`` computes on the same data order, while
-  the workers overlap in time. With delay 0 a worker waits for the one above (locked).
+  order; worker k applies the gradient of the batch of step b at the end of its step
+  b + ``method.gradient_delay(k)`` (gradients arrive in the order of their batches, so it
+  waits for exactly those), so a sync run computes exactly what ``SimulatedEngine`` computes
+  on the same data order, while the workers overlap in time. With delay 0 a worker waits for
+  the one above (locked).
 * **async**: every worker at its own pace. DGL's worker k trains on a replay buffer of the
   activations it has received (reusing them while worker k-1 is slow); the others take each
   activation once from a bounded queue and apply gradients as they arrive. The slowed
   worker (``async.slowed_module``) sleeps (S-1) times its compute time after each step.
+  With ``async.budget: updates`` every DGL worker makes one epoch's steps per epoch; one that
+  is done keeps forwarding, without learning, while a worker above it is not, and the epoch
+  ends when all are done (the workers tell each other through torchrun's store). Unlike the
+  simulator, faster workers wait there at every epoch's end, where the modules are shared.
+  Methods with queues make one step per activation, so every worker makes worker 0's steps
+  under either budget.
 
 An epoch is one pass of worker 0 over the data; an END_EPOCH message follows it down the
 pipeline. Then the workers share their modules' weights (each broadcasts its own), so every
 process holds the whole network; evaluation is split over the workers; per-worker numbers
-(busy and idle seconds, steps, mean input-queue depth, bytes sent, staleness) are gathered.
-Anything in flight (pending gradients, replay buffers) carries over to the next epoch.
+(busy and idle seconds, steps, mean input-queue depth, bytes sent, staleness, when each
+worker ended its last step) are gathered. Anything in flight (pending gradients, replay
+buffers) carries over to the next epoch.
 """
 
 from __future__ import annotations
@@ -37,9 +45,9 @@ import torch.distributed as dist
 from decoupled.engines.base import Engine
 from decoupled.engines.batches import BatchStream
 from decoupled.engines.buffers import Entry, ReplayBuffer
-from decoupled.engines.channels import DATA, END_EPOCH, END_STEP, STOP, Inbox, Message, Outbox, PeerLost, TensorSpec, first_line
+from decoupled.engines.channels import DATA, END_EPOCH, STOP, Inbox, Message, Outbox, PeerLost, TensorSpec, first_line
 from decoupled.engines.losses import LossTally
-from decoupled.engines.simulated_async import staleness_summary
+from decoupled.engines.staleness import staleness_summary
 from decoupled.errors import UserError
 from decoupled.evaluate import evaluate
 from decoupled.methods.base import Method
@@ -122,6 +130,9 @@ class DistributedEngine(Engine):
         self.from_next = Inbox(k + 1, backward[k], [act_specs[k]], 0, timeout, device, f"gradients {k + 1} -> {k}") if k < K - 1 and self.gradients_travel else None
         self.buffer = ReplayBuffer(async_cfg["buffer_size"], async_cfg["max_reuse"]) if self.replay and k > 0 else None
         self.slowdown = async_cfg["slowdown_factor"] if asynchronous and async_cfg["slowed_module"] == k else 1.0
+        self.equal_updates = self.replay and async_cfg["budget"] == "updates"
+        self.store = dist.PrefixStore("decoupled/done", dist.distributed_c10d._get_default_store()) if self.equal_updates else None
+        self.epochs_done, self.seconds_before = 0, 0.0  # epochs and their seconds so far
         self.steps = 0  # this worker's steps so far
         self.newest_input = -1  # the producer's step count of the newest activation received
         self.forwarded_at: collections.deque[int] = collections.deque()  # steps awaiting a gradient
@@ -132,6 +143,7 @@ class DistributedEngine(Engine):
         """What each epoch reports from scratch: losses, compute and waiting seconds, queue depths."""
         self.losses = LossTally(self.K)
         self.busy_s, self.receive_wait_s, self.queue_depths = 0.0, 0.0, []
+        self.last_step_end = time.perf_counter()
 
     # --- one epoch -------------------------------------------------------------------------
 
@@ -141,7 +153,12 @@ class DistributedEngine(Engine):
         steps_before = self.steps
         waits_before, bytes_before = self._outbox_wait(), self._bytes_sent()
         start = time.perf_counter()
-        (self._async_epoch if self.asynchronous else self._sync_epoch)()
+        if not self.asynchronous:
+            self._sync_epoch()
+        elif self.equal_updates:
+            self._equal_updates_epoch()
+        else:
+            self._async_epoch()
         loop_s = time.perf_counter() - start
         self._share_modules()
         local = {
@@ -151,6 +168,7 @@ class DistributedEngine(Engine):
             "idle_s": self.receive_wait_s + self._outbox_wait() - waits_before,
             "loop_s": loop_s,
             "queue_depth": sum(self.queue_depths) / len(self.queue_depths) if self.queue_depths else 0.0,
+            "finish_time_s": self.seconds_before + max(self.last_step_end - start, 0.0),
             "cores": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
             "bytes_sent": self._bytes_sent() - bytes_before,
             "input_staleness": staleness_summary(self.input_staleness),
@@ -159,6 +177,7 @@ class DistributedEngine(Engine):
         workers = [None] * self.K
         self._together("gathering the workers' numbers", dist.all_gather_object, workers, local, group=self.everyone)
         seconds = max(w["loop_s"] for w in workers)
+        self.epochs_done, self.seconds_before = self.epochs_done + 1, self.seconds_before + seconds
         stats = {
             "train_loss_per_module": [w["loss"] for w in workers],
             "images": workers[-1]["steps"] * self.batch_size,  # what reached the network's output
@@ -171,31 +190,79 @@ class DistributedEngine(Engine):
             "queue_depth_per_module": [w["queue_depth"] for w in workers],
             "bytes_sent_per_module": [w["bytes_sent"] for w in workers],
             "cores_per_module": [w["cores"] for w in workers],  # the CPUs each worker may run on
+            "finish_time_s_per_module": [w["finish_time_s"] for w in workers],  # seconds of training when each ended its last step
         }
         if self.asynchronous:
             stats.update(input_staleness=[w["input_staleness"] for w in workers], grad_staleness=[w["grad_staleness"] for w in workers])
         return stats
 
     def _sync_epoch(self) -> None:
-        k, delay = self.k, self.method.gradient_delay
+        k, delay = self.k, self.method.gradient_delay(self.k)
         for _ in range(self.steps_per_epoch):
             if k == 0:
                 inputs, labels = self.batches.next()
             else:
                 inputs, labels = self._receive(self.from_prev).tensors
             self._compute(inputs, labels)
-            if self.gradients_travel:
-                step = self.steps - 1
-                if self.from_next is not None and step >= delay:
-                    self._apply_gradients_until(step - delay)
-                if self.to_prev is not None:
-                    self.to_prev.send(END_STEP, step)
+            if self.from_next is not None:
+                self._apply_gradients_through(self.steps - 1 - delay)
 
-    def _apply_gradients_until(self, step: int) -> None:
-        """Hand module k every gradient the worker above sent up to the end of its step ``step``."""
-        while (message := self._receive(self.from_next)).kind != END_STEP or message.step < step:
-            if message.kind == DATA:
-                self._apply_gradient(message)
+    def _apply_gradients_through(self, batch: int) -> None:
+        """Hand module k, in order, the gradients of every batch it forwarded up to step ``batch``
+        (one comes back per batch, in order: wait for each)."""
+        while self.forwarded_at and self.forwarded_at[0] <= batch:
+            self._apply_gradient(self._receive(self.from_next))
+
+    def _equal_updates_epoch(self) -> None:
+        """``async.budget: updates`` with replay buffers: this worker makes one epoch's steps;
+        then, while a worker above has not, it forwards without learning for it; the epoch
+        ends when every worker is done, and END_EPOCH then follows what each one sent."""
+        k, K = self.k, self.K
+        target = self.steps + self.steps_per_epoch
+        done = [f"{self.epochs_done}/{j}" for j in range(K)]  # set by each worker once it is done
+        ended = False  # END_EPOCH from the worker below
+        while True:
+            if k > 0:  # wait for an input only while one is needed for a step
+                ended = self._refill_buffer(block=self.steps < target and len(self.buffer) == 0)
+            if self.steps < target:
+                if k == 0:
+                    self._compute(*self.batches.next())
+                elif (entry := self._take()) is not None:
+                    self._compute(entry.inputs, entry.labels)
+                if self.steps == target:
+                    self.store.set(done[k], "1")
+            elif self.store.check(done):
+                break
+            elif k < K - 1 and not self.store.check(done[k + 1 :]):
+                self._forward_without_learning()
+            elif k > 0:
+                ended = self._refill_buffer(block=True, wait_s=0.002)
+            else:
+                time.sleep(0.002)
+        while k > 0 and not ended:  # everything the worker below sent this epoch
+            ended = self._refill_buffer(block=True)
+        if self.to_next is not None:
+            self.to_next.send(END_EPOCH, self.steps)
+
+    def _take(self) -> Entry | None:
+        """The replay buffer's next entry, with its input staleness counted."""
+        entry = self.buffer.take()
+        if entry is not None:
+            self.input_staleness[self.newest_input - entry.produced_at] += 1
+        return entry
+
+    def _forward_without_learning(self) -> None:
+        if self.k == 0:
+            inputs, labels = self.batches.next()
+        elif (entry := self.buffer.take()) is not None:
+            inputs, labels = entry.inputs, entry.labels
+        else:
+            return
+        start = time.perf_counter()
+        outputs = self.method.frozen_forward(self.k, inputs.to(self.device, non_blocking=True))
+        self._slow_down(start)
+        # made by the final weights: as fresh as the output of the worker's newest step
+        self.to_next.send(DATA, self.steps - 1, [outputs, labels.to(self.device, non_blocking=True)])
 
     def _async_epoch(self) -> None:
         k, fed = self.k, 0
@@ -210,11 +277,10 @@ class DistributedEngine(Engine):
                 inputs, labels = self.batches.next()
                 fed += 1
             elif self.replay:
-                if self._refill_buffer():
+                if self._refill_buffer(block=len(self.buffer) == 0):
                     break
-                entry = self.buffer.take()
+                entry = self._take()
                 inputs, labels = entry.inputs, entry.labels
-                self.input_staleness[self.newest_input - entry.produced_at] += 1
             else:
                 message = self._receive(self.from_prev)
                 if message.kind == END_EPOCH:
@@ -225,11 +291,10 @@ class DistributedEngine(Engine):
         if self.to_next is not None:
             self.to_next.send(END_EPOCH, self.steps)
 
-    def _refill_buffer(self) -> bool:
-        """Move every activation that has arrived into the replay buffer, waiting for one if the
-        buffer is empty; True once the epoch's END_EPOCH arrives."""
-        block = len(self.buffer) == 0
-        while (message := self._receive(self.from_prev, block)) is not None:
+    def _refill_buffer(self, block: bool, wait_s: float | None = None) -> bool:
+        """Move every activation that has arrived into the replay buffer, first waiting for one
+        if ``block`` (at most ``wait_s`` seconds if given); True once the epoch's END_EPOCH arrives."""
+        while (message := self._receive(self.from_prev, block, wait_s)) is not None:
             if message.kind == END_EPOCH:
                 return True
             self.buffer.put(Entry(*message.tensors, message.step))
@@ -245,12 +310,7 @@ class DistributedEngine(Engine):
         inputs, labels = inputs.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
         start = time.perf_counter()
         outputs, loss, input_grad = self.method.module_step(k, inputs, labels)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # busy time must include the kernels
-        spent = time.perf_counter() - start
-        if self.slowdown > 1:  # a slower worker: its steps take S times as long
-            time.sleep((self.slowdown - 1) * spent)
-        self.busy_s += time.perf_counter() - start
+        self.last_step_end = self._slow_down(start)
         self.losses.add(k, loss)
         if self.to_next is not None:
             self.to_next.send(DATA, self.steps, [outputs, labels])
@@ -260,17 +320,28 @@ class DistributedEngine(Engine):
             self.to_prev.send(DATA, self.steps, [input_grad])
         self.steps += 1
 
+    def _slow_down(self, start: float) -> float:
+        """Close a piece of work begun at ``start``: a slowed worker's work takes S times as long.
+        Returns when it ends."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # busy time must include the kernels
+        if self.slowdown > 1:
+            time.sleep((self.slowdown - 1) * (time.perf_counter() - start))
+        end = time.perf_counter()
+        self.busy_s += end - start
+        return end
+
     def _apply_gradient(self, message: Message) -> None:
         self.grad_staleness[self.steps - 1 - self.forwarded_at.popleft()] += 1
         start = time.perf_counter()
         passed_down = self.method.receive_gradient(self.k, message.tensors[0])
-        self.busy_s += time.perf_counter() - start
+        self._slow_down(start)
         if passed_down is not None and self.to_prev is not None:
             self.to_prev.send(DATA, self.steps - 1, [passed_down])
 
-    def _receive(self, inbox: Inbox, block: bool = True) -> Message | None:
+    def _receive(self, inbox: Inbox, block: bool = True, wait_s: float | None = None) -> Message | None:
         start = time.perf_counter()
-        message = inbox.get(block)
+        message = inbox.get(block, wait_s)
         self.receive_wait_s += time.perf_counter() - start
         if message is not None and inbox is self.from_prev and message.kind == DATA:
             self.newest_input = max(self.newest_input, message.step)
@@ -334,12 +405,14 @@ class DistributedEngine(Engine):
         return {
             "batches": self.batches.state_dict(),
             "steps": self.steps,
+            "epochs_done": self.epochs_done,
+            "seconds_before": self.seconds_before,
             "newest_input": self.newest_input,
             "buffer": [(e.inputs, e.labels, e.produced_at, e.uses) for e in self.buffer.entries] if self.buffer is not None else None,
             "forwarded_at": list(self.forwarded_at),
             "input_staleness": dict(self.input_staleness),
             "grad_staleness": dict(self.grad_staleness),
-            # gradients (and sync mode's END_STEP marks) received but not yet applied; nothing
+            # gradients received but not yet applied; nothing
             # else waits at an epoch's end: activations are all taken within their epoch
             "from_next": self.from_next.snapshot() if self.from_next is not None else [],
         }
@@ -347,6 +420,7 @@ class DistributedEngine(Engine):
     def load_state_dict(self, state: dict) -> None:
         self.batches.load_state_dict(state["batches"])
         self.steps, self.newest_input = state["steps"], state["newest_input"]
+        self.epochs_done, self.seconds_before = state["epochs_done"], state["seconds_before"]
         if self.buffer is not None:
             self.buffer.entries = collections.deque(Entry(*e) for e in state["buffer"])
         self.forwarded_at = collections.deque(state["forwarded_at"])

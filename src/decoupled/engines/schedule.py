@@ -1,7 +1,10 @@
 """Which worker advances next, in the async simulator.
 
 Time is counted in steps of a normal worker: in one epoch's worth of time each worker may
-take ``steps_per_epoch`` steps, and the slowed one ``steps_per_epoch / S``.
+take ``steps_per_epoch`` steps, and the slowed one ``steps_per_epoch / S``. ``epoch`` yields
+the workers of one epoch of that time (``async.budget: time``); ``next`` gives one worker at a
+time, for as long as the engine asks (``async.budget: updates``, where each worker goes on
+until it has made its updates).
 
 * ``categorical`` (as the DGL code): each tick draws one worker, with weight 1 each and 1/S
   for the slowed one; an epoch is ``steps_per_epoch x (sum of weights)`` ticks. Seeded.
@@ -25,9 +28,13 @@ class CategoricalSchedule:
         self.rng = torch.Generator().manual_seed(seed + 1)  # not the data order's stream
 
     def epoch(self, steps_per_epoch: int):
-        """The workers to advance during one epoch, in order."""
+        """The workers to advance during one epoch of schedule time, in order."""
         ticks = round(steps_per_epoch * float(self.weights.sum()))
         yield from torch.multinomial(self.weights, ticks, replacement=True, generator=self.rng).tolist()
+
+    def next(self) -> int:
+        """The next worker to advance, with no end in view (``async.budget: updates``)."""
+        return int(torch.multinomial(self.weights, 1, generator=self.rng))
 
     def state_dict(self) -> dict:
         return {"rng": self.rng.get_state()}
@@ -45,12 +52,21 @@ class EventSchedule:
     def epoch(self, steps_per_epoch: int):
         end = self.now + steps_per_epoch
         while True:
-            k = min(range(len(self.next_done)), key=lambda i: (self.next_done[i], i))
+            k = self._first_done()
             if self.next_done[k] > end + 1e-9:
                 self.now = end
                 return
             self.next_done[k] += self.step_durations[k]
             yield k
+
+    def next(self) -> int:
+        k = self._first_done()
+        self.now = self.next_done[k]
+        self.next_done[k] += self.step_durations[k]
+        return k
+
+    def _first_done(self) -> int:
+        return min(range(len(self.next_done)), key=lambda i: (self.next_done[i], i))
 
     def state_dict(self) -> dict:
         return {"next_done": list(self.next_done), "now": self.now}

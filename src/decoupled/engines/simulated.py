@@ -9,23 +9,33 @@ import torch
 
 from decoupled.engines.base import Engine, EpochInterrupted
 from decoupled.engines.batches import BatchStream
+from decoupled.engines.clock import ParallelClock
 from decoupled.engines.losses import LossTally
+from decoupled.engines.staleness import staleness_summary
+from decoupled.methods import SYNC_ONLY
 from decoupled.methods.base import Method
 
 
 class SimulatedEngine(Engine):
     """Sync mode: each step takes a mini-batch through modules 0..K-1 in order.
 
-    Batches are slices of tensors held in memory (``BatchStream``), so the loop has no
-    per-sample Python.
+    The gradient of the batch of step b reaches module k at the end of step
+    b + ``method.gradient_delay(k)``. Batches are slices of tensors held in memory
+    (``BatchStream``), so the loop has no per-sample Python. The ``ParallelClock`` times the
+    run as K workers in a pipeline would take it; a locked method (backprop) cannot start a
+    batch before the last one's backward is done.
     """
 
     def __init__(self, method: Method, train_x: torch.Tensor, train_y: torch.Tensor, batch_size: int, seed: int, async_cfg: dict | None = None, augment: str = "none"):
+        K = method.net.K
         self.method = method
         self.batches = BatchStream(train_x, train_y, batch_size, seed, augment)
-        self.step = 0  # global step count, the clock of gradient deliveries
-        # gradients on their way down: in_flight[k] holds (due step, d loss / d outputs of module k)
-        self.in_flight = [collections.deque() for _ in range(method.net.K - 1)]
+        self.step = 0  # global step count = the batch index, the clock of gradient deliveries
+        # gradients on their way down: in_flight[k] holds (due step, batch step, sent at, d loss / d outputs of module k)
+        self.in_flight = [collections.deque() for _ in range(K - 1)]
+        self.locked = method.name in SYNC_ONLY
+        self.clock = ParallelClock([1.0] * K)
+        self.grad_staleness = [collections.Counter() for _ in range(K)]
 
     def run_epoch(self) -> dict:
         """One pass over the training set; returns mean losses per module, images seen and seconds."""
@@ -42,18 +52,29 @@ class SimulatedEngine(Engine):
                     self.partial = {"done": done, "losses": losses.state_dict(), "seconds": seconds_before + time.perf_counter() - start}
                     raise EpochInterrupted(f"step {done} of {self.steps_per_epoch}")
                 h, labels = self.batches.next()
+                ready = self.clock.free_at[K - 1] if self.locked else 0.0  # backprop: after the last backward
                 for k in range(K):
+                    began = time.perf_counter()
                     h, loss, input_grad = self.method.module_step(k, h, labels)
+                    _, ready = self.clock.run(k, time.perf_counter() - began, ready)
                     losses.add(k, loss)
                     if input_grad is not None and k > 0:
-                        self._send_gradient(k - 1, input_grad)
+                        self._send_gradient(k - 1, self.step, input_grad, ready)
                 self._deliver_gradients()
                 self.step += 1
         seconds = seconds_before + time.perf_counter() - start
-        return {"train_loss_per_module": losses.means(), "images": self.steps_per_epoch * self.batches.batch_size, "seconds": seconds}
+        return {
+            "train_loss_per_module": losses.means(),
+            "images": self.steps_per_epoch * self.batches.batch_size,
+            "seconds": seconds,
+            "steps_per_module": [self.steps_per_epoch] * K,
+            "sim_time_s": self.clock.now(),
+            "finish_time_s_per_module": list(self.clock.free_at),
+            "grad_staleness": [staleness_summary(c) for c in self.grad_staleness],
+        }
 
-    def _send_gradient(self, k: int, grad: torch.Tensor) -> None:
-        self.in_flight[k].append((self.step + self.method.gradient_delay, grad))
+    def _send_gradient(self, k: int, batch: int, grad: torch.Tensor, sent_at: float) -> None:
+        self.in_flight[k].append((batch + self.method.gradient_delay(k), batch, sent_at, grad))
 
     def _deliver_gradients(self) -> None:
         """Hand every gradient due by now to its module, top module first, so that with no delay
@@ -61,15 +82,23 @@ class SimulatedEngine(Engine):
         for k in reversed(range(len(self.in_flight))):
             queue = self.in_flight[k]
             while queue and queue[0][0] <= self.step:
-                passed_down = self.method.receive_gradient(k, queue.popleft()[1])
+                _, batch, sent_at, grad = queue.popleft()
+                self.grad_staleness[k][self.step - batch] += 1
+                began = time.perf_counter()
+                passed_down = self.method.receive_gradient(k, grad)
+                _, done = self.clock.run(k, time.perf_counter() - began, sent_at)
                 if passed_down is not None and k > 0:
-                    self._send_gradient(k - 1, passed_down)
+                    self._send_gradient(k - 1, batch, passed_down, done)
 
     def state_dict(self) -> dict:
-        return {"batches": self.batches.state_dict(), "step": self.step, "in_flight": [list(q) for q in self.in_flight], "partial": self.partial}
+        return {"batches": self.batches.state_dict(), "step": self.step, "in_flight": [list(q) for q in self.in_flight], "partial": self.partial,
+                "clock": self.clock.state_dict(), "grad_staleness": [dict(c) for c in self.grad_staleness]}
 
     def load_state_dict(self, state: dict) -> None:
         self.batches.load_state_dict(state["batches"])
         self.step = state["step"]
         self.in_flight = [collections.deque(q) for q in state["in_flight"]]
         self.partial = state["partial"]
+        self.clock.load_state_dict(state["clock"])
+        self.grad_staleness = [collections.Counter(c) for c in state["grad_staleness"]]
+

@@ -7,9 +7,22 @@ with no input, or whose output queue is full, idles for that tick. Gradients sen
 (DNI's true gradients, DDG's delayed ones) wait in the lower worker's inbox until that
 worker is next scheduled, so they are exactly as stale as the schedule makes them.
 
+How long a run is (``async.budget``):
+
+* ``updates`` (as the DGL code, where each layer counts its own epochs): every worker makes
+  ``method.total_steps`` steps (train.epochs x batches per epoch, as in sync mode), each on its
+  own LR schedule. An epoch ends once every worker has made that epoch's steps; a faster
+  worker goes on meanwhile, up to its own total. A worker that is done keeps forwarding,
+  without learning, for replay buffers above it whose workers are not. A slowed worker thus
+  finishes later, and the run ends when the last one is done.
+* ``time``: every epoch is the same schedule time (``steps_per_epoch`` steps of a normal
+  worker), so a slowed worker makes fewer steps, and so do the workers waiting on it.
+
 Per worker it counts steps, idle ticks and the staleness of what it consumed: for an input,
 how many steps its producer has taken since making it; for a gradient, how many steps the
-receiving worker has taken since the forward it belongs to.
+receiving worker has taken since the forward it belongs to. A ``ParallelClock`` gives the
+simulated parallel time of the run: each worker's measured work, slowed S times on the slowed
+worker, on a worker of its own, waits included.
 """
 
 from __future__ import annotations
@@ -22,8 +35,10 @@ import torch
 from decoupled.engines.base import Engine, EpochInterrupted
 from decoupled.engines.batches import BatchStream
 from decoupled.engines.buffers import Entry, FifoQueue, ReplayBuffer
+from decoupled.engines.clock import ParallelClock
 from decoupled.engines.losses import LossTally
 from decoupled.engines.schedule import SCHEDULES, durations
+from decoupled.engines.staleness import staleness_summary
 from decoupled.methods.base import Method
 
 
@@ -35,15 +50,20 @@ class AsyncSimulator(Engine):
         slowed = async_cfg["slowed_module"]
         if slowed is not None and slowed >= K:
             raise ValueError(f"slowed module {slowed} does not exist with K={K}")
-        self.schedule = SCHEDULES[async_cfg["schedule"]](durations(K, async_cfg["slowdown_factor"], slowed), seed)
-        if method.input_buffer == "replay":
+        step_durations = durations(K, async_cfg["slowdown_factor"], slowed)
+        self.schedule = SCHEDULES[async_cfg["schedule"]](step_durations, seed)
+        self.budget = async_cfg["budget"]
+        self.replay = method.input_buffer == "replay"
+        if self.replay:
             self.buffers = [ReplayBuffer(async_cfg["buffer_size"], async_cfg["max_reuse"]) for _ in range(K)]
         else:
             self.buffers = [FifoQueue(async_cfg["buffer_size"]) for _ in range(K)]
-        self.inbox = [collections.deque() for _ in range(K)]  # gradients for module k's outputs
+        self.inbox = [collections.deque() for _ in range(K)]  # (gradient for module k's outputs, sent at)
         self.forwarded_at = [collections.deque() for _ in range(K)]  # step count of each forward awaiting a gradient
         self.steps = [0] * K
         self.idle = [0] * K
+        self.epochs_done = 0
+        self.clock = ParallelClock(step_durations)
         self.input_staleness = [collections.Counter() for _ in range(K)]
         self.grad_staleness = [collections.Counter() for _ in range(K)]
 
@@ -52,23 +72,29 @@ class AsyncSimulator(Engine):
         self.method.net.train()
         losses = LossTally(K)
         if self.partial is None:
-            # the whole epoch's order up front (it does not depend on training), so that an
-            # epoch stopped part-way can go on with the rest of it
-            ticks, seconds_before = list(self.schedule.epoch(self.steps_per_epoch)), 0.0
-            steps_before, idle_before = list(self.steps), list(self.idle)
+            # budget time: the whole epoch's order up front (it does not depend on training), so
+            # that an epoch stopped part-way can go on with the rest of it; budget updates draws
+            # lazily, and the schedule's state is where a stopped epoch goes on from
+            ticks = list(self.schedule.epoch(self.steps_per_epoch)) if self.budget == "time" else None
+            seconds_before, steps_before, idle_before = 0.0, list(self.steps), list(self.idle)
         else:
             ticks, seconds_before = self.partial["ticks"], self.partial["seconds"]
             steps_before, idle_before = self.partial["steps_before"], self.partial["idle_before"]
             losses.load_state_dict(self.partial["losses"])
             self.partial = None
+        target = min((self.epochs_done + 1) * self.steps_per_epoch, self.method.total_steps)
         start = time.perf_counter()
         with self._stoppable():
-            for i, k in enumerate(ticks):
+            i = 0
+            while i < len(ticks) if ticks is not None else min(self.steps) < target:
                 if self._stop_requested():
-                    self.partial = {"ticks": ticks[i:], "seconds": seconds_before + time.perf_counter() - start,
+                    self.partial = {"ticks": ticks[i:] if ticks is not None else None, "seconds": seconds_before + time.perf_counter() - start,
                                     "steps_before": steps_before, "idle_before": idle_before, "losses": losses.state_dict()}
-                    raise EpochInterrupted(f"tick {i} of {len(ticks)}")
+                    raise EpochInterrupted(f"tick {i} of {len(ticks)}" if ticks is not None else f"tick {i}")
+                k = ticks[i] if ticks is not None else self.schedule.next()
+                i += 1
                 losses.add(k, self.worker_tick(k))
+        self.epochs_done += 1
         seconds = seconds_before + time.perf_counter() - start
         steps = [a - b for a, b in zip(self.steps, steps_before)]
         return {
@@ -77,6 +103,8 @@ class AsyncSimulator(Engine):
             "seconds": seconds,
             "steps_per_module": steps,
             "idle_per_module": [a - b for a, b in zip(self.idle, idle_before)],
+            "sim_time_s": self.clock.now(),
+            "finish_time_s_per_module": list(self.clock.free_at),
             "input_staleness": [staleness_summary(c) for c in self.input_staleness],
             "grad_staleness": [staleness_summary(c) for c in self.grad_staleness],
         }
@@ -85,9 +113,15 @@ class AsyncSimulator(Engine):
         """Let worker k advance once: first the gradients it was sent, then one mini-batch."""
         self._receive_gradients(k)
         K = self.method.net.K
+        if self.budget == "updates" and self.steps[k] >= self.method.total_steps:
+            self._forward_without_learning(k)
+            return None
+        ready = 0.0
         if k < K - 1 and self.buffers[k + 1].full():
             self.idle[k] += 1  # back-pressure: the next module has not caught up
             return None
+        if k < K - 1 and isinstance(self.buffers[k + 1], FifoQueue):
+            ready = self.buffers[k + 1].slot_free_at()
         if k == 0:
             inputs, labels = self.batches.next()
         else:
@@ -95,34 +129,62 @@ class AsyncSimulator(Engine):
             if entry is None:
                 self.idle[k] += 1
                 return None
-            inputs, labels = entry.inputs, entry.labels
+            inputs, labels, ready = entry.inputs, entry.labels, max(ready, entry.ready_at)
             self.input_staleness[k][self.steps[k - 1] - 1 - entry.produced_at] += 1
+        began = time.perf_counter()
         outputs, loss, input_grad = self.method.module_step(k, inputs, labels)
+        started, done = self.clock.run(k, time.perf_counter() - began, ready)
+        if k > 0 and isinstance(self.buffers[k], FifoQueue):
+            self.buffers[k].take_times.append(started)
         if input_grad is not None and k > 0:
-            self.inbox[k - 1].append(input_grad)
+            self.inbox[k - 1].append((input_grad, done))
         if k < K - 1:
-            self.buffers[k + 1].put(Entry(outputs, labels, self.steps[k]))
-            if self.method.input_buffer == "fifo":
+            self.buffers[k + 1].put(Entry(outputs, labels, self.steps[k], ready_at=done))
+            if not self.replay:
                 self.forwarded_at[k].append(self.steps[k])
         self.steps[k] += 1
         return loss
 
+    def _forward_without_learning(self, k: int) -> None:
+        """A worker that has made all its steps feeds the replay buffer above it while a worker
+        above still learns (as the DGL code, where a finished layer keeps forwarding)."""
+        if not self.replay or all(s >= self.method.total_steps for s in self.steps[k + 1 :]):
+            return
+        if k == 0:
+            (inputs, labels), ready = self.batches.next(), 0.0
+        else:
+            entry = self.buffers[k].take()
+            if entry is None:
+                return
+            inputs, labels, ready = entry.inputs, entry.labels, entry.ready_at
+        began = time.perf_counter()
+        outputs = self.method.frozen_forward(k, inputs)
+        _, done = self.clock.run(k, time.perf_counter() - began, ready)
+        # made by the producer's final weights: as fresh as its newest step's output
+        self.buffers[k + 1].put(Entry(outputs, labels, self.steps[k] - 1, ready_at=done))
+
     def _receive_gradients(self, k: int) -> None:
         while self.inbox[k]:
+            grad, sent_at = self.inbox[k].popleft()
             self.grad_staleness[k][self.steps[k] - 1 - self.forwarded_at[k].popleft()] += 1
-            passed_down = self.method.receive_gradient(k, self.inbox[k].popleft())
+            began = time.perf_counter()
+            passed_down = self.method.receive_gradient(k, grad)
+            _, done = self.clock.run(k, time.perf_counter() - began, sent_at)
             if passed_down is not None and k > 0:
-                self.inbox[k - 1].append(passed_down)
+                self.inbox[k - 1].append((passed_down, done))
 
     def state_dict(self) -> dict:
         return {
             "batches": self.batches.state_dict(),
             "schedule": self.schedule.state_dict(),
-            "buffers": [[(e.inputs, e.labels, e.produced_at, e.uses) for e in b.entries] for b in self.buffers],
+            "buffers": [[(e.inputs, e.labels, e.produced_at, e.uses, e.ready_at) for e in b.entries] for b in self.buffers],
+            "take_times": [list(b.take_times) if isinstance(b, FifoQueue) else [] for b in self.buffers],
             "inbox": [list(q) for q in self.inbox],
             "forwarded_at": [list(q) for q in self.forwarded_at],
             "steps": list(self.steps),
             "idle": list(self.idle),
+            "epochs_done": self.epochs_done,
+            "clock": self.clock.state_dict(),
             "input_staleness": [dict(c) for c in self.input_staleness],
             "grad_staleness": [dict(c) for c in self.grad_staleness],
             "partial": self.partial,
@@ -131,23 +193,15 @@ class AsyncSimulator(Engine):
     def load_state_dict(self, state: dict) -> None:
         self.batches.load_state_dict(state["batches"])
         self.schedule.load_state_dict(state["schedule"])
-        for buffer, entries in zip(self.buffers, state["buffers"]):
+        for buffer, entries, take_times in zip(self.buffers, state["buffers"], state["take_times"]):
             buffer.entries = collections.deque(Entry(*e) for e in entries)
+            if isinstance(buffer, FifoQueue):
+                buffer.take_times.extend(take_times)
         self.inbox = [collections.deque(q) for q in state["inbox"]]
         self.forwarded_at = [collections.deque(q) for q in state["forwarded_at"]]
         self.steps, self.idle = list(state["steps"]), list(state["idle"])
+        self.epochs_done = state["epochs_done"]
+        self.clock.load_state_dict(state["clock"])
         self.input_staleness = [collections.Counter(c) for c in state["input_staleness"]]
         self.grad_staleness = [collections.Counter(c) for c in state["grad_staleness"]]
         self.partial = state["partial"]
-
-
-def staleness_summary(counts: collections.Counter) -> dict:
-    """Mean, max and the histogram {staleness: count} of everything consumed so far."""
-    n = sum(counts.values())
-    if not n:
-        return {"mean": None, "max": None, "histogram": {}}
-    return {
-        "mean": sum(s * c for s, c in counts.items()) / n,
-        "max": max(counts),
-        "histogram": {str(s): c for s, c in sorted(counts.items())},
-    }

@@ -14,6 +14,11 @@ from decoupled.errors import UserError
 # What the grid must know about a method without importing torch (decoupled.grid):
 SYNC_ONLY = {"backprop"}  # the locked baseline has no async form
 USES_BETA = {"fdg"}  # grid.beta sweeps these methods only
+# Delayed-gradient methods: steps a gradient takes to cross one module boundary in sync mode,
+# as in their authors' code (train.gradient_delay: null). DDG (slowbull/DDG) keeps the forward
+# pass locked: one step per boundary. FDG (ZHUANGHP/FDG) unlocks it too: a module forwards what
+# the one below produced a step earlier, so a gradient needs two steps per boundary.
+GRADIENT_DELAY = {"ddg": 1, "fdg": 2}
 
 
 def get(name: str):

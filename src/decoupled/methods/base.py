@@ -22,12 +22,12 @@ class Method:
     The engine owns data, order and clock; it calls ``module_step(k, inputs, labels)`` for the
     modules in the order its schedule says and passes ``outputs`` on. When a step returns an
     ``input_grad``, the engine delivers it to module k-1 with ``receive_gradient``, in the order
-    the gradients were sent, ``gradient_delay`` steps later (a pipeline's backward travel time).
-    The method owns the optimizers and decides what each module learns from.
+    the gradients were sent; in sync mode, the gradient of the batch that module k forwarded at
+    step b reaches it at the end of step b + ``gradient_delay(k)`` (a pipeline's backward travel
+    time). The method owns the optimizers and decides what each module learns from.
     """
 
     name: ClassVar[str]
-    gradient_delay: int = 0  # steps a gradient takes to cross one module boundary in sync mode
     # async mode: how activations reach module k. "fifo": each used once, in order (a gradient
     # comes back for it); "replay": a replay buffer that may serve an entry several times.
     input_buffer: ClassVar[str] = "fifo"
@@ -36,6 +36,12 @@ class Method:
         self.net = net
         self.train_cfg = train_cfg
         self.total_steps = total_steps
+
+    def gradient_delay(self, k: int) -> int:
+        """Sync mode: steps between module k's forward of a batch and the update with that
+        batch's gradient (0: in the same step, as backprop). Only methods that send gradients
+        between modules have one."""
+        return 0
 
     def module_step(self, k: int, inputs: torch.Tensor, labels: torch.Tensor) -> ModuleStep:
         raise NotImplementedError
@@ -53,6 +59,16 @@ class Method:
         optimizer.step()
         self.schedulers[k].step()
         return outputs.detach(), loss.detach()
+
+    def frozen_forward(self, k: int, inputs: torch.Tensor) -> torch.Tensor:
+        """Module k's output without learning (BatchNorm in eval mode): what a module that has
+        made all its updates still sends to those above that have not (async mode)."""
+        block = self.net.blocks[k]
+        block.eval()
+        with torch.no_grad():
+            outputs = block(inputs)
+        block.train()
+        return outputs
 
     def receive_gradient(self, k: int, grad: torch.Tensor) -> torch.Tensor | None:
         """Module k gets d loss / d outputs for its oldest batch still waiting for one.

@@ -2,15 +2,23 @@
 
 Backprop cut at module boundaries and pipelined: module k keeps the graph of each batch it
 has forwarded and, when the gradient of that batch's loss w.r.t. its output comes back from
-module k+1 (``train.gradient_delay`` steps per boundary later: 2 in a lockstep pipeline, so
-module k works with gradients of batches seen 2(K-k-1) steps earlier), back-propagates it
-through the stored graph, updates, and passes the gradient w.r.t. its input on down.
+module k+1, back-propagates it through the stored graph, updates, and passes the gradient
+w.r.t. its input on down. The forward pass stays locked (every module forwards the same batch
+in a step) and a gradient takes ``train.gradient_delay`` steps per boundary (1, as in the
+authors' code): module k applies, after forwarding batch t, the gradient of batch t-(K-1-k).
 
-The stored graph must hold the weights *as they were at the forward*: the module has updated
-its live weights since, and back-propagating through a graph whose saved weights were changed
-in place is an error on torch 2.x (and wrong). So each forward runs on a detached copy of the
-weights (``torch.func.functional_call``), and the gradient computed through that copy is
-applied to the live weights. Nothing is recomputed.
+Which weights the delayed gradient is taken at (``train.delayed_grad_weights``):
+
+* ``current`` (the authors' code): back-propagating the stored graph after the optimizer has
+  updated the weights in place through ``.data`` (PyTorch 0.4/1.0, which autograd did not
+  track) uses the module's weights *as they are now* in every Jacobian, with the activations,
+  BatchNorm statistics and ReLU masks of the forward. Not a recomputation of the forward.
+* ``forward`` (DDG's equations): the weights that produced the stored output.
+
+Either way each forward runs on a detached copy of the weights (``torch.func.functional_call``)
+so that the live weights can be updated meanwhile (torch 2.x refuses to back-propagate through
+saved tensors changed in place); ``current`` writes the live weights into that copy, untracked,
+just before the backward. The gradient is applied to the live weights. Nothing is recomputed.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from decoupled.methods import GRADIENT_DELAY
 from decoupled.methods.base import Method, ModuleStep
 from decoupled.optim import make_optimizer
 
@@ -30,7 +39,9 @@ class DDG(Method):
 
     def __init__(self, net, train_cfg, total_steps):
         super().__init__(net, train_cfg, total_steps)
-        self.gradient_delay = train_cfg["gradient_delay"]
+        delay = train_cfg["gradient_delay"]
+        self.delay_per_boundary = GRADIENT_DELAY[self.name] if delay is None else delay
+        self.at_current_weights = train_cfg["delayed_grad_weights"] == "current"
         self.probe_heads = train_cfg["probe_heads"]
         K = net.K
         pairs = [make_optimizer(list(net.blocks[k].parameters()) + (list(net.heads[k].parameters()) if k == K - 1 else []), train_cfg, total_steps) for k in range(K)]
@@ -40,6 +51,9 @@ class DDG(Method):
         self.schedulers = [s for _, s in pairs]
         # (inputs, outputs, weight copies) of batches forwarded by module k, awaiting their gradient
         self.pending: list[collections.deque] = [collections.deque() for _ in range(K - 1)]
+
+    def gradient_delay(self, k):
+        return self.delay_per_boundary * (self.net.K - 1 - k)
 
     def shrink(self, grad: torch.Tensor) -> torch.Tensor:
         """What the gradient sent down a boundary becomes (FDG scales it)."""
@@ -60,6 +74,9 @@ class DDG(Method):
 
     def receive_gradient(self, k, grad):
         inputs, outputs, weights = self.pending[k].popleft()
+        if self.at_current_weights:  # through .data: the graph keeps the forward's activations
+            for w, p in zip(weights.values(), self.net.blocks[k].parameters()):
+                w.data.copy_(p.detach())
         targets = list(weights.values()) + ([inputs] if k > 0 else [])
         grads = torch.autograd.grad(outputs, targets, grad)
         optimizer = self.optimizers[k]

@@ -34,12 +34,17 @@ __all__ = ["load_runs", "build_report", "add_time_to_accuracy", "time_to_accurac
 METHOD_ORDER = ["backprop", "dgl", "dni", "cdni", "ddg", "fdg"]
 MODE_ORDER = ["sync", "async"]
 # The swept axes a run may differ on (its ``varied`` list is a subset).
-AXES = ["K", "slowdown", "buffer_size", "beta"]
+AXES = ["K", "slowdown", "buffer_size", "budget", "beta"]
 # The schema's default for ``report.target_accuracy``, for callers without a config (a test
 # checks that the two agree).
 DEFAULT_TARGET_ACCURACY = 0.85
 # What runs wrote before metrics.json named its engine: the simulated one was the only one.
 DEFAULT_ENGINE = "simulated"
+# What a run's seconds (its time to accuracy, its time axis) are: a simulated run's parallel
+# time (each module's measured work on a worker of its own, waits included), real workers'
+# wall clock, or, for runs written before the simulated engines kept a parallel clock, one
+# process doing every module's work in turn.
+SIMULATED_PARALLEL, WALL_CLOCK, ONE_PROCESS = "simulated parallel", "wall clock", "one process"
 
 # Runs of two engines may share a run directory layout (two experiments), so the engine is
 # part of what tells runs apart.
@@ -81,16 +86,16 @@ def add_time_to_accuracy(runs_df: pd.DataFrame, epochs_df: pd.DataFrame,
                          target_accuracy: float) -> pd.DataFrame:
     """``runs_df`` (from ``load_runs``) with a ``time_to_{X}pct_s`` column (X = 100 × target).
 
-    A run's value is the ``wall_time_s`` of its first epoch whose test accuracy reaches the
-    target, NaN if none does. Epoch resolution: the target may have been crossed earlier within
+    A run's value is the ``time_s`` (on the run's ``clock``) of its first epoch whose test
+    accuracy reaches the target, NaN if none does. Epoch resolution: the target may have been crossed earlier within
     that epoch, but the accuracy is only measured at the end of each.
     """
     # Written so that NaN is refused too: every comparison with it is false.
     if not 0 < target_accuracy <= 1:
         raise UserError(f"target accuracy must be a fraction in (0, 1], got {target_accuracy}")
     reached = epochs_df[epochs_df["test_acc"] >= target_accuracy].sort_values("epoch")
-    first = reached.groupby(_RUN_KEYS)["wall_time_s"].first()
-    times = runs_df.join(first, on=_RUN_KEYS)["wall_time_s"]
+    first = reached.groupby(_RUN_KEYS)["time_s"].first().rename("_reached_at")
+    times = runs_df.join(first, on=_RUN_KEYS)["_reached_at"]
     return runs_df.assign(**{time_to_accuracy_column(target_accuracy): times.astype(float)})
 
 
@@ -109,13 +114,18 @@ def load_runs(run_dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
 
     Per-run columns: method, mode, K, variant, seed, engine ("simulated" or "distributed";
     "simulated" where metrics.json predates its ``engine`` key), varied (list), test_acc,
-    test_acc_per_module (list), train_time_s, epochs (count), images_per_s (mean over epochs),
-    slowdown_factor, slowed_module, buffer_size, beta (missing where they do not apply), and for
-    async runs (None otherwise) steps_per_module (list, summed over epochs) and
-    input_staleness_mean / grad_staleness_mean (lists from the last epoch, since they are
-    cumulative; an entry is None for a module that consumed nothing of that kind).
+    test_acc_per_module (list), train_time_s (the process's seconds), clock (what ``time_s``
+    measures: "simulated parallel", "wall clock" or "one process"), time_s (at the end of
+    training, on that clock), epochs (count), images_per_s (mean over epochs), slowdown_factor,
+    slowed_module, buffer_size, budget, beta, gradient_delay (missing where they do not apply),
+    steps_per_module (list, summed over epochs; None where metrics.json lacks it),
+    finish_time_s_per_module (when each module made its last step, on the run's clock; None
+    where absent), and for async runs (None otherwise) input_staleness_mean /
+    grad_staleness_mean (lists from the last epoch, since they are cumulative; an entry is None
+    for a module that consumed nothing of that kind).
     Per-epoch columns: method, mode, K, variant, seed, engine, varied, epoch, test_acc,
-    train_loss, wall_time_s (cumulative training seconds at the end of the epoch).
+    train_loss, wall_time_s (the process's cumulative training seconds at the end of the
+    epoch), time_s (the same on the run's clock) and clock.
     """
     if not run_dirs:
         raise UserError("no run directories given to the report")
@@ -132,7 +142,7 @@ def load_runs(run_dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
         epoch_rows.extend(epochs)
     runs_df = pd.DataFrame(run_rows)
     # Integers that may be missing: nullable, so 1 stays "1" rather than becoming "1.0".
-    for col in ("slowed_module", "buffer_size"):
+    for col in ("slowed_module", "buffer_size", "gradient_delay"):
         runs_df[col] = runs_df[col].astype("Int64")
     for col in ("slowdown_factor", "beta"):
         runs_df[col] = runs_df[col].astype(float)
@@ -168,10 +178,12 @@ def _load_run(run_dir: Path) -> tuple[dict, list[dict]]:
     if not epochs:
         raise UserError(f"{metrics_path}: 'epochs' is empty")
     epoch_rows, speeds, steps = [], [], [0] * K
+    clock = SIMULATED_PARALLEL if "sim_time_s" in epochs[0] else WALL_CLOCK if engine == "distributed" else ONE_PROCESS
     for i, record in enumerate(epochs):
         where = f"{metrics_path}: epochs[{i}]"
         if not isinstance(record, dict):
             raise UserError(f"{where} is not an object")
+        wall = _get(record, "wall_time_s", float, where)
         epoch_rows.append({
             **ident,
             "engine": engine,
@@ -179,14 +191,21 @@ def _load_run(run_dir: Path) -> tuple[dict, list[dict]]:
             "epoch": _get(record, "epoch", int, where),
             "test_acc": _get(record, "test_acc", float, where),
             "train_loss": _get(record, "train_loss", float, where),
-            "wall_time_s": _get(record, "wall_time_s", float, where),
+            "wall_time_s": wall,
+            "time_s": _get(record, "sim_time_s", float, where) if clock == SIMULATED_PARALLEL else wall,
+            "clock": clock,
         })
         speeds.append(_get(record, "images_per_s", float, where))
-        if is_async:
+        if steps is not None and ("steps_per_module" in record or is_async):
             epoch_steps = _get(record, "steps_per_module", list, where)
             if len(epoch_steps) != K or not all(_is_int(s) for s in epoch_steps):
                 raise UserError(f"{where}: 'steps_per_module' must be {K} integers")
             steps = [a + b for a, b in zip(steps, epoch_steps)]
+        else:
+            steps = None  # written before sync runs counted their steps
+    finish = epochs[-1].get("finish_time_s_per_module")
+    if finish is not None and (not isinstance(finish, list) or len(finish) != K or not all(_is_number(t) for t in finish)):
+        raise UserError(f"{metrics_path}: epochs[{len(epochs) - 1}]: 'finish_time_s_per_module' must be {K} numbers")
 
     per_module = _get(evaluation, "test_acc_per_module", list, eval_path)
     if len(per_module) != K or not all(_is_number(a) for a in per_module):
@@ -199,10 +218,13 @@ def _load_run(run_dir: Path) -> tuple[dict, list[dict]]:
         "test_acc": _get(evaluation, "test_acc", float, eval_path),
         "test_acc_per_module": [float(a) for a in per_module],
         "train_time_s": _get(metrics, "train_time_s", float, metrics_path),
+        "clock": clock,
+        "time_s": epoch_rows[-1]["time_s"],
         "epochs": len(epochs),
         "images_per_s": sum(speeds) / len(speeds),
         **settings,
-        "steps_per_module": steps if is_async else None,
+        "steps_per_module": steps,
+        "finish_time_s_per_module": None if finish is None else [float(t) for t in finish],
     }
     for kind in _STALENESS:
         # Cumulative since the start of the run, so the last epoch holds the whole run.
@@ -213,13 +235,14 @@ def _load_run(run_dir: Path) -> tuple[dict, list[dict]]:
 
 
 def _settings(settings: dict, is_async: bool, where: Path) -> dict:
-    """The swept settings the report uses, each a number or None (null: does not apply)."""
-    kinds = {"slowdown_factor": float, "slowed_module": int, "buffer_size": int, "beta": float}
+    """The swept settings the report uses, each a value or None (null: does not apply)."""
+    kinds = {"slowdown_factor": float, "slowed_module": int, "buffer_size": int, "beta": float, "budget": str, "gradient_delay": int}
+    optional = ("budget", "gradient_delay")  # absent from runs written before they existed
     out = {}
     for key, kind in kinds.items():
-        if key not in settings:
+        if key not in settings and key not in optional:
             raise UserError(f"{where}: missing key 'settings.{key}'")
-        value = settings[key]
+        value = settings.get(key)
         if value is not None:
             value = _get(settings, key, kind, f"{where}: settings")
         elif is_async and key in ("slowdown_factor", "buffer_size"):

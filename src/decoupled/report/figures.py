@@ -58,24 +58,25 @@ def plot_accuracy_vs_wall_time(epochs_df: pd.DataFrame, figures_dir: Path,
     """Test accuracy vs training seconds of the reference runs, one line per method × mode × engine.
 
     A point is one epoch: the means over seeds of its test accuracy and of its cumulative
-    ``wall_time_s``, so the first line to cross the dotted target line is the method that
-    reached that accuracy first (the tables give the seconds). The engine is named in the
-    labels, and told apart by the markers, only when the runs use several: the simulated engine
-    runs every module in one process, so its seconds are not those of a distributed run.
+    ``time_s`` on the run's clock (simulated parallel seconds for the simulated engine, wall
+    clock for real workers), so the first line to cross the dotted target line is the method
+    that reached that accuracy first (the tables give the seconds). The axis names the clocks;
+    the engine and its clock are named in the labels, and told apart by the markers, only when
+    the runs use several.
     """
     ref = _select(epochs_df, set())
     engines = sorted(ref["engine"].unique()) if len(ref) else []
     several_k = ref["K"].nunique() > 1 if len(ref) else False
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for (method, mode, k, engine), runs in _groups(ref, GROUP + ["engine"]):
-        per_epoch = runs.groupby("epoch")[["wall_time_s", "test_acc"]].mean()
+        per_epoch = runs.groupby("epoch")[["time_s", "test_acc"]].mean()
         details = [f"K={k}"] if several_k else []
         if len(engines) > 1:
-            details.append(engine)
+            details.append(f"{engine}: {runs['clock'].iloc[0]}")
         seeds = runs["seed"].nunique()
         details.append(f"{seeds} seed{'s' if seeds != 1 else ''}")
         label = f"{method} {mode} ({', '.join(details)})"
-        ax.plot(per_epoch["wall_time_s"], 100 * per_epoch["test_acc"], label=label, markersize=4,
+        ax.plot(per_epoch["time_s"], 100 * per_epoch["test_acc"], label=label, markersize=4,
                 marker=_MARKERS[engines.index(engine) % len(_MARKERS)], **_style(method, mode))
     if ref.empty:
         _note(ax, "no reference runs (every run varies a swept setting)")
@@ -83,7 +84,8 @@ def plot_accuracy_vs_wall_time(epochs_df: pd.DataFrame, figures_dir: Path,
         ax.axhline(100 * target_accuracy, color="0.4", linestyle=":", linewidth=1,
                    label=f"target {100 * target_accuracy:g}%")
         ax.set_xlim(left=0)  # time to accuracy is read from the start of training
-    ax.set_xlabel("Training time (s, wall clock, cumulative at the end of each epoch)")
+    clocks = " / ".join(sorted(set(ref["clock"]))) if len(ref) else "seconds"
+    ax.set_xlabel(f"Training time (s, {clocks}; cumulative at the end of each epoch)")
     ax.set_ylabel("Test accuracy (%)")
     ax.set_title("Test accuracy vs training time (reference runs, mean over seeds)")
     return _finish(fig, ax, Path(figures_dir) / "acc_vs_wall_time")
@@ -115,18 +117,25 @@ def plot_layerwise_accuracy(runs_df: pd.DataFrame, figures_dir: Path) -> list[Pa
 
 
 def plot_accuracy_vs_slowdown(runs_df: pd.DataFrame, figures_dir: Path) -> list[Path]:
-    """Final test accuracy of async runs vs the slowdown factor S, one line per method × slowed module.
+    """Final test accuracy of async runs vs the slowdown factor S, one line per method × slowed
+    module × budget (``async.budget``, named when the runs have several).
 
-    The runs with S = 1 (nothing slowed) start every line of their method. Bars = std over seeds.
+    The runs with S = 1 (nothing slowed) under the same budget start every line of their
+    method. Bars = std over seeds.
     """
-    runs = _select(runs_df[runs_df["mode"] == "async"], {"slowdown"})
+    runs = _select(runs_df[runs_df["mode"] == "async"], {"slowdown", "budget"})
+    if len(runs):  # async runs from before budgets existed had the time budget's epochs
+        runs = runs.assign(budget=runs["budget"].fillna("time"))
     several_k = runs["K"].nunique() > 1 if len(runs) else False
-    series = []
-    for (method, k), rows in _groups(runs, ["method", "K"]):
+    several_budgets = runs["budget"].nunique() > 1 if len(runs) else False
+    series, lines_of = [], {}
+    for (method, k, budget), rows in _groups(runs, ["method", "K", "budget"]):
         base = rows[rows["slowdown_factor"] == 1]
         slowed = rows[rows["slowdown_factor"] != 1]
-        for i, (module, more) in enumerate(slowed.groupby("slowed_module", sort=True)):
-            label = f"{method}, module {module} slowed" + (f", K={k}" if several_k else "")
+        for module, more in slowed.groupby("slowed_module", sort=True):
+            label = (f"{method}, module {module} slowed" + (f", {budget} budget" if several_budgets else "")
+                     + (f", K={k}" if several_k else ""))
+            i = lines_of[method] = lines_of.get(method, -1) + 1
             series.append((label, pd.concat([base, more]), _sweep_style(method, i)))
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     if _varies(runs, "slowdown") and series:
@@ -135,7 +144,9 @@ def plot_accuracy_vs_slowdown(runs_df: pd.DataFrame, figures_dir: Path) -> list[
         _note(ax, "no runs vary the slowdown")
     ax.set_xlabel("Slowdown factor S of the slowed module (log scale; modules numbered from 0)")
     ax.set_ylabel("Test accuracy (%)")
-    ax.set_title("Async test accuracy vs slowdown (mean over seeds, bars = std)")
+    ax.set_title("Async test accuracy vs slowdown (mean over seeds, bars = std)"
+                 + ("\nupdates: every module makes the steps of sync mode; time: the same schedule time" if several_budgets else ""),
+                 fontsize=10 if several_budgets else None)
     return _finish(fig, ax, Path(figures_dir) / "acc_vs_slowdown")
 
 
@@ -217,10 +228,10 @@ def _varies(runs: pd.DataFrame, axis: str) -> bool:
 
 
 def _groups(df: pd.DataFrame, by: list[str]) -> Iterable[tuple[tuple, pd.DataFrame]]:
-    """``df.groupby(by)`` with methods in the paper's order and sync before async."""
+    """``df.groupby(by)`` with methods in the paper's order, sync before async, updates before time."""
     if df.empty:
         return []
-    rank = {"method": method_rank, "mode": mode_rank}
+    rank = {"method": method_rank, "mode": mode_rank, "budget": lambda budget: (budget != "updates", budget)}
     return sorted(df.groupby(by, sort=True),
                   key=lambda item: [rank.get(col, lambda v: v)(v) for col, v in zip(by, item[0])])
 

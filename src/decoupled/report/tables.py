@@ -22,7 +22,9 @@ from decoupled.files import write_text
 from decoupled.report import method_rank, mode_rank
 
 GROUP = ["method", "mode", "K", "variant", "engine"]
-SETTINGS = ["slowdown_factor", "slowed_module", "buffer_size", "beta"]
+SETTINGS = ["slowdown_factor", "slowed_module", "buffer_size", "budget", "beta", "gradient_delay"]
+# Per-module lists of a run, averaged over seeds into one column per module (1-based).
+PER_MODULE = {"test_acc_per_module": "aux_acc_mean_m", "steps_per_module": "steps_mean_m", "finish_time_s_per_module": "finish_time_s_mean_m"}
 # A per-run time-to-accuracy column; X (the target in percent) may have decimals.
 _TIME_COLUMN = r"time_to_(?P<percent>[\d.]+)pct_s"
 _TIME_STATS = ["mean", "std", "missed"]
@@ -38,41 +40,52 @@ def summary(runs_df: pd.DataFrame) -> pd.DataFrame:
     """Aggregate the per-run frame from ``load_runs`` over seeds.
 
     Columns: method, mode, K, variant, engine, seeds, test_acc_mean, test_acc_std (ddof=1, NaN
-    for one seed), train_time_s, images_per_s, epochs (means), then for each per-run
-    ``time_to_{X}pct_s`` column: ``time_to_{X}pct_s_mean`` and ``_std`` over the seeds that
-    reached X% (NaN where none did) and ``time_to_{X}pct_s_missed`` (seeds that never did), then
-    slowdown_factor, slowed_module, buffer_size, beta (the variant's settings, missing where
-    they do not apply), then aux_acc_mean_m1..m{max K}: the mean test accuracy of module k's
-    auxiliary head (1-based, as in the layer-wise figure), NaN for groups with fewer modules.
+    for one seed), train_time_s (the process's seconds), clock and time_s (the run's seconds on
+    its clock: simulated parallel, wall clock or one process), images_per_s, epochs (means),
+    then for each per-run ``time_to_{X}pct_s`` column (on the same clock):
+    ``time_to_{X}pct_s_mean`` and ``_std`` over the seeds that reached X% (NaN where none did)
+    and ``time_to_{X}pct_s_missed`` (seeds that never did), then slowdown_factor, slowed_module,
+    buffer_size, budget, beta, gradient_delay (the variant's settings, missing where they do not
+    apply), then per module k (1-based, as in the layer-wise figure; NaN for groups with fewer
+    modules or runs that lack it): aux_acc_mean_m{k}, the mean test accuracy of its head,
+    steps_mean_m{k}, its steps over the run, and finish_time_s_mean_m{k}, when it made its last
+    one on the run's clock.
     """
     # Pad shorter runs with NaN, which is exactly "this group has no module k", so the mean
     # over seeds leaves those cells NaN instead of inventing a value.
-    lists = runs_df["test_acc_per_module"].tolist()
-    width = max(map(len, lists), default=0)
-    aux = pd.DataFrame([list(a) + [math.nan] * (width - len(a)) for a in lists],
-                       index=runs_df.index, dtype=float,
-                       columns=[f"aux_acc_mean_m{k + 1}" for k in range(width)])
-    grouped = pd.concat([runs_df, aux], axis=1).groupby(GROUP, sort=True)
+    per_module = [_per_module_columns(runs_df, col, prefix) for col, prefix in PER_MODULE.items()]
+    grouped = pd.concat([runs_df, *per_module], axis=1).groupby(GROUP, sort=True)
     table = grouped.agg(
         seeds=("seed", "size"),
         test_acc_mean=("test_acc", "mean"),
         test_acc_std=("test_acc", "std"),
         train_time_s=("train_time_s", "mean"),
+        clock=("clock", "first"),  # the engine decides it, and is part of the group
+        time_s=("time_s", "mean"),
         images_per_s=("images_per_s", "mean"),
         epochs=("epochs", "mean"),
         **_time_aggregations(runs_df),
         # The variant fixes its settings, so every seed has the same ones.
         **{name: (name, "first") for name in SETTINGS},
     )
-    return table.join(grouped[list(aux.columns)].mean()).reset_index()
+    columns = [c for frame in per_module for c in frame.columns]
+    return table.join(grouped[columns].mean()).reset_index()
+
+
+def _per_module_columns(runs_df: pd.DataFrame, col: str, prefix: str) -> pd.DataFrame:
+    """One float column per module of the per-run lists in ``col`` (None: a run without it)."""
+    lists = [[] if v is None else list(v) for v in runs_df[col]]
+    width = max(map(len, lists), default=0)
+    return pd.DataFrame([a + [math.nan] * (width - len(a)) for a in lists], index=runs_df.index,
+                        dtype=float, columns=[f"{prefix}{k + 1}" for k in range(width)])
 
 
 def main_table(runs_df: pd.DataFrame) -> pd.DataFrame:
     """Test accuracy of the reference runs (``varied == []``), one row per method.
 
     Columns: method, then K and engine, each only if the reference runs have several, then
-    {mode}_mean, {mode}_std (fractions; std ddof=1, NaN for one seed) for each mode present,
-    sync and async first, then for each per-run ``time_to_{X}pct_s`` column and each mode
+    {mode}_mean, {mode}_std (fractions; std ddof=1, NaN for one seed) and {mode}_clock (what its
+    seconds measure) for each mode present, sync and async first, then for each per-run ``time_to_{X}pct_s`` column and each mode
     {mode}_time_to_{X}pct_s_mean, _std and _missed, as in ``summary``. A method without a mode
     (backprop has no async) gets NaN there. Rows follow ``METHOD_ORDER``, then any other method
     alphabetically.
@@ -86,9 +99,11 @@ def main_table(runs_df: pd.DataFrame) -> pd.DataFrame:
              .unstack("mode"))
     modes = sorted(stats.columns.get_level_values("mode").unique(), key=mode_rank)
     table = pd.DataFrame(index=stats.index)
+    clocks = ref.groupby(index + ["mode"])["clock"].first().unstack("mode")
     for mode in modes:
         table[f"{mode}_mean"] = stats[("mean", mode)]
         table[f"{mode}_std"] = stats[("std", mode)]
+        table[f"{mode}_clock"] = clocks[mode]
     for time_col in _time_columns(ref):
         for mode in modes:
             for stat in _TIME_STATS:
@@ -115,7 +130,9 @@ def write_summary(df: pd.DataFrame, tables_dir: Path) -> list[Path]:
         "variant": df["variant"].astype(str),
         "seeds": df["seeds"].map(str),
         "test acc (%)": [_pct(m, s) for m, s in zip(df["test_acc_mean"], df["test_acc_std"])],
-        "train time (s)": df["train_time_s"].map("{:.1f}".format),
+        "process time (s)": df["train_time_s"].map("{:.1f}".format),
+        "clock": df["clock"].astype(str),
+        "time (s)": df["time_s"].map("{:.1f}".format),
         "images/s": df["images_per_s"].map("{:.0f}".format),
         "epochs": df["epochs"].map("{:g}".format),
     })
@@ -124,14 +141,18 @@ def write_summary(df: pd.DataFrame, tables_dir: Path) -> list[Path]:
     for time_col in _time_columns(df, suffix="_mean"):
         display[_time_header(time_col)] = _seconds_cells(df, time_col)
     display = display.assign(**{
+        "steps per module": _module_cells(df, "steps_mean_m", "{:.0f}"),
+        "finish time per module (s)": _module_cells(df, "finish_time_s_mean_m", "{:.1f}"),
         "slowdown": df["slowdown_factor"].map(_setting),
         "slowed module": df["slowed_module"].map(_setting),
         "buffer": df["buffer_size"].map(_setting),
+        "budget": df["budget"].map(lambda b: _NA if pd.isna(b) else str(b)),
         "beta": df["beta"].map(_setting),
+        "gradient delay": df["gradient_delay"].map(_setting),
     })
     for col in aux_cols:
         display[f"module {col.removeprefix('aux_acc_mean_m')} acc (%)"] = df[col].map(_pct)
-    return _write("summary", df, display, ["method", "mode", "variant", "engine"], tables_dir)
+    return _write("summary", df, display, ["method", "mode", "variant", "engine", "clock", "budget"], tables_dir)
 
 
 def write_main(df: pd.DataFrame, tables_dir: Path) -> list[Path]:
@@ -151,7 +172,8 @@ def write_main(df: pd.DataFrame, tables_dir: Path) -> list[Path]:
         display[f"{mode} (%)"] = [_pct(m, s) for m, s in zip(df[mean_col], df[f"{mode}_std"])]
     for time_col in _time_columns(df, suffix="_mean", mode_prefix=True):
         mode, _, bare = time_col.partition("_")
-        display[f"{mode}: {_time_header(bare)}"] = _seconds_cells(df, time_col)
+        clocks = ", ".join(sorted(set(df[f"{mode}_clock"].dropna())))  # what the seconds measure
+        display[f"{mode}: {_time_header(bare)[:-1]}, {clocks})"] = _seconds_cells(df, time_col)
     return _write("main", df, display, ["method", "engine"], tables_dir)
 
 
@@ -238,6 +260,12 @@ def _pct(mean: float, std: float = math.nan) -> str:
 
 def _setting(value) -> str:
     return _NA if pd.isna(value) else f"{value:g}"
+
+
+def _module_cells(df: pd.DataFrame, prefix: str, number: str) -> list[str]:
+    """Cells like "470/470/470": one number per module, "–" where the runs lack them."""
+    cols = [c for c in df.columns if c.startswith(prefix)]
+    return ["/".join(number.format(v) for v in row if not pd.isna(v)) or _NA for row in df[cols].itertuples(index=False)]
 
 
 def _latex_escape(text: str) -> str:
