@@ -5,14 +5,17 @@
 #   - a virtual environment .venv with this package, Snakemake and pytest;
 #   - with --test-services, also the Debian servers the tests start and stop themselves:
 #     SLURM (slurmctld, slurmd, slurmdbd, munge) with MariaDB for its accounting, and
-#     PostgreSQL (MLflow's server mode). CI runs `scripts/setup.sh --test-services`.
+#     PostgreSQL (MLflow's server mode). CI runs `scripts/setup.sh --test-services`, which then
+#     fails when apt-get cannot install them (CI's tests fail rather than skip without them).
 # Safe to run again: it only adds what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 python="${PYTHON:-python3}"
 packages=()
+test_services=0
 if [ "${1:-}" = "--test-services" ]; then
+    test_services=1
     for tool in slurmctld:slurm-wlm slurmdbd:slurmdbd munged:munge mariadbd:mariadb-server; do
         command -v "${tool%%:*}" >/dev/null || [ -x "/usr/sbin/${tool%%:*}" ] || packages+=("${tool#*:}")
     done
@@ -26,8 +29,15 @@ if [ ${#packages[@]} -gt 0 ] && command -v apt-get >/dev/null; then
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
     echo "setup: installing ${packages[*]} with apt-get" >&2
     if ! { $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${packages[@]}"; } >&2; then
-        echo "setup: warning: apt-get failed: without dataset-fashion-mnist the data is downloaded by torchvision; without their servers the SLURM and PostgreSQL tests skip" >&2
+        if [ "$test_services" = 1 ]; then  # the tests need them all: stop here, saying so
+            echo "setup: error: apt-get could not install ${packages[*]}; the tests need them (CI fails what would skip)" >&2
+            exit 1
+        fi
+        echo "setup: warning: apt-get failed: without dataset-fashion-mnist the data is downloaded by torchvision" >&2
     fi
+elif [ ${#packages[@]} -gt 0 ] && [ "$test_services" = 1 ]; then
+    echo "setup: error: no apt-get to install ${packages[*]}, which the tests need; install them by hand" >&2
+    exit 1
 fi
 
 if [ ! -x .venv/bin/python ]; then
