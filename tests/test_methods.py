@@ -45,6 +45,20 @@ def test_split_shapes(K, expected):
     assert net(x).shape == (16, 10)
 
 
+def test_cnn_aux_heads_are_the_dgl_codes_dni_comparison_heads():
+    cfg = {**MODEL, "aux_head": "cnn", "kernel_size": 5, "aux_pool": 1, "aux_hidden": 0}
+    net = model.build(cfg, 3, in_channels=1, num_classes=10)
+    for k, width in enumerate(MODEL["widths"][:2]):
+        head = net.heads[k]
+        convs = [m for m in head.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert [(c.in_channels, c.out_channels, c.kernel_size, c.padding) for c in convs] == [(width, width, (5, 5), (2, 2))] * 3
+        assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in head.modules()) == 2
+        assert not convs[-1].weight.any() and convs[-1].bias.any()  # weights zero, bias as initialised
+        assert head(torch.randn(4, width, 7, 7)).shape == (4, 10)
+    # the last module's head is the network's classifier: pooling and a linear layer
+    assert not any(isinstance(m, torch.nn.Conv2d) for m in net.heads[2].modules())
+
+
 def test_split_rejects_more_modules_than_layers():
     with pytest.raises(ValueError):
         model.split_layers(2, 3)
@@ -204,25 +218,33 @@ def test_dni_synthesizer_regresses_onto_the_gradient_it_receives(method):
     assert relative_error() < 0.2
 
 
-def test_cdni_differs_from_dni_only_by_the_label_context():
+@pytest.mark.parametrize("label_input", ["maps", "linear"])
+def test_cdni_differs_from_dni_only_by_the_label_context(label_input):
     _, dni = make("dni", K=2)
-    _, cdni = make("cdni", K=2)
+    _, cdni = make("cdni", K=2, synth_label_input=label_input)
     x, y = batch()
     h = torch.randn(16, 8, 14, 14)
-    assert torch.equal(dni.synth_input(h, y), h)
-    conditioned = cdni.synth_input(h, y)
-    assert torch.equal(conditioned[:, :8], h)
-    assert torch.equal(conditioned[:, 8:, 0, 0], F.one_hot(y, 10).float())
+    first = cdni.synthesizers[0].first
+    if label_input == "maps":  # one-hot maps as 10 more input channels of the first conv
+        assert first.in_channels == 8 + 10 and cdni.synthesizers[0].label is None
+    else:  # the authors' form: a linear map of the one-hot label, added to the first conv's output
+        assert first.in_channels == 8 and cdni.synthesizers[0].label.in_features == 10
+    assert dni.synthesizers[0].first.in_channels == 8 and dni.synthesizers[0].label is None
     # synthesizers start at zero, so the first step is the same for both...
     dni.module_step(0, x, y), cdni.module_step(0, x, y)
     assert_same_params(dni.net.blocks[0], cdni.net.blocks[0])
     # ...and once trained, only cDNI's prediction depends on the label
     with torch.no_grad():
         for s in (dni.synthesizers[0], cdni.synthesizers[0]):
-            s.layers[-1].weight.normal_()
+            s.rest[-1].weight.normal_()
     other = (y + 1) % 10
     assert torch.equal(dni.synthetic_gradient(0, h, y), dni.synthetic_gradient(0, h, other))
     assert not torch.equal(cdni.synthetic_gradient(0, h, y), cdni.synthetic_gradient(0, h, other))
+    if label_input == "linear":  # the label moves the first conv's output by a per-class bias
+        one_hot = F.one_hot(y, 10).float()
+        with torch.no_grad():
+            expected = first(h) + cdni.synthesizers[0].label(one_hot)[:, :, None, None]
+            torch.testing.assert_close(cdni.synthesizers[0].rest(expected), cdni.predict(0, h, y))
 
 
 @pytest.mark.parametrize("method", ["dni", "cdni"])
@@ -236,7 +258,7 @@ def test_dni_lower_modules_learn_from_the_synthetic_gradient(method):
             dni.synthetic_gradient = lambda k, h, labels: torch.zeros_like(h)
         nets[zeroed] = run_engine_steps(net, dni, 6)
         if not zeroed:
-            assert all(s.layers[-1].weight.abs().sum() > 0 for s in dni.synthesizers)  # they learned
+            assert all(s.rest[-1].weight.abs().sum() > 0 for s in dni.synthesizers)  # they learned
     for k in (0, 1):
         assert any(not torch.equal(a, b) for a, b in zip(nets[False].blocks[k].parameters(), nets[True].blocks[k].parameters()))
 
@@ -250,7 +272,7 @@ def test_each_synthesizer_regresses_on_the_gradient_of_its_own_batch(method):
 
     _, dni = make(method, K=3)
     made, checked, regressed_on = {}, [], []
-    module_step, receive, synth_input = dni.module_step, dni.receive_gradient, dni.synth_input
+    module_step, receive, predict = dni.module_step, dni.receive_gradient, dni.predict
 
     def spy_step(k, inputs, labels):
         step = module_step(k, inputs, labels)
@@ -258,9 +280,9 @@ def test_each_synthesizer_regresses_on_the_gradient_of_its_own_batch(method):
             made[id(step.input_grad)] = (inputs.detach().clone(), labels.clone())
         return step
 
-    def spy_synth_input(h, labels):
+    def spy_predict(k, h, labels):
         regressed_on.append((h, labels))
-        return synth_input(h, labels)
+        return predict(k, h, labels)
 
     def spy_receive(k, grad):
         inputs, labels = made[id(grad)]
@@ -269,9 +291,31 @@ def test_each_synthesizer_regresses_on_the_gradient_of_its_own_batch(method):
         checked.append(torch.equal(h, inputs) and torch.equal(labels, their_labels))
         return passed
 
-    dni.module_step, dni.receive_gradient, dni.synth_input = spy_step, spy_receive, spy_synth_input
+    dni.module_step, dni.receive_gradient, dni.predict = spy_step, spy_receive, spy_predict
     x, y = data(n=16 * 20)
     sim = AsyncSimulator(dni, x, y, 16, 0, async_cfg(schedule="event", slowdown_factor=3, slowed_module=2, buffer_size=3, budget="time"))
     sim.run_epoch()
     assert len(checked) > 10 and all(checked)
     assert max(sim.grad_staleness[0]) >= 2  # several activations waited at once
+
+
+@pytest.mark.parametrize("target", ["per_sample", "batch_mean"])
+def test_synthesizers_fit_the_gradient_in_the_chosen_form(target):
+    """per_sample: B x the gradient by mean squared error; batch_mean (koz4k/dni-pytorch): the
+    gradient itself by squared error summed over the batch, divided by its size."""
+    _, dni = make("dni", K=2, synth_target=target, synth_zero_bias=False)
+    assert dni.synthesizers[0].rest[-1].bias.any()  # only the weights start at zero, as theirs
+    x, y = batch()
+    h0 = dni.module_step(0, x, y).outputs
+    grad = dni.module_step(1, h0, y).input_grad
+    reference = copy.deepcopy(dni.synthesizers[0])
+    prediction = reference(h0)
+    loss = F.mse_loss(prediction, grad * 16) if target == "per_sample" else ((prediction - grad) ** 2).sum() / 16
+    loss.backward()
+    seen = []
+    dni.synth_optimizers[0].register_step_pre_hook(lambda opt, args, kwargs: seen.append([p.grad.clone() for p in dni.synthesizers[0].parameters()]))
+    dni.receive_gradient(0, grad)
+    for ours, theirs in zip(seen[0], reference.parameters(), strict=True):
+        torch.testing.assert_close(ours, theirs.grad)
+    scale = 16 if target == "per_sample" else 1  # what the module receives: the prediction scaled back
+    torch.testing.assert_close(dni.synthetic_gradient(0, h0, y), dni.predict(0, h0, y).detach() / scale)

@@ -19,7 +19,7 @@ CAPTIONS = {
     "main": ("Tables", "Main table", "one row per method, one column per mode"),
     "summary": ("Tables", "Summary table", "one row per method × mode × K × variant"),
     "test_acc_vs_epoch": ("Figures", "Learning curves", "after each epoch (x axis)"),
-    "acc_vs_wall_time": ("Figures", "Learning curves", "vs training time (x axis: wall-clock seconds"),
+    "acc_vs_wall_time": ("Figures", "Learning curves", "its seconds on the run's clock, which the axis names"),
     "layerwise_acc": ("Figures", "Learning curves", "vs the module's depth (x axis"),
     "acc_vs_slowdown": ("Figures", "Sweeps", "vs the slowdown factor S of one module"),
     "acc_vs_buffer_size": ("Figures", "Sweeps", "vs the buffer size between two modules"),

@@ -23,13 +23,13 @@ from decoupled.engines.base import StopRequest
 from decoupled.train import RESUME_FILE, Terminated, fit, load_resume
 
 
-def job(method, mode="sync", epochs=3, widths=(8, 16)):
+def job(method, mode="sync", epochs=3, widths=(8, 16), budget="updates"):
     cfg = config.validate(
         {
             "experiment": "resume-test",
             "model": {"widths": list(widths), "aux_hidden": 32},
             "train": {"epochs": epochs, "batch_size": 50, "lr": 0.05},
-            "async": {"buffer_size": 4},
+            "async": {"buffer_size": 4, "budget": budget},
             "grid": {"methods": [method], "K": [2], "modes": [mode], "seeds": [0],
                      "slowdown": [{"factor": 2, "module": 1}] if mode == "async" else [{"factor": 1}]},
         }
@@ -76,10 +76,11 @@ class StopAtCheck(StopRequest):
         return self.checks_left < 0
 
 
-@pytest.mark.parametrize("method, mode", [("dgl", "sync"), ("ddg", "sync"), ("dni", "async"), ("dgl", "async")])
-def test_a_stop_inside_an_epoch_checkpoints_that_step_and_resumes_from_it(fashion_subset, method, mode):
+@pytest.mark.parametrize("method, mode, budget", [("dgl", "sync", None), ("ddg", "sync", None), ("dni", "async", "updates"),
+                                                  ("dgl", "async", "updates"), ("dgl", "async", "time")])
+def test_a_stop_inside_an_epoch_checkpoints_that_step_and_resumes_from_it(fashion_subset, method, mode, budget):
     data = load_prepared(fashion_subset)
-    the_job = job(method, mode)
+    the_job = job(method, mode, budget=budget or "updates")
     saved = []
 
     def checkpoint(state):
@@ -87,11 +88,14 @@ def test_a_stop_inside_an_epoch_checkpoints_that_step_and_resumes_from_it(fashio
         torch.save(state, buffer)
         saved.append(buffer.getvalue())
 
-    uninterrupted = fit(the_job, data)
-    with pytest.raises(Terminated, match="stopped by SIGTERM at (step|tick) 15 of .* of epoch 2"):
-        # checks: one per step of epoch 1 (40 batches; async: 60 ticks, module 1 at half
-        # speed), one after it, then 15 steps into epoch 2
-        fit(the_job, data, checkpoint, stop=StopAtCheck((40 if mode == "sync" else 60) + 1 + 15))
+    # checks: one per step (or tick) of epoch 1, one after it, then 15 into epoch 2. Epoch 1 has
+    # 40 batches, in async mode as many ticks as the schedule takes: counted in the first run
+    counter, checks_at_checkpoint = StopAtCheck(10**9), []
+    uninterrupted = fit(the_job, data, lambda state: checks_at_checkpoint.append(10**9 - counter.checks_left), stop=counter)
+    epoch_1 = checks_at_checkpoint[1]
+    assert epoch_1 == 40 if mode == "sync" else epoch_1 > 40  # async: module 1 runs at half speed
+    with pytest.raises(Terminated, match="stopped by SIGTERM at (step|tick) 15 (of .* )?of epoch 2"):
+        fit(the_job, data, checkpoint, stop=StopAtCheck(epoch_1 + 1 + 15))
     state = torch.load(io.BytesIO(saved[-1]), weights_only=True)
     assert state["epoch"] == 1 and state["stopped_inside_epoch"] and state["engine"]["partial"] is not None
     resumed = fit(the_job, data, resume=state)

@@ -45,6 +45,24 @@ class AuxHead(nn.Sequential):
         super().__init__(nn.AdaptiveAvgPool2d(pool), nn.Flatten(), *mlp)
 
 
+class ConvAuxHead(nn.Module):
+    """The DGL code's aux head of its DNI comparison (``dni_comparisons/cifar_dgl.py``): three
+    convolutions at the module's width and resolution, BatchNorm and ReLU after the first two,
+    the last one's weights zero at the start; then global average pooling and a linear layer.
+    """
+
+    def __init__(self, channels: int, num_classes: int, kernel_size: int):
+        super().__init__()
+        conv = lambda: nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2)  # noqa: E731
+        self.convs = nn.Sequential(conv(), nn.BatchNorm2d(channels), nn.ReLU(inplace=True),
+                                   conv(), nn.BatchNorm2d(channels), nn.ReLU(inplace=True), conv())
+        nn.init.zeros_(self.convs[-1].weight)  # only the weights, as theirs
+        self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.convs(x))
+
+
 def split_layers(n_layers: int, K: int) -> list[int]:
     """How many layers each of the K modules gets: as even as possible, the extra ones to the last modules."""
     if not 1 <= K <= n_layers:
@@ -109,8 +127,11 @@ def build(model_cfg: dict, K: int, in_channels: int, num_classes: int, counts: l
         layers.append(conv_layer(channels, width, model_cfg.get("kernel_size", 3), pool))
         channels = width
     blocks, heads, start = [], [], 0
-    for count in counts:
+    for k, count in enumerate(counts):
         blocks.append(nn.Sequential(*layers[start : start + count]))
         start += count
-        heads.append(AuxHead(widths[start - 1], num_classes, model_cfg["aux_pool"], model_cfg["aux_hidden"]))
+        if k < K - 1 and model_cfg.get("aux_head", "mlp") == "cnn":
+            heads.append(ConvAuxHead(widths[start - 1], num_classes, model_cfg.get("kernel_size", 3)))
+        else:
+            heads.append(AuxHead(widths[start - 1], num_classes, model_cfg["aux_pool"], model_cfg["aux_hidden"]))
     return SplitNet(blocks, heads)

@@ -222,8 +222,8 @@ class DistributedEngine(Engine):
         done = [f"{self.epochs_done}/{j}" for j in range(K)]  # set by each worker once it is done
         ended = False  # END_EPOCH from the worker below
         while True:
-            if k > 0:  # wait for an input only while one is needed for a step
-                ended = self._refill_buffer(block=self.steps < target and len(self.buffer) == 0)
+            if k > 0 and not ended:  # with nothing to take, wait: for a step, or briefly once done
+                ended = self._refill_buffer(block=len(self.buffer) == 0, wait_s=None if self.steps < target else 0.002)
             if self.steps < target:
                 if k == 0:
                     self._compute(*self.batches.next())
@@ -235,7 +235,7 @@ class DistributedEngine(Engine):
                 break
             elif k < K - 1 and not self.store.check(done[k + 1 :]):
                 self._forward_without_learning()
-            elif k > 0:
+            elif k > 0 and not ended:  # keep the worker below from waiting on a full inbox
                 ended = self._refill_buffer(block=True, wait_s=0.002)
             else:
                 time.sleep(0.002)

@@ -1,4 +1,5 @@
-"""Conditional DNI: the synthesizer also sees the label, as one-hot maps beside the activations."""
+"""Conditional DNI: the synthesizer also sees the label (``train.synth_label_input``: as one-hot
+maps beside the activations, or as a linear map of it added after the first conv)."""
 
 from decoupled.methods.dni import DNI
 

@@ -22,24 +22,39 @@ from decoupled.optim import make_optimizer
 
 
 class Synthesizer(nn.Module):
-    """Resolution-preserving convolutions from the activations (and, for cDNI, one-hot label
-    maps, which act as a learned per-class bias of the first layer) to a gradient of their shape."""
+    """Resolution-preserving convolutions from the activations to a gradient of their shape.
 
-    def __init__(self, channels: int, context_channels: int, hidden: int, layers: int = 2, kernel: int = 3, batchnorm: bool = False):
+    cDNI conditions on the label (``label_input``): ``maps``, one-hot label maps as extra input
+    channels (which act as a learned per-class bias of the first conv); or ``linear``, a linear
+    map of the one-hot label added to the first conv's output, before its BatchNorm (the DGL
+    code's ``dni_comparisons/``, from koz4k/dni-pytorch).
+    """
+
+    def __init__(self, channels: int, hidden: int, layers: int = 2, kernel: int = 3, batchnorm: bool = False,
+                 classes: int = 0, label_input: str = "maps", zero_bias: bool = True):
         super().__init__()
-        stack, width = [], channels + context_channels
-        for _ in range(layers - 1):
-            stack += [nn.Conv2d(width, hidden, kernel, padding=kernel // 2)]
+        self.label_maps = classes if label_input == "maps" else 0
+        self.first = nn.Conv2d(channels + self.label_maps, hidden, kernel, padding=kernel // 2)
+        self.label = nn.Linear(classes, hidden) if classes and label_input == "linear" else None
+        stack, width = [], hidden
+        for i in range(layers - 1):
+            if i > 0:
+                stack.append(nn.Conv2d(width, hidden, kernel, padding=kernel // 2))
             stack += [nn.BatchNorm2d(hidden)] if batchnorm else []
             stack += [nn.ReLU(inplace=True)]
-            width = hidden
         stack.append(nn.Conv2d(width, channels, kernel, padding=kernel // 2))
-        self.layers = nn.Sequential(*stack)
-        nn.init.zeros_(self.layers[-1].weight)
-        nn.init.zeros_(self.layers[-1].bias)
+        self.rest = nn.Sequential(*stack)
+        nn.init.zeros_(self.rest[-1].weight)
+        if zero_bias:
+            nn.init.zeros_(self.rest[-1].bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+    def forward(self, h: torch.Tensor, one_hot: torch.Tensor | None = None) -> torch.Tensor:
+        if self.label_maps:
+            h = torch.cat([h, one_hot[:, :, None, None].expand(-1, -1, *h.shape[2:])], dim=1)
+        x = self.first(h)
+        if self.label is not None:
+            x = x + self.label(one_hot)[:, :, None, None]
+        return self.rest(x)
 
 
 class DNI(Method):
@@ -58,26 +73,29 @@ class DNI(Method):
             pairs.append(make_optimizer(params, train_cfg, total_steps))
         self.optimizers = [o for o, _ in pairs]
         self.schedulers = [s for _, s in pairs]
-        context = self.num_classes if self.conditioned else 0
+        label = {"classes": self.num_classes, "label_input": train_cfg["synth_label_input"]} if self.conditioned else {}
         channels = [block_out_channels(b) for b in net.blocks[:-1]]
-        shape = {k: train_cfg[f"synth_{k}"] for k in ("layers", "kernel", "batchnorm") if f"synth_{k}" in train_cfg}
-        self.synthesizers = nn.ModuleList(Synthesizer(c, context, train_cfg["synth_hidden"], **shape) for c in channels)
+        shape = {k: train_cfg[f"synth_{k}"] for k in ("layers", "kernel", "batchnorm", "zero_bias")}
+        self.per_sample = train_cfg["synth_target"] == "per_sample"
+        self.synthesizers = nn.ModuleList(Synthesizer(c, train_cfg["synth_hidden"], **shape, **label) for c in channels)
         self.synth_optimizers = [torch.optim.Adam(s.parameters(), lr=train_cfg["synth_lr"]) for s in self.synthesizers]
         # activations (and labels) of module k waiting for their true gradient, oldest first
         self.waiting: list[collections.deque] = [collections.deque() for _ in channels]
 
-    def synth_input(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if not self.conditioned:
-            return h
-        one_hot = F.one_hot(labels, self.num_classes).to(h.dtype)
-        return torch.cat([h, one_hot[:, :, None, None].expand(-1, -1, *h.shape[2:])], dim=1)
+    def predict(self, k: int, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Synthesizer k's output for activations ``h`` (and, for cDNI, their labels)."""
+        one_hot = F.one_hot(labels, self.num_classes).to(h.dtype) if self.conditioned else None
+        return self.synthesizers[k](h, one_hot)
 
     # The gradient of a batch-mean loss w.r.t. one activation is O(1/batch): tiny targets that
-    # Adam's scale-free steps overshoot at once. The synthesizers predict the gradient times the
-    # batch size (that of the per-sample loss) instead, and the modules use it divided back.
+    # Adam's scale-free steps overshoot at once. With synth_target per_sample the synthesizers
+    # predict the gradient times the batch size (that of the per-sample loss), fitted by mean
+    # squared error, and the modules use it divided back; with batch_mean (koz4k/dni-pytorch,
+    # which the DGL code's comparison uses) they predict the gradient itself, fitted by the sum
+    # of squared errors over the batch size.
     def synthetic_gradient(self, k: int, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return self.synthesizers[k](self.synth_input(h, labels)) / len(h)
+            return self.predict(k, h, labels) / (len(h) if self.per_sample else 1)
 
     def module_step(self, k, inputs, labels):
         inputs = inputs.detach().requires_grad_(k > 0)  # module k-1 wants d loss / d inputs
@@ -102,7 +120,11 @@ class DNI(Method):
         h, labels = self.waiting[k].popleft()
         optimizer = self.synth_optimizers[k]
         optimizer.zero_grad(set_to_none=True)
-        F.mse_loss(self.synthesizers[k](self.synth_input(h, labels)), grad * len(h)).backward()
+        prediction = self.predict(k, h, labels)
+        if self.per_sample:
+            F.mse_loss(prediction, grad * len(h)).backward()
+        else:
+            ((prediction - grad) ** 2).sum().div(len(h)).backward()
         optimizer.step()
         return None
 
