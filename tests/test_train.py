@@ -64,3 +64,13 @@ def test_diverging_job_fails_its_run_and_leaves_no_outputs(fashion_subset, tmp_p
     )
     assert [r.info.status for r in runs] == ["FAILED"]
     assert "training loss is nan" in runs[0].data.tags["error"]
+
+
+def test_a_module_done_before_an_epoch_has_no_loss_in_it(fashion_subset):
+    """Equal updates, module 0 four times slower: module 1, fed from its replay buffer, makes
+    all its steps during epoch 1; epoch 2 is module 0's alone."""
+    the_job = job("dgl", mode="async", epochs=2)
+    the_job["async"].update(slowdown_factor=4, slowed_module=0)
+    epochs = fit(the_job, load_prepared(fashion_subset))["epochs"]
+    assert [e["steps_per_module"] for e in epochs] == [[40, 80], [40, 0]]
+    assert epochs[1]["train_loss"] is None and epochs[1]["train_loss_per_module"][0] is not None

@@ -165,8 +165,8 @@ def fit(job: dict, data: Dataset, checkpoint: Callable[[dict], None] | None = No
             raise Terminated(f"stopped by SIGTERM at {where} of epoch {epoch}") from None
         wall += stats["seconds"]
         losses = stats["train_loss_per_module"]
-        train_loss = losses[-1]
-        if train_loss is None or not math.isfinite(train_loss):
+        train_loss = losses[-1]  # None: the last module made no step (async: it was done early)
+        if train_loss is not None and not math.isfinite(train_loss):
             raise TrainingDiverged(f"{key.name}: training loss is {train_loss} at epoch {epoch} (try a lower train.lr)")
         ev = engine.evaluate(net, data.test_x, data.test_y, job["train"]["eval_batch_size"])
         record = {
@@ -212,7 +212,7 @@ def _print_progress(key: RunKey, total: int, r: dict) -> None:
     heads = "/".join(f"{100 * a:.1f}" for a in r["test_acc_per_module"])
     parallel = f" (simulated parallel {r['sim_time_s']:.1f} s so far)" if "sim_time_s" in r else ""
     print(
-        f"[{key.name}] epoch {r['epoch']}/{total}  train loss {r['train_loss']:.4f}  "
+        f"[{key.name}] epoch {r['epoch']}/{total}  train loss {'(done)' if r['train_loss'] is None else format(r['train_loss'], '.4f')}  "
         f"test acc {100 * r['test_acc']:.2f}% (heads {heads})  {r['epoch_time_s']:.1f} s{parallel}  {r['images_per_s']:.0f} img/s",
         file=sys.stderr,
         flush=True,
@@ -221,7 +221,7 @@ def _print_progress(key: RunKey, total: int, r: dict) -> None:
 
 def epoch_metrics(record: dict) -> dict[str, float]:
     """The flat per-epoch metrics logged to MLflow (step = epoch)."""
-    flat = {k: record[k] for k in ("train_loss", "test_acc", "epoch_time_s", "wall_time_s", "images_per_s", "sim_time_s") if k in record}
+    flat = {k: record[k] for k in ("train_loss", "test_acc", "epoch_time_s", "wall_time_s", "images_per_s", "sim_time_s") if record.get(k) is not None}
     for k, loss in enumerate(record["train_loss_per_module"]):
         if loss is not None:
             flat[f"train_loss_m{k}"] = loss

@@ -18,6 +18,7 @@ Bad input (a missing file, broken JSON, a missing key) is the user's to fix, so 
 This module must not import matplotlib: the workflow imports it for the output names below.
 """
 
+import math
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -190,7 +191,8 @@ def _load_run(run_dir: Path) -> tuple[dict, list[dict]]:
             "varied": list(varied),
             "epoch": _get(record, "epoch", int, where),
             "test_acc": _get(record, "test_acc", float, where),
-            "train_loss": _get(record, "train_loss", float, where),
+            # null: the last module made no step that epoch (async, done early)
+            "train_loss": math.nan if record.get("train_loss", 0) is None else _get(record, "train_loss", float, where),
             "wall_time_s": wall,
             "time_s": _get(record, "sim_time_s", float, where) if clock == SIMULATED_PARALLEL else wall,
             "clock": clock,
