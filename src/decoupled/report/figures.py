@@ -128,15 +128,19 @@ def plot_accuracy_vs_slowdown(runs_df: pd.DataFrame, figures_dir: Path) -> list[
         runs = runs.assign(budget=runs["budget"].fillna("time"))
     several_k = runs["K"].nunique() > 1 if len(runs) else False
     several_budgets = runs["budget"].nunique() > 1 if len(runs) else False
-    series, lines_of = [], {}
+    series = []
+    budgets = sorted(set(runs["budget"]), key=lambda b: (b != "updates", b)) if len(runs) else []
+    modules = sorted(set(runs["slowed_module"].dropna())) if len(runs) else []
     for (method, k, budget), rows in _groups(runs, ["method", "K", "budget"]):
         base = rows[rows["slowdown_factor"] == 1]
         slowed = rows[rows["slowdown_factor"] != 1]
         for module, more in slowed.groupby("slowed_module", sort=True):
             label = (f"{method}, module {module} slowed" + (f", {budget} budget" if several_budgets else "")
                      + (f", K={k}" if several_k else ""))
-            i = lines_of[method] = lines_of.get(method, -1) + 1
-            series.append((label, pd.concat([base, more]), _sweep_style(method, i)))
+            # the method's colour; a marker per slowed module, a line style per budget
+            style = {"color": _color(method), "marker": _MARKERS[modules.index(module) % len(_MARKERS)],
+                     "linestyle": _LINESTYLES[(budgets.index(budget) if several_budgets else modules.index(module)) % len(_LINESTYLES)]}
+            series.append((label, pd.concat([base, more]), style))
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     if _varies(runs, "slowdown") and series:
         _draw(ax, series, "slowdown_factor")
