@@ -37,12 +37,13 @@ def test_async_dgl_without_slowdown_and_buffer_one_is_sync_dgl():
     assert_same_params(sync_net, async_net)
 
 
+@pytest.mark.parametrize("budget", ["updates", "time"])
 @pytest.mark.parametrize("schedule", ["categorical", "event"])
-def test_simulator_is_deterministic_under_a_seed(schedule):
+def test_simulator_is_deterministic_under_a_seed(schedule, budget):
     def run(seed):
         x, y = data()
         _, dgl = make("dgl", K=3)
-        sim = AsyncSimulator(dgl, x, y, 16, seed, async_cfg(schedule=schedule, slowdown_factor=2, slowed_module=1))
+        sim = AsyncSimulator(dgl, x, y, 16, seed, async_cfg(schedule=schedule, slowdown_factor=2, slowed_module=1, budget=budget))
         stats = [sim.run_epoch() for _ in range(2)]
         return [(s["train_loss_per_module"], s["steps_per_module"], s["input_staleness"]) for s in stats]
 
@@ -75,6 +76,32 @@ def test_categorical_schedule_draws_follow_the_1_over_S_weights(lazy):
     assert ((counts - expected).abs() < 4 * sigma).all(), counts  # binomial spread: 4 sigma
 
 
+@pytest.mark.parametrize("lazy", [False, True])
+def test_categorical_schedule_draws_from_its_own_seeded_generator(lazy):
+    from decoupled.engines.schedule import CategoricalSchedule, durations
+
+    def ticks(seed, global_seed):
+        torch.manual_seed(global_seed)  # whatever else draws from torch's global generator
+        schedule = CategoricalSchedule(durations(3, 2, 1), seed=seed)
+        return [schedule.next() for _ in range(200)] if lazy else list(schedule.epoch(80))
+
+    assert ticks(0, global_seed=1) == ticks(0, global_seed=2)
+    assert ticks(0, global_seed=1) != ticks(1, global_seed=1)
+
+
+def test_a_full_fifo_queue_frees_its_slot_when_the_entry_size_puts_back_is_taken():
+    queue = FifoQueue(size=2)
+    assert queue.slot_free_at() == 0.0  # entries 0 and 1 have a slot each from the start
+    queue.put(entry(0))
+    assert queue.slot_free_at() == 0.0
+    queue.put(entry(1))
+    queue.take(), queue.take_times.append(5.0)  # entry 0 taken at 5 s
+    assert queue.slot_free_at() == 5.0  # entry 2 goes into entry 0's slot
+    queue.put(entry(2))
+    queue.take(), queue.take_times.append(7.0)
+    assert queue.slot_free_at() == 7.0  # entry 3 into entry 1's
+
+
 @pytest.mark.parametrize("method", ["dgl", "dni", "ddg", "fdg"])
 @pytest.mark.parametrize("slowed", [0, 2])
 def test_equal_updates_budget_gives_every_module_the_steps_of_sync_mode(method, slowed):
@@ -91,12 +118,13 @@ def test_equal_updates_budget_gives_every_module_the_steps_of_sync_mode(method, 
 @pytest.mark.parametrize("method", ["dgl", "ddg"])
 def test_time_budget_gives_the_slowed_module_fewer_steps(method):
     x, y = data(n=16 * 24)
-    _, m = make(method, K=3, total_steps=24)
+    _, m = make(method, K=3, total_steps=48)
     sim = AsyncSimulator(m, x, y, 16, 0, async_cfg(schedule="event", slowdown_factor=4, slowed_module=0, budget="time"))
-    steps = sim.run_epoch()["steps_per_module"]
-    assert steps[0] == 6  # a quarter of the epoch's 24
-    if method == "ddg":  # each activation once: the modules above wait for the slowed one
-        assert steps[1] <= 6 and steps[2] <= 6
+    for _ in range(2):  # every epoch: the same schedule time
+        steps = sim.run_epoch()["steps_per_module"]
+        assert steps[0] == 6  # a quarter of the epoch's 24
+        if method == "ddg":  # each activation once: the modules above wait for the slowed one
+            assert steps[1] <= 6 and steps[2] <= 6
 
 
 def test_replay_buffer_serves_least_used_then_most_recent():
@@ -144,17 +172,27 @@ def test_gradients_are_as_stale_as_the_schedule_makes_them(method):
     assert all(torch.isfinite(p).all() for p in m.net.parameters())
 
 
-def test_crop_flip_moves_pixels_but_keeps_the_batch():
+def test_crop_flip_shifts_by_every_offset_and_flips_half_the_images():
     from decoupled.engines.batches import crop_flip
 
-    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
-    out = crop_flip(x, torch.Generator().manual_seed(0), padding=2)
+    n, size, padding = 600, 8, 4  # the default padding
+    x = torch.arange(n * size * size, dtype=torch.float32).reshape(n, 1, size, size) + 1  # every pixel distinct, none 0
+    out = crop_flip(x, torch.Generator().manual_seed(0))
     assert out.shape == x.shape
-    for i in range(2):  # each image is a shifted (maybe mirrored) window of its zero-padded self
-        padded = torch.nn.functional.pad(x[i], (2,) * 4)
-        windows = [padded[:, t : t + 8, l : l + 8] for t in range(5) for l in range(5)]
-        assert any(torch.equal(out[i], w) or torch.equal(out[i], w.flip(2)) for w in windows)
-    assert torch.equal(crop_flip(x, torch.Generator().manual_seed(0), 2), out)  # seeded
+    offsets, flips = [], []
+    for i in range(n):  # each image is a window of its zero-padded self, maybe mirrored
+        padded = torch.nn.functional.pad(x[i], (padding,) * 4)
+        found = [(t, l, f) for t in range(2 * padding + 1) for l in range(2 * padding + 1) for f in (False, True)
+                 if torch.equal(out[i], padded[:, t : t + size, l : l + size].flip(2) if f else padded[:, t : t + size, l : l + size])]
+        assert len(found) == 1, i
+        offsets.append(found[0][:2])
+        flips.append(found[0][2])
+    tops, lefts = {t for t, _ in offsets}, {l for _, l in offsets}
+    assert tops == lefts == set(range(2 * padding + 1))  # every shift, independently drawn
+    assert len(set(offsets)) > 60
+    assert 0.4 < sum(flips) / n < 0.6
+    assert torch.equal(crop_flip(x, torch.Generator().manual_seed(0)), out)  # seeded...
+    assert not torch.equal(crop_flip(x, torch.Generator().manual_seed(1)), out)  # ...by its generator alone
 
 
 class FakeTime:
@@ -218,3 +256,36 @@ def test_a_finished_module_keeps_forwarding_for_the_replay_buffer_above():
     assert sim.run_epoch()["steps_per_module"] == [12, 12, 12]
     # modules 0 and 1 were done after 3 of module 2's steps; it never had to reuse an input
     assert uses == [1] * 12
+
+
+@pytest.mark.parametrize("method", ["dni", "dgl"])
+def test_the_parallel_clock_resumes_where_it_stopped(monkeypatch, method):
+    """Resumed from its state after epoch 1, a run's clock ends where the uninterrupted one's
+    does (queue slots taken and gradients in flight included)."""
+    from decoupled.engines import simulated_async
+
+    def run(resume_after=None):
+        monkeypatch.setattr(simulated_async, "time", FakeTime())
+        x, y = data(n=16 * 6)
+        cfg = async_cfg(schedule="event", slowdown_factor=3, slowed_module=1, buffer_size=2)
+        _, m = make(method, K=2, total_steps=12)
+        sim = AsyncSimulator(m, x, y, 16, 0, cfg)
+        first = sim.run_epoch()
+        if resume_after is not None:  # a fresh engine, from the state (the network's weights stay)
+            state = sim.state_dict()
+            sim = AsyncSimulator(m, x, y, 16, 0, cfg)
+            sim.load_state_dict(state)
+        return first, sim.run_epoch()
+
+    assert run(resume_after=1)[1]["finish_time_s_per_module"] == run()[1]["finish_time_s_per_module"]
+
+
+def test_the_async_state_holds_the_queues_take_times():
+    x, y = data(n=16 * 6)
+    cfg = async_cfg(schedule="event", slowdown_factor=3, slowed_module=1, buffer_size=2)
+    _, dni = make("dni", K=2, total_steps=12)
+    sim = AsyncSimulator(dni, x, y, 16, 0, cfg)
+    sim.run_epoch()
+    fresh = AsyncSimulator(dni, x, y, 16, 0, cfg)
+    fresh.load_state_dict(sim.state_dict())
+    assert list(sim.buffers[1].take_times) and list(fresh.buffers[1].take_times) == list(sim.buffers[1].take_times)
