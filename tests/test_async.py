@@ -1,5 +1,7 @@
 """The async simulator: schedules, buffers, staleness, and its reference case (sync DGL)."""
 
+import collections
+
 import pytest
 import torch
 
@@ -105,14 +107,15 @@ def test_a_full_fifo_queue_frees_its_slot_when_the_entry_size_puts_back_is_taken
 @pytest.mark.parametrize("method", ["dgl", "dni", "ddg", "fdg"])
 @pytest.mark.parametrize("slowed", [0, 2])
 def test_equal_updates_budget_gives_every_module_the_steps_of_sync_mode(method, slowed):
-    x, y = data(n=16 * 10)  # 10 steps per epoch, 2 epochs
-    _, m = make(method, K=3, total_steps=20)
+    x, y = data(n=16 * 10)  # 10 steps per epoch, 3 epochs
+    _, m = make(method, K=3, total_steps=30)
     sim = AsyncSimulator(m, x, y, 16, 0, async_cfg(slowdown_factor=3, slowed_module=slowed))
-    epochs = [sim.run_epoch(), sim.run_epoch()]
-    assert [sum(e["steps_per_module"][k] for e in epochs) for k in range(3)] == [20, 20, 20]
-    assert all(min(sum(e["steps_per_module"][k] for e in epochs[: i + 1]) for k in range(3)) >= 10 * (i + 1) for i in range(2))
-    if method in ("dgl", "dni"):  # each module's LR schedule ran on its own 20 updates
-        assert [s.last_epoch for s in m.schedulers[:3]] == [20, 20, 20]
+    epochs = [sim.run_epoch() for _ in range(3)]
+    assert [sum(e["steps_per_module"][k] for e in epochs) for k in range(3)] == [30, 30, 30]
+    # epoch i ends as soon as the last module has made its 10 i steps; faster ones may be ahead
+    assert [min(sum(e["steps_per_module"][k] for e in epochs[: i + 1]) for k in range(3)) for i in range(3)] == [10, 20, 30]
+    if method in ("dgl", "dni"):  # each module's LR schedule ran on its own 30 updates
+        assert [s.last_epoch for s in m.schedulers[:3]] == [30, 30, 30]
 
 
 @pytest.mark.parametrize("method", ["dgl", "ddg"])
@@ -166,9 +169,19 @@ def test_gradients_are_as_stale_as_the_schedule_makes_them(method):
     _, m = make(method, K=3)
     sim = AsyncSimulator(m, x, y, 16, 0, async_cfg(schedule="event", slowdown_factor=3, slowed_module=2, buffer_size=4))
     stats = sim.run_epoch()
-    staleness = stats["grad_staleness"]
+    steps, staleness, inputs = stats["steps_per_module"], stats["grad_staleness"], stats["input_staleness"]
     assert staleness[2]["mean"] is None  # the top module computes its own loss
-    assert staleness[1]["max"] >= 1 and staleness[0]["max"] >= 1
+    # each input consumed counted once; the slowed top module's queue of 4 stays full, so it
+    # takes activations its producer made 3 steps ago, and their gradients come back as old
+    assert sum(inputs[2]["histogram"].values()) == steps[2] and inputs[2]["max"] == 3
+    assert staleness[1]["max"] == 3
+    # one gradient back per step of the top module (the last ones may still be on their way)
+    assert sum(staleness[1]["histogram"].values()) + len(sim.inbox[1]) == steps[2]
+    if method == "dni":  # module 1 sends its true gradient at once: as old as what it consumed
+        assert sum(staleness[0]["histogram"].values()) + len(sim.inbox[0]) == steps[1]
+        assert staleness[0]["max"] == inputs[1]["max"]
+    else:  # module 1 passes a gradient on only once its own came back: older still
+        assert staleness[0]["max"] > staleness[1]["max"]
     assert all(torch.isfinite(p).all() for p in m.net.parameters())
 
 
@@ -196,13 +209,13 @@ def test_crop_flip_shifts_by_every_offset_and_flips_half_the_images():
 
 
 class FakeTime:
-    """perf_counter advancing by one second per call: every piece of work costs exactly 1 s."""
+    """perf_counter advancing by ``cost`` seconds per call: every piece of work costs exactly that."""
 
-    def __init__(self):
-        self.now = 0.0
+    def __init__(self, cost=1.0):
+        self.now, self.cost = 0.0, cost
 
     def perf_counter(self):
-        self.now += 1.0
+        self.now += self.cost
         return self.now
 
 
@@ -217,6 +230,14 @@ def test_parallel_clock_of_a_sync_pipeline(monkeypatch):
     _, backprop = make("backprop", K=3)
     stats = SimulatedEngine(backprop, x, y, 16, 0).run_epoch()
     assert stats["sim_time_s"] == 18  # locked: the next batch waits for the last backward
+    # DNI: module 0 fits its synthesizer to a batch's true gradient once module 1 has sent it
+    # (same step): forward, wait, fit, 3 s a batch
+    _, dni = make("dni", K=2)
+    assert SimulatedEngine(dni, x, y, 16, 0).run_epoch()["finish_time_s_per_module"] == [18, 17]
+    # DDG: module 0 alternates a forward and the gradient of the batch before (2 s a batch,
+    # 6 forwards and 5 gradients); module 1 takes each batch as module 0 hands it on
+    _, ddg = make("ddg", K=2)
+    assert SimulatedEngine(ddg, x, y, 16, 0).run_epoch()["finish_time_s_per_module"] == [11, 11]
 
 
 def test_parallel_clock_counts_the_slowdown_and_the_waits(monkeypatch):
@@ -231,17 +252,40 @@ def test_parallel_clock_counts_the_slowdown_and_the_waits(monkeypatch):
     assert stats["finish_time_s_per_module"][1] < 18  # module 1 replays while module 0 is slow
     # DNI: the top module, slowed 4x, waits for nothing but its first input (ready at 1 s)
     _, dni = make("dni", K=2, total_steps=6)
-    stats = AsyncSimulator(dni, x, y, 16, 0, async_cfg(schedule="event", slowdown_factor=4, slowed_module=1, buffer_size=2)).run_epoch()
+    sim = AsyncSimulator(dni, x, y, 16, 0, async_cfg(schedule="event", slowdown_factor=4, slowed_module=1, buffer_size=2))
+    made, put = [], sim.buffers[1].put
+    sim.buffers[1].put = lambda entry: (made.append(entry.ready_at), put(entry))
+    stats = sim.run_epoch()
     assert stats["finish_time_s_per_module"][1] == 1 + 6 * 4
+    # module 1 starts its steps at 1, 5, 9, ...; with a queue of 2, module 0 starts step b
+    # (1 s, so made at start + 1) only once module 1 has taken entry b-2 and freed its slot
+    starts = [1 + 4 * j for j in range(6)]
+    assert all(made[b] - 1 >= starts[b - 2] for b in range(2, 6))
     # module 0 waits for gradients: it ends applying the fifth, sent at 21 s (the sixth is sent
     # by the run's last step)
     assert stats["finish_time_s_per_module"][0] == 21 + 1
 
 
-def test_a_finished_module_keeps_forwarding_for_the_replay_buffer_above():
+def spy_frozen_forwards(sim):
+    """Record (module, every module's step count) at each forward without learning."""
+    calls, frozen_forward = [], sim.method.frozen_forward
+
+    def spy(k, inputs):
+        calls.append((k, list(sim.steps)))
+        return frozen_forward(k, inputs)
+
+    sim.method.frozen_forward = spy
+    return calls
+
+
+def test_a_finished_module_keeps_forwarding_for_the_replay_buffer_above(monkeypatch):
     """DGL, equal updates, the top module slowed: modules 0 and 1 finish first, then feed it
     fresh batches through their final weights (as the DGL code does) rather than leaving it
-    to replay the last few forever."""
+    to replay the last few forever. Those forwards take time on their workers' clocks."""
+    from decoupled.engines import simulated_async
+
+    c = 0.01  # seconds per piece of work: below the 1 s a wrong default start time would show
+    monkeypatch.setattr(simulated_async, "time", FakeTime(c))
     x, y = data(n=16 * 12)
     _, dgl = make("dgl", K=3, total_steps=12)
     sim = AsyncSimulator(dgl, x, y, 16, 0, async_cfg(schedule="event", slowdown_factor=4, slowed_module=2, buffer_size=2))
@@ -253,9 +297,73 @@ def test_a_finished_module_keeps_forwarding_for_the_replay_buffer_above():
         return entry
 
     sim.buffers[2].take = spy_take
-    assert sim.run_epoch()["steps_per_module"] == [12, 12, 12]
-    # modules 0 and 1 were done after 3 of module 2's steps; it never had to reuse an input
-    assert uses == [1] * 12
+    frozen = spy_frozen_forwards(sim)
+    stats = sim.run_epoch()
+    assert stats["steps_per_module"] == [12, 12, 12]
+    # modules 0 and 1 were done after 3 of module 2's steps; it never had to reuse an input,
+    # and what they sent was as fresh as their newest output (staleness 0)
+    assert uses == [1] * 12 and sim.input_staleness[2] == {0: 12}
+    forwards = collections.Counter(k for k, _ in frozen)
+    assert forwards[0] > 0 and forwards[1] > 0
+    # module 0 never waits: its 12 steps and its forwards, back to back; module 1 waits one
+    # unit for its first input; module 2 starts on the freshest of the first 4 outputs
+    # (ready at 5 units: the event schedule's order) and then never waits
+    finish = stats["finish_time_s_per_module"]
+    assert finish[0] == pytest.approx((12 + forwards[0]) * c) and finish[1] == pytest.approx((1 + 12 + forwards[1]) * c)
+    assert finish[2] == pytest.approx((5 + 12 * 4) * c)
+
+
+def test_a_finished_module_stops_forwarding_when_no_module_above_learns():
+    """The bottom module slowed: modules 1 and 2 make their updates on replays long before it,
+    and since nothing above either still learns, neither forwards without learning."""
+    x, y = data(n=16 * 12)
+    for slowed in (0, 1, 2):
+        _, dgl = make("dgl", K=3, total_steps=12)
+        sim = AsyncSimulator(dgl, x, y, 16, 0, async_cfg(schedule="event", slowdown_factor=4, slowed_module=slowed, buffer_size=2))
+        frozen = spy_frozen_forwards(sim)
+        sim.run_epoch()
+        assert all(min(steps[k + 1 :]) < 12 for k, steps in frozen)
+        assert bool(frozen) == (slowed > 0)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_no_worker_starts_on_an_activation_before_it_was_made(monkeypatch, seed):
+    """Categorical schedule, so that a finished worker's forwards can run ahead of the worker
+    above it in simulated time: every output is ready when its worker's clock has made it,
+    and no worker starts on an input before it is ready (forwards without learning included)."""
+    from decoupled.engines import simulated_async
+
+    monkeypatch.setattr(simulated_async, "time", FakeTime(0.01))
+    x, y = data(n=16 * 12)
+    _, dgl = make("dgl", K=3, total_steps=12)
+    sim = AsyncSimulator(dgl, x, y, 16, seed, async_cfg(schedule="categorical", slowdown_factor=4, slowed_module=2, buffer_size=2))
+    taken, early, puts = {}, [], []
+    for k in (1, 2):
+        buffer = sim.buffers[k]
+
+        def spy_put(entry, k=k, put=buffer.put):
+            puts.append((entry.ready_at, sim.clock.free_at[k - 1]))
+            put(entry)
+
+        def spy_take(k=k, take=buffer.take):
+            taken[k] = entry = take()
+            return entry
+
+        buffer.put, buffer.take = spy_put, spy_take
+    run = sim.clock.run
+
+    def spy_run(k, seconds, ready):
+        start, end = run(k, seconds, ready)
+        entry = taken.pop(k, None)
+        if entry is not None and start < entry.ready_at:
+            early.append((k, start, entry.ready_at))
+        return start, end
+
+    sim.clock.run = spy_run
+    frozen = spy_frozen_forwards(sim)
+    sim.run_epoch()
+    assert frozen and len(puts) > 24  # forwards without learning happened
+    assert all(made == free for made, free in puts) and early == []
 
 
 @pytest.mark.parametrize("method", ["dni", "dgl"])
@@ -289,3 +397,38 @@ def test_the_async_state_holds_the_queues_take_times():
     fresh = AsyncSimulator(dni, x, y, 16, 0, cfg)
     fresh.load_state_dict(sim.state_dict())
     assert list(sim.buffers[1].take_times) and list(fresh.buffers[1].take_times) == list(sim.buffers[1].take_times)
+
+
+@pytest.mark.parametrize("max_reuse", [None, 1])
+def test_the_simulator_gives_dgl_replay_buffers_of_the_configured_size_and_reuse(max_reuse):
+    """The bottom module slowed: the fast modules above replay what they have, at most
+    buffer_size entries, each at most max_reuse times."""
+    x, y = data(n=16 * 12)
+    _, dgl = make("dgl", K=3, total_steps=12)
+    sim = AsyncSimulator(dgl, x, y, 16, 0, async_cfg(schedule="event", slowdown_factor=4, slowed_module=0, buffer_size=2, max_reuse=max_reuse, budget="time"))
+    sizes, uses = [], []
+    take = sim.buffers[1].take
+
+    def spy_take():
+        sizes.append(len(sim.buffers[1].entries))
+        entry = take()
+        if entry is not None:
+            uses.append(entry.uses)
+        return entry
+
+    sim.buffers[1].take = spy_take
+    sim.run_epoch()
+    assert sim.steps[0] == 3  # module 0's outputs: one more than the buffer holds
+    if max_reuse is None:  # the buffer fills up to its size, and entries are served again
+        assert max(sizes) == 2 and max(uses) > 1
+    else:  # each entry served once, then dropped
+        assert max(sizes) <= 2 and uses == [1] * 3
+
+
+def test_the_simulator_refuses_a_slowed_module_or_an_augmentation_that_does_not_exist():
+    x, y = data()
+    _, dgl = make("dgl", K=3)
+    with pytest.raises(ValueError, match="slowed module 3 does not exist with K=3"):
+        AsyncSimulator(dgl, x, y, 16, 0, async_cfg(slowdown_factor=2, slowed_module=3))
+    with pytest.raises(ValueError, match="unknown augment 'flip'"):
+        AsyncSimulator(dgl, x, y, 16, 0, async_cfg(), augment="flip")

@@ -159,7 +159,7 @@ def test_the_delays_are_the_methods_own_unless_the_config_sets_one():
     assert [fdg.gradient_delay(k) for k in range(4)] == [5, 3, 1, 0]
 
 
-@pytest.mark.parametrize("method,expected", [("ddg", [2, 1]), ("fdg", [3, 1])])
+@pytest.mark.parametrize("method,expected", [("ddg", [2, 1]), ("fdg", [3, 1]), ("dni", [0, 0]), ("cdni", [0, 0])])
 def test_each_module_applies_the_gradient_of_the_batch_it_forwarded_that_many_steps_earlier(method, expected):
     K, steps = 3, 9
     net, m = make(method, K=K)

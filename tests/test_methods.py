@@ -105,10 +105,12 @@ def run_steps(method: str, K: int, steps: int, **changes):
     return net
 
 
-def test_dgl_with_one_module_is_backprop_step_for_step():
+@pytest.mark.parametrize("method", ["dgl", "dni", "cdni", "ddg", "fdg"])
+def test_with_one_module_every_method_is_backprop_step_for_step(method):
+    """Nothing to decouple: no aux loss below, no synthetic or delayed gradient, no β."""
     for steps in (1, 3, 6):
-        bp, dgl = run_steps("backprop", 1, steps), run_steps("dgl", 1, steps)
-        for (name, p), q in zip(bp.state_dict().items(), dgl.state_dict().values()):
+        bp, other = run_steps("backprop", 1, steps), run_steps(method, 1, steps, beta=0.5)
+        for (name, p), q in zip(bp.state_dict().items(), other.state_dict().values()):
             torch.testing.assert_close(p, q, rtol=0, atol=0, msg=f"{name} differs after {steps} steps")
 
 
@@ -152,7 +154,7 @@ def test_registry_lists_methods_and_rejects_unknown():
     assert {"backprop", "dgl"} <= set(grid.method_names())
     from decoupled.errors import UserError
 
-    with pytest.raises(UserError, match="unknown method 'nope'"):
+    with pytest.raises(UserError, match=r"unknown method 'nope' \(known: backprop, cdni, ddg, dgl, dni, fdg\)"):
         methods.get("nope")
 
 
@@ -303,7 +305,7 @@ def test_each_synthesizer_regresses_on_the_gradient_of_its_own_batch(method):
 def test_synthesizers_fit_the_gradient_in_the_chosen_form(target):
     """per_sample: B x the gradient by mean squared error; batch_mean (koz4k/dni-pytorch): the
     gradient itself by squared error summed over the batch, divided by its size."""
-    _, dni = make("dni", K=2, synth_target=target, synth_zero_bias=False)
+    _, dni = make("dni", K=2, synth_target=target, synth_zero_bias=False, synth_lr=0.05)
     assert dni.synthesizers[0].rest[-1].bias.any()  # only the weights start at zero, as theirs
     x, y = batch()
     h0 = dni.module_step(0, x, y).outputs
@@ -317,5 +319,54 @@ def test_synthesizers_fit_the_gradient_in_the_chosen_form(target):
     dni.receive_gradient(0, grad)
     for ours, theirs in zip(seen[0], reference.parameters(), strict=True):
         torch.testing.assert_close(ours, theirs.grad)
+    # stepped by Adam at synth_lr: a first step moves each weight by about lr
+    moved = max((p - q).abs().max().item() for p, q in zip(dni.synthesizers[0].parameters(), reference.parameters()))
+    assert moved == pytest.approx(0.05, rel=1e-3)
     scale = 16 if target == "per_sample" else 1  # what the module receives: the prediction scaled back
     torch.testing.assert_close(dni.synthetic_gradient(0, h0, y), dni.predict(0, h0, y).detach() / scale)
+
+
+@pytest.mark.parametrize("layers,kernel,batchnorm", [(2, 3, False), (3, 5, True), (4, 1, False)])
+def test_synthesizer_has_the_layers_kernel_and_batchnorm_it_is_configured_with(layers, kernel, batchnorm):
+    """synth_layers convs (each hidden one followed by BatchNorm if synth_batchnorm, then ReLU),
+    synth_kernel x synth_kernel, resolution kept; the last conv starts at zero."""
+    from decoupled.methods.dni import Synthesizer
+
+    synth = Synthesizer(8, 16, layers=layers, kernel=kernel, batchnorm=batchnorm, zero_bias=True, classes=0, label_input="maps")
+    hidden = [torch.nn.Conv2d, *([torch.nn.BatchNorm2d] if batchnorm else []), torch.nn.ReLU]
+    assert [type(m) for m in [synth.first, *synth.rest]] == hidden * (layers - 1) + [torch.nn.Conv2d]
+    convs = [m for m in synth.modules() if isinstance(m, torch.nn.Conv2d)]
+    shapes = [(c.in_channels, c.out_channels, c.kernel_size, c.padding) for c in convs]
+    assert shapes == [(8, 16, (kernel, kernel), (kernel // 2,) * 2)] + [(16, 16, (kernel, kernel), (kernel // 2,) * 2)] * (layers - 2) + [(16, 8, (kernel, kernel), (kernel // 2,) * 2)]
+    assert all(bn.num_features == 16 for bn in synth.modules() if isinstance(bn, torch.nn.BatchNorm2d))
+    h = torch.randn(4, 8, 7, 7)
+    assert synth(h).shape == h.shape and not synth(h).any()  # zero synthetic gradients at first
+    assert not convs[-1].weight.any() and not convs[-1].bias.any()
+
+
+@pytest.mark.parametrize("method", ["backprop", "dgl", "dni", "cdni", "ddg", "fdg"])
+def test_every_method_reports_each_modules_loss_and_trains_its_probe_heads(method):
+    """With train.probe_heads every module reports a training loss (its aux head's, or the
+    network's at the last module) and every head learns; without, the methods whose lower
+    modules have no loss of their own report none there and leave those heads alone."""
+    for probe_heads in (True, False):
+        net, m = make(method, K=3, probe_heads=probe_heads)
+        initial = copy.deepcopy(net)
+        x, y = batch(n=64)
+        losses = SimulatedEngine(m, x, y, batch_size=16, seed=0).run_epoch()["train_loss_per_module"]
+        own_loss = probe_heads or method == "dgl"
+        assert [loss is not None and loss > 0 for loss in losses] == [own_loss, own_loss, True], losses
+        for k in range(3):
+            moved = any(not torch.equal(a, b) for a, b in zip(net.heads[k].parameters(), initial.heads[k].parameters()))
+            assert moved == (own_loss or k == 2), f"head {k}"
+
+
+@pytest.mark.parametrize("method", ["dni", "ddg", "fdg"])
+def test_the_first_module_sends_no_gradient_to_the_images(method):
+    """Module 0 has no module below it: it computes no input gradient (wasted work) and passes none on."""
+    _, m = make(method, K=2)
+    x, y = batch()
+    step = m.module_step(0, x, y)
+    assert step.input_grad is None
+    grad = m.module_step(1, step.outputs, y).input_grad
+    assert grad is not None and m.receive_gradient(0, grad) is None

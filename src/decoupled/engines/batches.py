@@ -16,6 +16,8 @@ class BatchStream:
         self.x, self.y = x, y
         self.batch_size = batch_size
         self.rng = torch.Generator().manual_seed(seed)
+        if augment not in ("none", "crop_flip"):
+            raise ValueError(f"unknown augment {augment!r}: none or crop_flip")
         self.augment = augment
         self.augment_rng = torch.Generator().manual_seed(seed + 2)  # apart from the order's stream
         self.order: torch.Tensor | None = None

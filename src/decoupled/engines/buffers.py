@@ -75,11 +75,7 @@ class FifoQueue:
         self.entries.append(entry)
 
     def take(self) -> Entry | None:
-        if not self.entries:
-            return None
-        entry = self.entries.popleft()
-        entry.uses += 1
-        return entry
+        return self.entries.popleft() if self.entries else None
 
     def __len__(self) -> int:
         return len(self.entries)

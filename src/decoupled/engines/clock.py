@@ -16,7 +16,7 @@ class ParallelClock:
         self.slowdown = list(slowdown)
         self.free_at = [0.0] * len(slowdown)  # when each worker ends its last operation
 
-    def run(self, k: int, seconds: float, ready: float = 0.0) -> tuple[float, float]:
+    def run(self, k: int, seconds: float, ready: float) -> tuple[float, float]:
         """Worker k does ``seconds`` of (unslowed) work once ``ready``; returns its start and end."""
         start = max(self.free_at[k], ready)
         self.free_at[k] = start + seconds * self.slowdown[k]

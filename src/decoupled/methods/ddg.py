@@ -70,7 +70,7 @@ class DDG(Method):
         outputs = functional_call(block, weights, (inputs,))
         self.pending[k].append((inputs, outputs, weights))
         loss = self._train_probe(k, outputs.detach(), labels) if self.probe_heads else None
-        return ModuleStep(outputs.detach(), loss, None)
+        return ModuleStep(outputs.detach(), loss)  # its gradient to module k-1 comes with the delayed one
 
     def receive_gradient(self, k, grad):
         inputs, outputs, weights = self.pending[k].popleft()

@@ -1,0 +1,181 @@
+"""What the simulated engines promise, in either mode: an epoch's seconds, losses, steps and
+delays as reported, stop requests, the batches and their augmentation, the time budget's
+schedule, staleness summaries."""
+
+import time
+
+import pytest
+
+from decoupled.engines.base import EpochInterrupted, StopRequest
+from decoupled.engines.simulated import SimulatedEngine
+from decoupled.engines.simulated_async import AsyncSimulator
+
+from test_async import async_cfg, data
+from test_methods import make
+from test_resume import StopAtCheck
+
+
+def engine(mode, augment="none", seed=0):
+    _, dgl = make("dgl", K=2, total_steps=16)
+    x, y = data(n=16 * 8)
+    if mode == "sync":
+        return SimulatedEngine(dgl, x, y, 16, seed, augment=augment)
+    return AsyncSimulator(dgl, x, y, 16, seed, async_cfg(schedule="event"), augment=augment)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_an_epochs_seconds_are_the_time_it_took_a_stop_included(mode):
+    sim = engine(mode)
+    began = time.perf_counter()
+    seconds = sim.run_epoch()["seconds"]
+    assert 0 < seconds <= time.perf_counter() - began
+    # stopped part-way, then resumed: the epoch's seconds add up both parts
+    sim.stop = StopAtCheck(3)  # a SIGTERM in the middle of the epoch
+    began = time.perf_counter()
+    with pytest.raises(EpochInterrupted):
+        sim.run_epoch()
+    first_part = time.perf_counter() - began
+    assert 0 < sim.partial["seconds"] <= first_part
+    sim.stop = None
+    began = time.perf_counter()
+    seconds = sim.run_epoch()["seconds"]
+    assert sim.partial is None and 0 < seconds <= first_part + time.perf_counter() - began
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_stop_request_stops_an_engine_only_once_set_and_only_between_steps(mode):
+    sim, stop = engine(mode), StopRequest()
+    assert not stop.is_set() and not stop.between_steps  # a signal now stops the job at once
+    sim.stop, between = stop, []
+    module_step = sim.method.module_step
+
+    def spy(k, inputs, labels):
+        between.append(stop.between_steps)
+        return module_step(k, inputs, labels)
+
+    sim.method.module_step = spy
+    sim.run_epoch()  # a request nobody set stops nothing
+    assert between and all(between) and not stop.between_steps
+    stop.set()
+    with pytest.raises(EpochInterrupted):
+        sim.run_epoch()
+    assert not stop.between_steps
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_the_engines_augment_the_batches_as_configured(mode):
+    seen = {}
+    for augment in ("none", "crop_flip"):
+        sim = engine(mode, augment)
+        module_step, inputs = sim.method.module_step, []
+
+        def spy(k, x, labels, module_step=module_step, inputs=inputs):
+            if k == 0:
+                inputs.append(x)
+            return module_step(k, x, labels)
+
+        sim.method.module_step = spy
+        sim.run_epoch()
+        seen[augment] = inputs
+    x, _ = data(n=16 * 8)
+    raw = {img.numpy().tobytes() for img in x}
+    assert all(img.numpy().tobytes() in raw for batch in seen["none"] for img in batch)
+    assert sum(img.numpy().tobytes() not in raw for batch in seen["crop_flip"] for img in batch) > 16 * 8 // 2
+
+
+def test_batches_are_a_seeded_permutation_per_pass_without_the_last_partial_batch():
+    import torch
+
+    from decoupled.engines.batches import BatchStream
+
+    x, y = torch.arange(50.0)[:, None], torch.arange(50)  # image i is labelled i
+    stream = BatchStream(x, y, batch_size=8, seed=0)
+    assert stream.batches_per_pass == 6  # 50 // 8: the last 2 images wait for another pass
+    passes = [[stream.next() for _ in range(6)] for _ in range(3)]
+    orders = []
+    for batches in passes:
+        assert all(images.shape == (8, 1) and torch.equal(images[:, 0].long(), labels) for images, labels in batches)
+        order = torch.cat([labels for _, labels in batches]).tolist()
+        assert len(set(order)) == 48  # no image twice in a pass
+        orders.append(order)
+    assert orders[0] != orders[1] != orders[2]  # a new permutation each pass
+    again, other = BatchStream(x, y, 8, seed=0), BatchStream(x, y, 8, seed=1)
+    assert torch.cat([again.next()[1] for _ in range(6)]).tolist() == orders[0]
+    assert torch.cat([other.next()[1] for _ in range(6)]).tolist() != orders[0]
+    # augmentation draws from the stream's own generator: torch's global one is left alone
+    augmented = BatchStream(torch.randn(50, 1, 8, 8), y, 8, seed=0, augment="crop_flip")
+    torch.manual_seed(0)
+    augmented.next()
+    drawn_after = torch.rand(1)
+    torch.manual_seed(0)
+    assert torch.equal(drawn_after, torch.rand(1))
+
+
+def test_a_time_budget_epoch_plays_the_schedules_epoch_in_order():
+    """Every tick of the schedule's epoch goes to its worker, in order: a worker steps or idles
+    (no input yet, or a full queue above); what reached the output is the top module's steps."""
+    from decoupled.engines.schedule import CategoricalSchedule
+
+    _, ddg = make("ddg", K=3, total_steps=32)
+    x, y = data(n=16 * 16)
+    sim = AsyncSimulator(ddg, x, y, 16, 0, async_cfg(schedule="categorical", slowdown_factor=4, slowed_module=2, buffer_size=8, budget="time"))
+    expected = list(CategoricalSchedule([1.0, 1.0, 4.0], seed=0).epoch(16))
+    ticks, worker_tick = [], sim.worker_tick
+
+    def spy(k):
+        ticks.append(k)
+        return worker_tick(k)
+
+    sim.worker_tick = spy
+    stats = sim.run_epoch()
+    assert ticks == expected
+    steps, idle = stats["steps_per_module"], stats["idle_per_module"]
+    assert [steps[k] + idle[k] for k in range(3)] == [expected.count(k) for k in range(3)]
+    assert steps[1] > steps[2] > 0 and stats["images"] == steps[2] * 16
+    # the second epoch counts its own idle ticks only
+    second = sim.run_epoch()
+    assert sum(idle) > 0 and [a + b for a, b in zip(idle, second["idle_per_module"])] == sim.idle
+
+
+def test_staleness_is_summarised_as_mean_max_and_histogram():
+    import collections
+
+    from decoupled.engines.staleness import staleness_summary
+
+    assert staleness_summary(collections.Counter()) == {"mean": None, "max": None, "histogram": {}}
+    assert staleness_summary(collections.Counter({4: 1, 1: 2})) == {"mean": 2.0, "max": 4, "histogram": {"1": 2, "4": 1}}
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("method", ["dgl", "dni", "ddg"])
+def test_an_epochs_losses_are_the_mean_of_what_each_module_reported(mode, method):
+    _, m = make(method, K=3, total_steps=12)
+    x, y = data(n=16 * 6)
+    sim = SimulatedEngine(m, x, y, 16, 0) if mode == "sync" else AsyncSimulator(m, x, y, 16, 0, async_cfg(schedule="event", slowdown_factor=2, slowed_module=1))
+    reported, module_step = [[] for _ in range(3)], m.module_step
+
+    def spy(k, inputs, labels):
+        step = module_step(k, inputs, labels)
+        if step.loss is not None:
+            reported[k].append(step.loss.item())
+        return step
+
+    m.module_step = spy
+    for _ in range(2):  # the second epoch: its own losses only
+        for r in reported:
+            r.clear()
+        losses = sim.run_epoch()["train_loss_per_module"]
+        assert losses[2] is not None  # (a lower async module may have made all its steps before)
+        assert losses == [pytest.approx(sum(r) / len(r)) if r else None for r in reported]
+
+
+@pytest.mark.parametrize("method,staleness", [("dgl", [{}, {}]), ("dni", [{"0": 6}, {"0": 6}]), ("ddg", [{"2": 4}, {"1": 5}])])
+def test_a_sync_epoch_reports_every_modules_steps_and_each_gradients_delay(method, staleness):
+    """In sync mode every module takes every batch; a gradient reaches module k
+    ``gradient_delay(k)`` steps after its batch (DNI: in the same step; DDG: K-1-k), so the
+    last ones of the epoch are still on their way."""
+    _, m = make(method, K=3)
+    x, y = data(n=16 * 6)
+    stats = SimulatedEngine(m, x, y, 16, 0).run_epoch()
+    assert stats["steps_per_module"] == [6, 6, 6] and stats["images"] == 6 * 16
+    assert [s["histogram"] for s in stats["grad_staleness"]] == [*staleness, {}]
