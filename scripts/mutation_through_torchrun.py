@@ -6,7 +6,7 @@ mutants as "no tests". A mutant is switched on by the environment variable
 MUTANT_UNDER_TEST, which the workers inherit: this script takes a seeded random sample of
 those mutants (after `scripts/mutation-test.sh` has written mutants/) and runs the
 distributed engine's tests on each, in mutants/. A mutant is killed when a test fails.
-Writes results/mutation/through_torchrun.json.
+Writes results/mutation/through_torchrun.json (through_torchrun_named.json for named mutants).
 
     .venv/bin/python scripts/mutation_through_torchrun.py --sample 20 [--seed 0]
     .venv/bin/python scripts/mutation_through_torchrun.py MUTANT...   # these mutants instead
