@@ -2,13 +2,18 @@
 delays as reported, stop requests, the batches and their augmentation, the time budget's
 schedule, staleness summaries."""
 
+import collections
 import time
 
 import pytest
+import torch
 
 from decoupled.engines.base import EpochInterrupted, StopRequest
+from decoupled.engines.batches import BatchStream
+from decoupled.engines.schedule import CategoricalSchedule
 from decoupled.engines.simulated import SimulatedEngine
 from decoupled.engines.simulated_async import AsyncSimulator
+from decoupled.engines.staleness import staleness_summary
 
 from test_async import async_cfg, data
 from test_methods import make
@@ -84,10 +89,6 @@ def test_the_engines_augment_the_batches_as_configured(mode):
 
 
 def test_batches_are_a_seeded_permutation_per_pass_without_the_last_partial_batch():
-    import torch
-
-    from decoupled.engines.batches import BatchStream
-
     x, y = torch.arange(50.0)[:, None], torch.arange(50)  # image i is labelled i
     stream = BatchStream(x, y, batch_size=8, seed=0)
     assert stream.batches_per_pass == 6  # 50 // 8: the last 2 images wait for another pass
@@ -114,8 +115,6 @@ def test_batches_are_a_seeded_permutation_per_pass_without_the_last_partial_batc
 def test_a_time_budget_epoch_plays_the_schedules_epoch_in_order():
     """Every tick of the schedule's epoch goes to its worker, in order: a worker steps or idles
     (no input yet, or a full queue above); what reached the output is the top module's steps."""
-    from decoupled.engines.schedule import CategoricalSchedule
-
     _, ddg = make("ddg", K=3, total_steps=32)
     x, y = data(n=16 * 16)
     sim = AsyncSimulator(ddg, x, y, 16, 0, async_cfg(schedule="categorical", slowdown_factor=4, slowed_module=2, buffer_size=8, budget="time"))
@@ -138,10 +137,6 @@ def test_a_time_budget_epoch_plays_the_schedules_epoch_in_order():
 
 
 def test_staleness_is_summarised_as_mean_max_and_histogram():
-    import collections
-
-    from decoupled.engines.staleness import staleness_summary
-
     assert staleness_summary(collections.Counter()) == {"mean": None, "max": None, "histogram": {}}
     assert staleness_summary(collections.Counter({4: 1, 1: 2})) == {"mean": 2.0, "max": 4, "histogram": {"1": 2, "4": 1}}
 
