@@ -4,9 +4,10 @@
 #     (elsewhere the data is downloaded through torchvision on first use);
 #   - a virtual environment .venv with this package, Snakemake and pytest;
 #   - with --test-services, also the Debian servers the tests start and stop themselves:
-#     SLURM (slurmctld, slurmd, slurmdbd, munge) with MariaDB for its accounting, and
-#     PostgreSQL (MLflow's server mode). CI runs `scripts/setup.sh --test-services`, which then
-#     fails when apt-get cannot install them (CI's tests fail rather than skip without them).
+#     SLURM (slurmctld, slurmd, slurmdbd, munge) with MariaDB for its accounting, PostgreSQL
+#     (MLflow's server mode), and chromium, the browser of the MLflow UI test. CI runs
+#     `scripts/setup.sh --test-services`, which then fails when apt-get cannot install them
+#     (CI's tests fail rather than skip without them).
 # Safe to run again: it only adds what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +21,7 @@ if [ "${1:-}" = "--test-services" ]; then
         command -v "${tool%%:*}" >/dev/null || [ -x "/usr/sbin/${tool%%:*}" ] || packages+=("${tool#*:}")
     done
     ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || packages+=(postgresql)
+    command -v chromium >/dev/null || packages+=(chromium)
 fi
 [ -d /usr/share/datasets/fashion-mnist ] || packages+=(dataset-fashion-mnist)
 # Debian's own python3 has no venv/ensurepip until python3-venv is installed.
@@ -46,5 +48,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 echo "setup: installing the package and its dependencies into .venv" >&2
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e '.[test]'
+# the versions the tests ran with (envs/pins.txt, which the conda envs pin too)
+.venv/bin/python -m pip install --quiet -c envs/pins.txt -e '.[test]'
 echo "setup: done. Activate with: . .venv/bin/activate" >&2

@@ -93,15 +93,16 @@ def attached(uri: str, experiment: str = "concurrency") -> dict:
 
 
 def run_concurrently(job_list: list[dict], data: Path, tracking_json: Path | None, workdir: Path, env: dict | None = None, timeout: float = 300) -> dict[str, Path]:
-    """Train every job in its own process, all released at once; return {run name: run dir}.
+    """Train every job in its own process, all released at once; return {MLflow run name: run dir}.
     Without ``tracking_json`` each job opens its config's ``tracking_uri`` itself."""
     workdir.mkdir(parents=True, exist_ok=True)
     gate = workdir / "go"
-    procs, dirs = {}, {}
+    procs, dirs, run_names = {}, {}, {}
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", **(env or {})}
     try:
         for job in job_list:
-            name = grid.RunKey.of(job["run"]).name
+            key = grid.RunKey.of(job["run"])
+            name, run_names[key.name] = key.name, key.run_name
             dirs[name] = workdir / "runs" / name
             command = [sys.executable, "-c", GATE, str(workdir / f"{name}.ready"), str(gate),
                        "train", "--job-json", json.dumps(job), "--data", str(data), "--out", str(dirs[name]),
@@ -125,7 +126,7 @@ def run_concurrently(job_list: list[dict], data: Path, tracking_json: Path | Non
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    return dirs
+    return {run_names[name]: run_dir for name, run_dir in dirs.items()}
 
 
 def _logs(workdir: Path, names) -> str:

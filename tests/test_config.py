@@ -102,7 +102,10 @@ def test_cli_unknown_method_is_one_line_and_leaves_nothing(tmp_path):
     out = tmp_path / "run"
     result = cli("train", "--config", "c.yaml", "--method", "sgd-magic", "--K", "2", "--seed", "0", "--data", "x.pt", "--out", str(out), cwd=tmp_path)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == ["decoupled: error: unknown method 'sgd-magic' (known: backprop, cdni, ddg, dgl, dni, fdg)"]
+    assert result.stderr.strip().splitlines() == [
+        "decoupled train: error: argument --method: invalid choice: 'sgd-magic' (choose from 'backprop', 'cdni', 'ddg', 'dgl', 'dni', 'fdg')"
+        " (see decoupled train --help)"
+    ]
     assert not out.exists() and not (tmp_path / "results").exists()
 
 
@@ -197,3 +200,14 @@ def test_an_explicit_split_must_cut_the_layers_into_K_modules():
     cfg["grid"]["K"] = [2, 1]
     with pytest.raises(UserError, match="model.split.*K=1"):
         grid.runs(cfg)
+
+
+def test_cli_help_names_choices_and_defaults_and_gives_the_version():
+    from decoupled import __version__
+
+    assert cli("--version", cwd=REPO).stdout.strip() == f"decoupled {__version__}"
+    top = cli("--help", cwd=REPO).stdout
+    assert "``" not in top and "train" in top and "relocate" in top  # plain text, not reST
+    train = " ".join(cli("train", "--help", cwd=REPO).stdout.split())
+    assert "--method {backprop,cdni,ddg,dgl,dni,fdg}" in train and "--mode {sync,async}" in train and "(default: sync)" in train
+    assert "(default: None)" not in train

@@ -42,3 +42,90 @@ def test_train_on_a_corrupt_dataset_creates_no_run(tmp_path, content):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "data.pt" in lines[0], result.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "results").exists()  # no outputs, no MLflow store
+
+
+def experiment_config(tmp_path, **grid):
+    from decoupled import config
+
+    return config.validate({"experiment": "e", "tracking_uri": f"sqlite:///{tmp_path}/m/mlflow.db", "grid": {"methods": ["dgl"], **grid}})
+
+
+def test_the_parent_run_carries_the_experiment_config_and_a_changed_config_gets_its_own(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    from mlflow.tracking import MlflowClient
+
+    cfg = experiment_config(tmp_path, seeds=[0, 1])
+    first = tracking.init_experiment(cfg, described=cfg)
+    assert tracking.init_experiment(cfg, described=cfg) == first
+    client = MlflowClient(cfg["tracking_uri"])
+    parent = client.get_run(first["parent_run_id"])
+    params = parent.data.params
+    assert params["grid.methods"] == "['dgl']" and params["grid.seeds"] == "[0, 1]" and params["train.lr"] == "0.05"
+    assert params["experiment"] == "e" and "output_dir" not in params
+    assert parent.data.tags["mlflow.user"] and parent.data.tags["mlflow.source.name"] == "decoupled init-tracking"
+    assert client.get_experiment(first["experiment_id"]).tags["mlflow.experimentKind"] == "custom_model_development"
+    runs = [tracking.ChildRun.start(first, f"dgl K2 s{seed}", {}, {}).run_id for seed in (0, 1, 2)]
+    assert tracking.parent_for(first, cfg, runs[:2]) == first["parent_run_id"]  # the config it was made with
+    # MLflow never changes a param: another grid gets another parent run, with the report's runs
+    # moved under it; the first keeps its params, and the runs the new grid does not have
+    more = experiment_config(tmp_path, seeds=[0, 2])
+    second = tracking.parent_for(first, more, [runs[0], runs[2]])
+    assert second != first["parent_run_id"] and client.get_run(second).data.params["grid.seeds"] == "[0, 2]"
+    assert client.get_run(first["parent_run_id"]).data.params["grid.seeds"] == "[0, 1]"
+    assert [client.get_run(r).data.tags["mlflow.parentRunId"] for r in runs] == [second, first["parent_run_id"], second]
+    assert tracking.parent_for(first, more, [runs[0], runs[2]]) == second  # found again, not made twice
+    assert tracking.parent_for(first, cfg, runs[:2]) == first["parent_run_id"]  # and back
+    assert client.get_run(runs[0]).data.tags["mlflow.parentRunId"] == first["parent_run_id"]
+    # a parent made without a config (a job run by hand first) takes the first config it is given
+    bare = tracking.init_experiment({**cfg, "experiment": "bare"})
+    assert not client.get_run(bare["parent_run_id"]).data.params
+    assert tracking.parent_for(bare, cfg, []) == bare["parent_run_id"]
+    assert client.get_run(bare["parent_run_id"]).data.params["grid.seeds"] == "[0, 1]"
+
+
+def test_a_child_run_has_mlflows_own_fields(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    import getpass
+
+    cfg = experiment_config(tmp_path)
+    run = tracking.ChildRun.start(tracking.init_experiment(cfg, described=cfg), "dgl", {"train.lr": 0.05}, {"method": "dgl"})
+    stored = run.client.get_run(run.run_id)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=tracking.Path(tracking.__file__).parent).stdout.strip()
+    assert stored.data.tags["mlflow.source.git.commit"] == commit and len(commit) == 40
+    assert stored.data.tags["mlflow.user"] == getpass.getuser() == stored.info.user_id
+    assert stored.data.tags["mlflow.source.name"] == "decoupled train" and stored.data.params == {"train.lr": "0.05"}
+
+
+def test_a_moved_store_reads_and_writes_its_artifacts_beside_itself(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    (tmp_path / "a").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    cfg = {"experiment": "e", "tracking_uri": "sqlite:///results/mlflow/mlflow.db"}
+    info = tracking.init_experiment(cfg)
+    note = tmp_path / "note.txt"
+    note.write_text("first")
+    run = tracking.ChildRun.start(info, "r", {}, {})
+    run.log_artifact(note)
+    shutil.copytree(tmp_path / "a/results", tmp_path / "b/results")
+    shutil.move(tmp_path / "a/results", tmp_path / "a/elsewhere")  # the original moved too: the copy must stand alone
+    # by hand (e.g. before `mlflow ui` on the copy)
+    copy_db = tmp_path / "b/results/mlflow/mlflow.db"
+    result = subprocess.run([sys.executable, "-m", "decoupled", "relocate", str(copy_db)], capture_output=True, text=True)
+    assert result.returncode == 0 and "artifacts of 1 experiment(s) now read from" in result.stderr, result.stderr
+    client = MlflowClient(f"sqlite:///{copy_db}")
+    uri = client.get_run(run.run_id).info.artifact_uri
+    assert uri == (tmp_path / "b/results/mlflow/artifacts").as_uri() + f"/{run.run_id}/artifacts"
+    assert (tmp_path / "b" / client.download_artifacts(run.run_id, "note.txt", str(tmp_path / "b"))).read_text() == "first"
+    # and on its own, when this package opens a moved store (here the original, moved in a/), as
+    # the evaluate and report commands do in a process of their own
+    note.write_text("second")
+    script = (f"from decoupled import tracking; tracking.ChildRun.attach({{**{info!r}, 'tracking_uri': 'sqlite:///elsewhere/mlflow/mlflow.db'}},"
+              f" {run.run_id!r}).log_artifact({str(note)!r})")
+    subprocess.run([sys.executable, "-c", script], cwd=tmp_path / "a", check=True)
+    assert (tmp_path / "a/elsewhere/mlflow/artifacts" / run.run_id / "artifacts/note.txt").read_text() == "second"
+    assert (tmp_path / "b/results/mlflow/artifacts" / run.run_id / "artifacts/note.txt").read_text() == "first"  # the copy untouched
+    assert tracking.relocate(copy_db) == 0  # nothing moved since

@@ -1,6 +1,8 @@
 """The whole workflow on config/smoke.yaml, in a temporary copy of the repository, read back as a user would."""
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -111,6 +113,8 @@ def test_mlflow_runs(smoke):
     assert len(parents) == 1 and len(children) == n_jobs and len(runs) == n_jobs + 1
     parent = parents[0]
     assert parent.info.status == "FINISHED"
+    assert parent.data.params["grid.methods"] == str(METHODS) and parent.data.params["train.epochs"] == "3"  # the experiment's config
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs table
     parent_files = {f.path for d in ("tables", "figures") for f in client.list_artifacts(parent.info.run_id, d)}
     from decoupled.layout import FIGURE_FORMATS, FIGURE_NAMES, TABLE_FORMATS, TABLE_NAMES
 
@@ -125,13 +129,17 @@ def test_mlflow_runs(smoke):
         key = (tags["method"], tags["mode"], tags["K"], tags["variant"], tags["seed"])
         seen.add(key)
         assert tags["rule"] == "train"
+        assert run.info.run_name == " ".join([key[0], f"K{key[2]}", f"s{key[4]}"] + ([key[3]] if key[3] != "default" else []))
         assert tags["wildcards"] == f"method={key[0]},mode={key[1]},K={key[2]},variant={key[3]},seed={key[4]}"
         commit = subprocess.run(["git", "-C", str(workdir), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-        assert tags["git_commit"] == commit and len(commit) == 40
-        # params: the whole resolved job config, overrides applied
+        assert tags["mlflow.source.git.commit"] == commit and len(commit) == 40
+        assert tags["mlflow.user"] == run.info.user_id != "unknown" and tags["mlflow.source.name"] == "decoupled train"
+        # params: the resolved job config, overrides applied, without what does not apply to the run
         assert params["run.method"] == key[0] and params["model.widths"] == "[8, 16]"
         assert params["train.lr"] == ("0.08" if key[0] == "dgl" else "0.05")
         assert params["dataset.subset_per_class"] == "100"
+        assert ("async.buffer_size" in params) == (key[1] == "async") and ("train.beta" in params) == (key[0] == "fdg")
+        assert ("train.synth_lr" in params) == (key[0] in ("dni", "cdni"))
         history = client.get_metric_history(run.info.run_id, "test_acc")
         assert [m.step for m in history] == [1, 2, 3]
         for name in ("train_loss", "test_acc_m0", "test_acc_m1", "wall_time_s", "images_per_s", "final_test_acc"):
@@ -164,6 +172,83 @@ def test_rerun_does_nothing_and_plot_code_reruns_only_the_report(smoke):
         assert rule not in planned, planned
 
 
+def planned_jobs(workdir: Path, edited: str) -> tuple[set[tuple[str, str]], str]:
+    """The jobs (rule, wildcards) and reasons `snakemake -n` plans after an edit to ``edited``; the edit is undone."""
+    path = workdir / edited
+    original = path.read_text()
+    path.write_text(original + "\n# an edit\n")
+    try:
+        dry = snakemake(workdir, "--dry-run")
+    finally:
+        path.write_text(original)
+    assert dry.returncode == 0, dry.stderr
+    out = dry.stdout + dry.stderr
+    jobs = set()
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", out):
+        rule = re.match(r"(?:local)?rule (\w+):", block)
+        if rule:
+            wildcards = re.search(r"^\s*wildcards: (.*)$", block, re.M)
+            jobs.add((rule.group(1), wildcards.group(1) if wildcards else ""))
+    return jobs, out
+
+
+@needs_fashion_mnist
+def test_a_code_change_reruns_exactly_the_jobs_that_run_that_code(smoke):
+    workdir, _ = smoke
+    # a method's file: that method's training jobs (both modes, every variant and seed), their
+    # evaluations and the report; FDG's file imports DDG's, so DDG's edit re-runs FDG too
+    from decoupled import config, grid
+
+    keys = grid.runs(config.load(REPO / "config/smoke.yaml"))
+    wildcards = {key: f"method={key.method}, mode={key.mode}, K={key.K}, variant={key.variant}, seed={key.seed}" for key in keys}
+    train = set(wildcards.values())
+    for edited, methods in (("src/decoupled/methods/dgl.py", {"dgl"}), ("src/decoupled/methods/ddg.py", {"ddg", "fdg"})):
+        jobs, out = planned_jobs(workdir, edited)
+        expected = {wc for key, wc in wildcards.items() if key.method in methods}
+        assert len(expected) == 2 * 3 * len(methods)  # seeds x (sync + 2 async variants) per method
+        assert {wc for rule, wc in jobs if rule == "train"} == expected, out[-3000:]
+        assert {wc for rule, wc in jobs if rule == "evaluate"} == expected
+        assert {rule for rule, _ in jobs} == {"train", "evaluate", "report", "all"}
+        assert "Params have changed since last execution" in out
+    # shared training code: every training job; the report's code: the report alone
+    jobs, _ = planned_jobs(workdir, "src/decoupled/engines/simulated.py")
+    assert {wc for rule, wc in jobs if rule == "train"} == train
+    jobs, _ = planned_jobs(workdir, "src/decoupled/report/tables.py")
+    assert {rule for rule, _ in jobs} == {"report", "all"}
+
+
+@needs_fashion_mnist
+def test_a_copied_results_folder_works_on_its_own(smoke, tmp_path):
+    """Copied (with its repository) and the original moved away, a finished experiment's store
+    serves its artifacts from the copy, and a report regenerated there writes to the copy only."""
+    workdir, _ = smoke
+    from mlflow.tracking import MlflowClient
+
+    copy = tmp_path / "copy"
+    shutil.copytree(workdir, copy, symlinks=True)
+    original_artifacts = workdir / "results/mlflow/artifacts"
+    before = {p: p.stat().st_mtime_ns for p in original_artifacts.rglob("*") if p.is_file()}
+    hidden = workdir.with_name(workdir.name + "-away")
+    workdir.rename(hidden)
+    try:
+        assert subprocess.run([sys.executable, "-m", "decoupled", "relocate", "results/mlflow/mlflow.db"], cwd=copy).returncode == 0
+        client = MlflowClient(f"sqlite:///{copy}/results/mlflow/mlflow.db")
+        experiment = client.get_experiment_by_name("smoke")
+        [child] = client.search_runs([experiment.experiment_id], "tags.method = 'dgl' and tags.mode = 'sync' and tags.seed = '0'")
+        assert child.info.artifact_uri.startswith((copy / "results/mlflow/artifacts").as_uri())
+        assert json.loads((Path(client.download_artifacts(child.info.run_id, "eval.json", str(tmp_path)))).read_text())["method"] == "dgl"
+        plot_code = copy / "src/decoupled/report/tables.py"
+        plot_code.write_text(plot_code.read_text() + "\n# edited in the copy\n")
+        again = snakemake(copy)
+        assert again.returncode == 0, again.stderr[-3000:]
+        parent = client.search_runs([experiment.experiment_id], "tags.`decoupled.role` = 'parent'")[0]
+        assert (copy / "results/mlflow/artifacts" / parent.info.run_id / "artifacts/tables/main.csv").stat().st_mtime_ns > max(before.values())
+    finally:
+        hidden.rename(workdir)
+    assert not (workdir.parent / "results").exists() and not Path(str(hidden)).exists()
+    assert {p: p.stat().st_mtime_ns for p in original_artifacts.rglob("*") if p.is_file()} == before  # the original untouched
+
+
 def test_bad_config_stops_before_any_job(tmp_path):
     cfg = yaml.safe_load((REPO / "config/smoke.yaml").read_text())
     cfg["train"]["lr"] = "fast"
@@ -191,3 +276,9 @@ def test_lint_is_clean():
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Congratulations" in result.stdout + result.stderr
+
+
+def test_the_workflow_is_snakefmt_clean():
+    """Formatted as snakefmt formats it, with the settings in pyproject.toml ([tool.snakefmt])."""
+    result = subprocess.run([str(Path(sys.executable).parent / "snakefmt"), "--check", "."], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -61,17 +61,25 @@ def cmd_prepare_data(args) -> None:
 
 def cmd_init_tracking(args) -> None:
     from decoupled.files import write_json
-    from decoupled.tracking import init_experiment
+    from decoupled.tracking import init_experiment, runs_page
 
     if args.config is not None:
         cfg = _experiment_config(args)
+        info = init_experiment(cfg, described=cfg)
     elif args.experiment is not None:
-        cfg = {"experiment": args.experiment, "tracking_uri": args.tracking_uri}
+        from decoupled import config
+
+        described = config.validate(_json_arg(args.describe_json, "--describe-json")) if args.describe_json else None
+        info = init_experiment({"experiment": args.experiment, "tracking_uri": args.tracking_uri}, described)
     else:
         raise UserError("init-tracking needs --config, or --experiment (with --tracking-uri)")
-    info = init_experiment(cfg)
     write_json(args.out, info)
-    print(f"MLflow experiment '{info['experiment']}' ({info['tracking_uri']}), parent run {info['parent_run_id']}", file=sys.stderr)
+    uri = info["tracking_uri"]
+    if uri.startswith(("http://", "https://")):
+        browse = runs_page(uri, info["experiment_id"])
+    else:
+        browse = f"{runs_page('http://127.0.0.1:5000', info['experiment_id'])} after: mlflow ui --backend-store-uri {uri}"
+    print(f"MLflow experiment '{info['experiment']}' ({uri}), parent run {info['parent_run_id']}; its runs: {browse}", file=sys.stderr)
 
 
 def cmd_train(args) -> None:
@@ -168,16 +176,59 @@ def cmd_report(args) -> None:
     written = build_report([Path(r) for r in args.runs], Path(args.tables), Path(args.figures), target)
     experiment = _tracking(args.tracking)
     if experiment is not None:
-        from decoupled.tracking import log_to_parent
+        from decoupled.files import read_json
+        from decoupled.tracking import log_to_parent, parent_for
 
-        log_to_parent(experiment, written)
+        parent_id = None
+        if args.config_json is not None:  # the parent run of this config, with these runs under it
+            from decoupled import config
+
+            children = [read_json(Path(r) / "metrics.json")["mlflow_run_id"] for r in args.runs]
+            parent_id = parent_for(experiment, config.validate(_json_arg(args.config_json, "--config-json")), children)
+        log_to_parent(experiment, written, parent_id=parent_id)
     for path in written:
         print(f"wrote {path}", file=sys.stderr)
 
 
+def cmd_relocate(args) -> None:
+    from decoupled.tracking import relocate
+
+    db = Path(args.store.removeprefix("sqlite:///"))
+    if not db.is_file():
+        raise UserError(f"no SQLite store at {db}")
+    moved = relocate(db)
+    where = (db.parent / "artifacts").resolve()
+    print(f"{db}: artifacts of {moved} experiment(s) now read from {where}" if moved else f"{db}: artifacts already beside the store ({where})", file=sys.stderr)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line, as every other input problem here (no usage dump)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Help that states an option's default where it has one (and the help does not say it)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, [], False, argparse.SUPPRESS) and "default" not in text and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
+DESCRIPTION = """The command line of the decoupled-training pipeline: the steps its Snakemake rules
+call (prepare-data, init-tracking, train, evaluate, report), which can be run by hand too."""
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="decoupled", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
+    from decoupled import __version__
+    from decoupled.grid import method_names
+
+    p = _Parser(prog="decoupled", description=DESCRIPTION, formatter_class=_HelpFormatter)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sp = sub.add_parser("prepare-data", help="read, check and store a dataset as tensors")
     group = sp.add_mutually_exclusive_group(required=True)
@@ -188,9 +239,10 @@ def parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_prepare_data)
 
     sp = sub.add_parser("init-tracking", help="create the MLflow experiment and parent run once, before any job")
-    sp.add_argument("--config", help="experiment config YAML file")
+    sp.add_argument("--config", help="experiment config YAML file (a new parent run carries it as params)")
     sp.add_argument("--experiment", help="experiment name (instead of --config)")
     sp.add_argument("--tracking-uri", default="sqlite:///results/mlflow/mlflow.db", help="with --experiment")
+    sp.add_argument("--describe-json", help="with --experiment: the experiment config, as JSON, that a new parent run carries as params")
     sp.add_argument("--out", required=True, help="JSON file that jobs read to attach to the experiment")
     sp.set_defaults(func=cmd_init_tracking)
 
@@ -199,10 +251,10 @@ def parser() -> argparse.ArgumentParser:
     group.add_argument("--job-json", help="resolved job config as JSON (what the workflow passes)")
     group.add_argument("--config", help="experiment config YAML file; pick the job with --method/--mode/--K/--seed")
     group.add_argument("--config-json", help=argparse.SUPPRESS)
-    sp.add_argument("--method")
-    sp.add_argument("--mode", default="sync")
-    sp.add_argument("--K", type=int)
-    sp.add_argument("--seed", type=int)
+    sp.add_argument("--method", choices=method_names(), help="with --config")
+    sp.add_argument("--mode", choices=["sync", "async"], default="sync", help="with --config")
+    sp.add_argument("--K", type=int, help="modules, with --config")
+    sp.add_argument("--seed", type=int, help="with --config")
     sp.add_argument("--variant", help="swept settings, e.g. S4m1_B10 (default: the grid's only one)")
     sp.add_argument("--data", required=True, help="prepared dataset file")
     sp.add_argument("--out", required=True, help="run directory")
@@ -225,7 +277,14 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--target-accuracy", type=float,
                     help="test accuracy (a fraction) whose time to reach the tables give (default: the config schema's)")
     sp.add_argument("--tracking", help="JSON written by init-tracking; attaches the outputs to the parent run")
+    sp.add_argument("--config-json", help="with --tracking: the experiment config (JSON), whose parent run gets the outputs and the runs")
     sp.set_defaults(func=cmd_report)
+
+    sp = sub.add_parser("relocate", help="after moving or copying results/: point a SQLite store at the artifacts beside it")
+    sp.add_argument("store", help="the store's file (results/mlflow/mlflow.db) or its sqlite:/// URI")
+    sp.set_defaults(func=cmd_relocate)
+    for action in sub.choices.values():
+        action.formatter_class = _HelpFormatter
     return p
 
 

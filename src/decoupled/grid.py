@@ -53,6 +53,13 @@ class RunKey:
         parts = [self.method, self.mode, f"K{self.K}"] + ([self.variant] if self.variant != "default" else []) + [f"seed{self.seed}"]
         return "-".join(parts)
 
+    @property
+    def run_name(self) -> str:
+        """The MLflow run's name, e.g. ``dgl K3 s0 S4m1_B10``: short, what tells runs apart first.
+        MLflow's runs table shows about 14 characters of a child run's name; the mode is read from
+        the variant (an async run's starts with its slowdown, S<factor>) and the ``mode`` tag."""
+        return " ".join([self.method, f"K{self.K}", f"s{self.seed}"] + ([self.variant] if self.variant != "default" else []))
+
 
 def runs(config: dict[str, Any]) -> list[RunKey]:
     """Every job of the grid, after checking that each one can be built."""
@@ -175,8 +182,23 @@ def job_config(config: dict[str, Any], key: RunKey) -> dict[str, Any]:
     if job["train"]["gradient_delay"] is None and key.method in GRADIENT_DELAY:
         job["train"]["gradient_delay"] = GRADIENT_DELAY[key.method]  # so that it is logged as used
     _check_run(job, key)
+    _drop_settings_that_do_not_apply(job, key)
     job["run"] = {"method": key.method, "mode": key.mode, "K": key.K, "variant": key.variant, "seed": key.seed, "varied": varied}
     return job
+
+
+def _drop_settings_that_do_not_apply(job: dict[str, Any], key: RunKey) -> None:
+    """Remove from ``job`` what its method and mode never read (``methods.SETTINGS_OF``)."""
+    from decoupled.methods import SETTINGS_OF
+
+    if key.mode == "async":
+        del job["train"]["gradient_delay"]  # the engine's queues delay the gradients
+    else:
+        del job["async"]
+    for path, readers in SETTINGS_OF.items():
+        section, name = path.split(".")
+        if key.method not in readers and section in job:
+            job[section].pop(name, None)
 
 
 def _check_run(job: dict[str, Any], key: RunKey) -> None:

@@ -25,6 +25,20 @@ from decoupled.errors import UserError
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 PARENT_TAG = "decoupled.role"
+CONFIG_TAG = "decoupled.config"  # a parent run's: a digest of the experiment config it carries
+# An experiment whose artifacts live beside its SQLite store (<store dir>/artifacts): its
+# artifact locations follow the store when results/ is moved or copied (see relocate).
+STORE_ARTIFACTS_TAG = "decoupled.artifacts_beside_store"
+# Set on the experiments this package creates: MLflow's own mark of a model-training (not GenAI)
+# experiment. MLflow 3.17's UI does not read it to pick the page an experiment opens on (its
+# global "workflow type" decides: the URL's workflowType, else the browser's last choice, else
+# GenAI), so the links this package prints carry the workflow type: runs_page.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def runs_page(ui: str, experiment_id: str) -> str:
+    """The MLflow UI's address of an experiment's runs table (MLflow 3's "Model training" view)."""
+    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
 
 
 def tracking_uri(config: dict) -> str:
@@ -39,11 +53,62 @@ def _sqlite_path(uri: str) -> Path | None:
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
+    db = _sqlite_path(uri)
+    if db is not None and db not in _relocated and db.is_file():
+        relocate(db)  # a moved or copied results/ writes its artifacts beside itself
+        _relocated.add(db)
     return MlflowClient(tracking_uri=uri)
 
 
-def init_experiment(config: dict) -> dict[str, str]:
+_relocated: set[Path] = set()  # stores checked by this process
+
+
+def _store_artifacts(db: Path) -> str:
+    """Where the artifacts of a SQLite store's experiments live: beside it, in artifacts/."""
+    return (db.parent / "artifacts").resolve().as_uri()
+
+
+def relocate(db: str | Path) -> int:
+    """Point the artifact locations of a SQLite store's experiments (those this package created,
+    with their artifacts beside the store) at the store's own folder, wherever it now is.
+
+    MLflow records absolute artifact URIs: after ``results/`` is moved or copied, the store
+    would still read and write the artifacts at the old place. Returns how many experiments
+    were pointed elsewhere (0 when the store has not moved). Every command of this package
+    that opens a SQLite store calls it first; ``decoupled relocate`` does it by hand, e.g.
+    before ``mlflow ui`` on a copy.
+    """
+    import sqlite3
+
+    db = Path(db)
+    here = _store_artifacts(db)
+    moved = 0
+    with contextlib.closing(sqlite3.connect(db, timeout=60)) as con, con:
+        tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not {"experiments", "experiment_tags", "runs"} <= tables:
+            return 0  # not (yet) an MLflow store
+        rows = con.execute(
+            "SELECT e.experiment_id, e.artifact_location FROM experiments e JOIN experiment_tags t"
+            " ON t.experiment_id = e.experiment_id WHERE t.key = ? AND e.artifact_location != ?", (STORE_ARTIFACTS_TAG, here)
+        ).fetchall()
+        for experiment_id, old in rows:
+            con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?", (here, experiment_id))
+            for table, column in (("runs", "artifact_uri"), ("logged_models", "artifact_location")):
+                if table in tables:
+                    con.execute(
+                        f"UPDATE {table} SET {column} = ? || substr({column}, ?) WHERE experiment_id = ? AND substr({column}, 1, ?) = ?",
+                        (here, len(old) + 1, experiment_id, len(old), old),
+                    )
+            moved += 1
+    return moved
+
+
+def init_experiment(config: dict, described: dict | None = None) -> dict[str, str]:
     """Create (or find) the store's schema, the experiment and its parent run; return their ids.
+
+    ``described``, an experiment config, is what a new parent run carries as params (its grid
+    included); an existing parent is taken as it is (the newest, when a changed config gave
+    the experiment several: see ``parent_for``).
 
     An http(s):// URI is an ``mlflow server``: the server owns the schema (the server's
     ``mlflow db upgrade``) and gives the experiment its artifact location. A SQLite store is
@@ -55,20 +120,94 @@ def init_experiment(config: dict) -> dict[str, str]:
     artifact_location = None
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
-        artifact_location = (db.parent / "artifacts").resolve().as_uri()
+        artifact_location = _store_artifacts(db)
     with _locked(db.parent / f"{db.name}.lock" if db is not None else None):
         if uri.split(":", 1)[0].split("+")[0] in ("sqlite", "postgresql", "mysql", "mssql"):
             _upgrade_schema(uri)
         client = _client(uri)
         name = config["experiment"]
         experiment = client.get_experiment_by_name(name)
-        experiment_id = experiment.experiment_id if experiment else client.create_experiment(name, artifact_location=artifact_location)
-        parents = client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = 'parent'", max_results=1)
-        if parents:
-            parent_id = parents[0].info.run_id
+        if experiment is None:
+            tags = {**EXPERIMENT_TAGS, **({STORE_ARTIFACTS_TAG: "true"} if artifact_location else {})}
+            experiment_id = client.create_experiment(name, artifact_location=artifact_location, tags=tags)
         else:
-            parent_id = client.create_run(experiment_id, run_name=name, tags={PARENT_TAG: "parent"}).info.run_id
+            experiment_id = experiment.experiment_id
+        parents = client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = 'parent'", max_results=1, order_by=["attributes.start_time DESC"])
+        parent_id = parents[0].info.run_id if parents else _new_parent(client, experiment_id, name, described, "decoupled init-tracking")
     return {"tracking_uri": uri, "experiment": name, "experiment_id": experiment_id, "parent_run_id": parent_id}
+
+
+def _described(config: dict | None) -> dict[str, str]:
+    """An experiment config as a parent run's params (where the outputs go is not one)."""
+    from decoupled.config import flatten
+
+    return {k: str(v) for k, v in flatten(config).items() if k != "output_dir"} if config is not None else {}
+
+
+def _digest(params: dict[str, str]) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _new_parent(client, experiment_id: str, name: str, described: dict | None, command: str) -> str:
+    params = _described(described)
+    tags = {PARENT_TAG: "parent", **source_tags(command), **({CONFIG_TAG: _digest(params)} if described is not None else {})}
+    parent_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+    _log_params(client, parent_id, params)
+    return parent_id
+
+
+def parent_for(experiment: dict[str, str], described: dict, children: list[str]) -> str:
+    """The parent run that carries the experiment config ``described``, with ``children`` (run
+    ids: the report's runs) under it; returns its id.
+
+    MLflow never changes a param: when the config is not the one the experiment's parent run
+    was created with, a parent run is made for it (or the one made for it before is taken),
+    and the runs are moved under it. The earlier parent keeps its params, and the runs of its
+    config that this one does not have. A parent created without a config gets this one.
+    """
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    client = _client(experiment["tracking_uri"])
+    params = _described(described)
+    digest = _digest(params)
+    current = client.get_run(experiment["parent_run_id"])
+    if current.data.tags.get(CONFIG_TAG) == digest:
+        parent_id = current.info.run_id
+    elif CONFIG_TAG not in current.data.tags and not current.data.params:  # made without a config: it takes this one
+        parent_id = current.info.run_id
+        client.set_tag(parent_id, CONFIG_TAG, digest)
+        _log_params(client, parent_id, params)
+    else:
+        found = client.search_runs([experiment["experiment_id"]], filter_string=f"tags.`{PARENT_TAG}` = 'parent' and tags.`{CONFIG_TAG}` = '{digest}'", max_results=1)
+        parent_id = found[0].info.run_id if found else _new_parent(client, experiment["experiment_id"], experiment["experiment"], described, "decoupled report")
+    for run_id in children:
+        if client.get_run(run_id).data.tags.get(MLFLOW_PARENT_RUN_ID) != parent_id:
+            client.set_tag(run_id, MLFLOW_PARENT_RUN_ID, parent_id)
+    return parent_id
+
+
+def _log_params(client, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)) for k, v in params.items()]
+    for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run_id, params=items[i : i + 100])
+
+
+def source_tags(command: str) -> dict[str, str]:
+    """MLflow's own fields for a run of this package: who ran it, what and at which commit."""
+    import getpass
+
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_USER
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (some containers)
+        user = str(os.getuid())
+    return {MLFLOW_USER: user, MLFLOW_SOURCE_NAME: command, MLFLOW_SOURCE_TYPE: "LOCAL", MLFLOW_GIT_COMMIT: git_commit()}
 
 
 @contextlib.contextmanager
@@ -110,17 +249,12 @@ class ChildRun:
 
     @classmethod
     def start(cls, experiment: dict[str, str], name: str, params: dict[str, Any], tags: dict[str, str]) -> "ChildRun":
-        from mlflow.entities import Param
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-        from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
-
-        commit = git_commit()
-        all_tags = {MLFLOW_PARENT_RUN_ID: experiment["parent_run_id"], PARENT_TAG: "child", "git_commit": commit, MLFLOW_GIT_COMMIT: commit, **tags}
+        all_tags = {MLFLOW_PARENT_RUN_ID: experiment["parent_run_id"], PARENT_TAG: "child", **source_tags("decoupled train"), **tags}
         client = _client(experiment["tracking_uri"])
         run = client.create_run(experiment["experiment_id"], run_name=name, tags=all_tags)
-        items = [Param(k, str(v)) for k, v in params.items()]
-        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-            client.log_batch(run.info.run_id, params=items[i : i + 100])
+        _log_params(client, run.info.run_id, params)
         return cls(experiment, run.info.run_id)
 
     @classmethod
@@ -173,10 +307,12 @@ class ChildRun:
         self.finish("FAILED")
 
 
-def log_to_parent(experiment: dict[str, str], paths: list[Path], finish: bool = True) -> None:
-    """Attach the report's tables and figures to the parent run (under tables/ and figures/)."""
+def log_to_parent(experiment: dict[str, str], paths: list[Path], finish: bool = True, parent_id: str | None = None) -> None:
+    """Attach the report's tables and figures to the parent run (under tables/ and figures/):
+    ``parent_id``, or the experiment's."""
     client = _client(experiment["tracking_uri"])
+    parent_id = parent_id or experiment["parent_run_id"]
     for path in paths:
-        client.log_artifact(experiment["parent_run_id"], str(path), artifact_path=Path(path).parent.name)
+        client.log_artifact(parent_id, str(path), artifact_path=Path(path).parent.name)
     if finish:
-        client.set_terminated(experiment["parent_run_id"], "FINISHED")
+        client.set_terminated(parent_id, "FINISHED")

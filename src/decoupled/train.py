@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from decoupled import methods, model
+from decoupled import methods, model, progress
 from decoupled.data import Dataset, load_prepared
 from decoupled.engines import ENGINES
 from decoupled.engines.base import EpochInterrupted, StopRequest
@@ -94,7 +94,7 @@ def build(job: dict, data: Dataset, split: dict | None = None):
     engine_class = ENGINES[(job["engine"], key.mode)]
     train_x, train_y = (data.train_x, data.train_y) if distributed else (data.train_x.to(device), data.train_y.to(device))
     extra = {"distributed_cfg": job["distributed"], "device": device} if distributed else {}
-    engine = engine_class(method, train_x, train_y, train_cfg["batch_size"], key.seed, job["async"], train_cfg["augment"], **extra)
+    engine = engine_class(method, train_x, train_y, train_cfg["batch_size"], key.seed, job.get("async"), train_cfg["augment"], **extra)
     return net, method, engine, {"counts": counts, **(split_info or {})}
 
 
@@ -146,7 +146,7 @@ def fit(job: dict, data: Dataset, checkpoint: Callable[[dict], None] | None = No
         _print_split(key, split)
         if resume is not None:
             where = f"inside epoch {resume['epoch'] + 1}" if resume.get("stopped_inside_epoch") else f"after epoch {resume['epoch']}"
-            print(f"[{key.name}] resuming {where}/{job['train']['epochs']} from its checkpoint", file=sys.stderr, flush=True)
+            print(f"{progress.stamp()} [{key.name}] resuming {where}/{job['train']['epochs']} from its checkpoint", file=sys.stderr, flush=True)
 
     def save(epoch: int, inside_next: bool = False) -> None:
         """Checkpoint after ``epoch`` epochs (and, ``inside_next``, part of the next one)."""
@@ -157,12 +157,17 @@ def fit(job: dict, data: Dataset, checkpoint: Callable[[dict], None] | None = No
 
     if resume is None:
         save(0)  # so that a job stopped in its first epoch, too, resumes into its MLflow run
+    bar_stream = progress.terminal() if engine.is_main else None
     for epoch in range(len(epochs) + 1, job["train"]["epochs"] + 1):
+        engine.progress = progress.EpochBar(key.name, epoch, job["train"]["epochs"], engine.steps_per_epoch, bar_stream) if bar_stream else None
         try:
             stats = engine.run_epoch()
         except EpochInterrupted as where:
             save(epoch - 1, inside_next=True)  # the engine's state holds the epoch's progress
             raise Terminated(f"stopped by SIGTERM at {where} of epoch {epoch}") from None
+        finally:
+            if engine.progress is not None:
+                engine.progress.close()
         wall += stats["seconds"]
         losses = stats["train_loss_per_module"]
         train_loss = losses[-1]  # None: the last module made no step (async: it was done early)
@@ -184,7 +189,7 @@ def fit(job: dict, data: Dataset, checkpoint: Callable[[dict], None] | None = No
         epochs.append(record)
         save(epoch)  # before the progress line, which thus means: this epoch is safe
         if engine.is_main:
-            _print_progress(key, job["train"]["epochs"], record)
+            print(progress.epoch_line(key.name, job["train"]["epochs"], record), file=sys.stderr, flush=True)
         if stop is not None and stop.is_set():  # asked after the last step had looked
             raise Terminated(f"stopped by SIGTERM after epoch {epoch}")
     engine.close()
@@ -201,22 +206,11 @@ def fit(job: dict, data: Dataset, checkpoint: Callable[[dict], None] | None = No
 
 
 def _print_split(key: RunKey, split: dict) -> None:
-    line = f"[{key.name}] layers per module {split['counts']}"
+    line = f"{progress.stamp()} [{key.name}] layers per module {split['counts']}"
     if "stage_s" in split:
         stages = ", ".join(f"{1000 * s:.1f}" for s in split["stage_s"])
         line += f" (balanced: predicted stage costs {stages} ms, imbalance {split['imbalance']:.2f}; even split {split['even_imbalance']:.2f})"
     print(line, file=sys.stderr, flush=True)
-
-
-def _print_progress(key: RunKey, total: int, r: dict) -> None:
-    heads = "/".join(f"{100 * a:.1f}" for a in r["test_acc_per_module"])
-    parallel = f" (simulated parallel {r['sim_time_s']:.1f} s so far)" if "sim_time_s" in r else ""
-    print(
-        f"[{key.name}] epoch {r['epoch']}/{total}  train loss {'(done)' if r['train_loss'] is None else format(r['train_loss'], '.4f')}  "
-        f"test acc {100 * r['test_acc']:.2f}% (heads {heads})  {r['epoch_time_s']:.1f} s{parallel}  {r['images_per_s']:.0f} img/s",
-        file=sys.stderr,
-        flush=True,
-    )
 
 
 def epoch_metrics(record: dict) -> dict[str, float]:
@@ -271,7 +265,7 @@ def run_job(job: dict, data_path: str | Path, out_dir: str | Path, experiment: d
     run = ChildRun.reopen(experiment, resume["mlflow_run_id"], resume["epoch"]) if resume is not None else None
     if run is None:
         run_tags = {"method": key.method, "mode": key.mode, "K": str(key.K), "variant": key.variant, "seed": str(key.seed), "dataset": data.name, **tags}
-        run = ChildRun.start(experiment, key.name, flatten(job), run_tags)
+        run = ChildRun.start(experiment, key.run_name, flatten(job), run_tags)
     else:  # epochs the killed attempt finished but had not logged yet
         logged = run.logged_steps("test_acc")
         for record in resume["epochs"]:

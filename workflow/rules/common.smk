@@ -2,6 +2,8 @@
 # imported from src/ so that the workflow and the CLI agree on every job; it needs only
 # pyyaml and jsonschema, which Snakemake itself depends on.
 import json
+import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -13,6 +15,7 @@ REPO = Path(workflow.basedir)
 sys.path.insert(0, str(REPO / "src"))
 
 from decoupled import grid as decoupled_grid  # noqa: E402
+from decoupled.code_version import training_code_hash  # noqa: E402
 from decoupled.config import describe  # noqa: E402
 from decoupled.errors import UserError  # noqa: E402
 from decoupled.layout import FIGURE_FORMATS, FIGURE_NAMES, TABLE_FORMATS, TABLE_NAMES  # noqa: E402
@@ -29,6 +32,15 @@ patch_status_query()
 _prefix = ["set -euo pipefail;", f'export PYTHONPATH="{REPO / "src"}${{{{PYTHONPATH:+:$PYTHONPATH}}}}" MLFLOW_DISABLE_TELEMETRY=true;']
 if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
     _prefix.append(f'export PATH="{Path(sys.executable).parent}:$PATH";')
+# The experiment config, for the parent run's params (rule init_tracking); in the environment,
+# not a param, so that a config change does not re-run init_tracking and with it every job.
+_prefix.append(
+    f"export DECOUPLED_EXPERIMENT_CONFIG={shlex.quote(json.dumps(config, sort_keys=True))};".replace("{", "{{").replace("}", "}}")
+)
+# Snakemake in a terminal: each job draws its progress bar there, not into its log (see
+# decoupled/progress.py).
+if sys.stderr.isatty() and "DECOUPLED_PROGRESS" not in os.environ:
+    _prefix.append("export DECOUPLED_PROGRESS=tty;")
 shell.prefix(" ".join(_prefix) + " ")
 
 try:
@@ -66,6 +78,12 @@ def run_key(wildcards):
 def job_json(wildcards):
     """The resolved config of one job, as the JSON string its CLI call takes."""
     return json.dumps(decoupled_grid.job_config(config, run_key(wildcards)), sort_keys=True)
+
+
+def training_code(wildcards):
+    """A hash of the package code a training job runs (shared code + its method's files): a
+    param, so that editing that code re-runs the job (see decoupled/code_version.py)."""
+    return training_code_hash(wildcards.method)
 
 
 def job_threads(wildcards):

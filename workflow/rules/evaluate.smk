@@ -5,12 +5,12 @@ rule evaluate:
         checkpoint=f"{RUN_DIR}/checkpoint.pt",
     output:
         f"{RUN_DIR}/eval.json",
-    params:
-        run_dir=lambda wildcards, input: Path(input.checkpoint).parent,
     log:
         f"{RESULTS}/logs/evaluate/{{method}}_{{mode}}_K{{K}}_{{variant}}_seed{{seed}}.log",
     conda:
         "../../envs/train.yaml"
+    params:
+        run_dir=lambda wildcards, input: Path(input.checkpoint).parent,
     shell:
         "python -m decoupled evaluate --run {params.run_dir} --data {input.data} --tracking {input.tracking}"
         " --out {output} 2>&1 | tee {log}"

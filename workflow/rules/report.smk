@@ -1,5 +1,7 @@
 # The plot code is an input, so editing it re-runs this rule alone: training outputs do not
-# depend on it.
+# depend on it. The experiment config is a param: the parent run carries the config the
+# report was made from (a changed config gets a parent run of its own, see
+# decoupled/tracking.py), so a config change re-runs the report.
 rule report:
     input:
         metrics=expand("{run}/metrics.json", run=run_dirs()),
@@ -9,16 +11,17 @@ rule report:
     output:
         tables=for_report(report_tables(), "Tables", "table"),
         figures=for_report(report_figures(), "Figures", "figure"),
+    log:
+        f"{RESULTS}/logs/report.log",
+    conda:
+        "../../envs/report.yaml"
     params:
         runs=run_dirs(),
         tables=lambda wildcards, output: Path(output.tables[0]).parent,
         figures=lambda wildcards, output: Path(output.figures[0]).parent,
         target_accuracy=config["report"]["target_accuracy"],
-    log:
-        f"{RESULTS}/logs/report.log",
-    conda:
-        "../../envs/report.yaml"
+        config=json.dumps(config, sort_keys=True),
     shell:
         "python -m decoupled report --runs {params.runs} --tables {params.tables} --figures {params.figures}"
         " --target-accuracy {params.target_accuracy}"
-        " --tracking {input.tracking} 2>&1 | tee {log}"
+        " --tracking {input.tracking} --config-json {params.config:q} 2>&1 | tee {log}"

@@ -6,18 +6,19 @@ rule train:
         checkpoint=f"{RUN_DIR}/checkpoint.pt",
         metrics=f"{RUN_DIR}/metrics.json",
         config=f"{RUN_DIR}/config.json",
-    params:
-        job=job_json,
-        tags=run_tags,
-        run_dir=lambda wildcards, output: Path(output.metrics).parent,
-        launcher=launcher,
-    threads: job_threads
-    resources:
-        gpu=job_gpus,
     log:
         f"{RESULTS}/logs/train/{{method}}_{{mode}}_K{{K}}_{{variant}}_seed{{seed}}.log",
     conda:
         "../../envs/train.yaml"
+    threads: job_threads
+    resources:
+        gpu=job_gpus,
+    params:
+        job=job_json,
+        code=training_code,
+        tags=run_tags,
+        run_dir=lambda wildcards, output: Path(output.metrics).parent,
+        launcher=launcher,
     shell:
         "{params.launcher} train --job-json {params.job:q} --data {input.data} --tracking {input.tracking}"
         " --out {params.run_dir} {params.tags} 2>&1 | tee {log}"

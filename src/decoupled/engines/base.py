@@ -7,6 +7,7 @@ over several processes, overrides them.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 
@@ -43,6 +44,9 @@ class Engine:
     # resumes inside the epoch; the distributed engine does not look at it.
     stop: StopRequest | None = None
     partial: dict | None = None
+    # Set by train.fit on the main process when a progress bar is shown: called as
+    # progress(done, total) as the epoch advances, in the engine's own steps.
+    progress: Callable[[int, int], None] | None = None
 
     @contextlib.contextmanager
     def _stoppable(self):

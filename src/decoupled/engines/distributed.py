@@ -150,7 +150,7 @@ class DistributedEngine(Engine):
     def run_epoch(self) -> dict:
         self.method.net.train()
         self._start_epoch_tally()
-        steps_before = self.steps
+        steps_before = self.epoch_first_step = self.steps
         waits_before, bytes_before = self._outbox_wait(), self._bytes_sent()
         start = time.perf_counter()
         if not self.asynchronous:
@@ -319,6 +319,8 @@ class DistributedEngine(Engine):
         if input_grad is not None and self.to_prev is not None:
             self.to_prev.send(DATA, self.steps, [input_grad])
         self.steps += 1
+        if self.progress is not None:  # the main worker's (module 0's) steps
+            self.progress(self.steps - self.epoch_first_step, self.steps_per_epoch)
 
     def _slow_down(self, start: float) -> float:
         """Close a piece of work begun at ``start``: a slowed worker's work takes S times as long.

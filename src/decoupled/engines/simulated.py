@@ -62,6 +62,8 @@ class SimulatedEngine(Engine):
                         self._send_gradient(k - 1, self.step, input_grad, ready)
                 self._deliver_gradients()
                 self.step += 1
+                if self.progress is not None:
+                    self.progress(done + 1, self.steps_per_epoch)
         seconds = seconds_before + time.perf_counter() - start
         return {
             "train_loss_per_module": losses.means(),

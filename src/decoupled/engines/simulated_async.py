@@ -94,6 +94,8 @@ class AsyncSimulator(Engine):
                 k = ticks[i] if ticks is not None else self.schedule.next()
                 i += 1
                 losses.add(k, self.worker_tick(k))
+                if self.progress is not None:  # ticks, or the slowest module's updates
+                    self.progress(*((i, len(ticks)) if ticks is not None else (min(self.steps) - min(steps_before), target - min(steps_before))))
         self.epochs_done += 1
         seconds = seconds_before + time.perf_counter() - start
         steps = [a - b for a, b in zip(self.steps, steps_before)]

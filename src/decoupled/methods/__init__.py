@@ -19,6 +19,19 @@ USES_BETA = {"fdg"}  # grid.beta sweeps these methods only
 # pass locked: one step per boundary. FDG (ZHUANGHP/FDG) unlocks it too: a module forwards what
 # the one below produced a step earlier, so a gradient needs two steps per boundary.
 GRADIENT_DELAY = {"ddg": 1, "fdg": 2}
+# Settings that only some methods read, with the methods that read them. A job's config keeps
+# them for those methods only, so that its MLflow params show, and a change to them re-runs,
+# only what applies to it. (Every other train setting applies to every method; the async
+# section applies to async jobs only, train.gradient_delay to sync jobs only.)
+SETTINGS_OF = {
+    "train.probe_heads": {"backprop", "dni", "cdni", "ddg", "fdg"},  # no aux loss of their own to train the heads
+    "train.beta": USES_BETA,
+    "train.gradient_delay": set(GRADIENT_DELAY),
+    "train.delayed_grad_weights": {"ddg", "fdg"},
+    "train.synth_label_input": {"cdni"},
+    **{f"train.synth_{name}": {"dni", "cdni"} for name in ("hidden", "lr", "layers", "kernel", "batchnorm", "target", "zero_bias")},
+    "async.max_reuse": {"dgl"},  # the methods whose inputs come from a replay buffer (input_buffer "replay")
+}
 
 
 def get(name: str):

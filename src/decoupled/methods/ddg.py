@@ -39,7 +39,7 @@ class DDG(Method):
 
     def __init__(self, net, train_cfg, total_steps):
         super().__init__(net, train_cfg, total_steps)
-        delay = train_cfg["gradient_delay"]
+        delay = train_cfg.get("gradient_delay")  # absent in async mode, where the engine's queues delay gradients
         self.delay_per_boundary = GRADIENT_DELAY[self.name] if delay is None else delay
         self.at_current_weights = train_cfg["delayed_grad_weights"] == "current"
         self.probe_heads = train_cfg["probe_heads"]

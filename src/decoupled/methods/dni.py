@@ -74,7 +74,7 @@ class DNI(Method):
             pairs.append(make_optimizer(params, train_cfg, total_steps))
         self.optimizers = [o for o, _ in pairs]
         self.schedulers = [s for _, s in pairs]
-        label = {"classes": self.num_classes if self.conditioned else 0, "label_input": train_cfg["synth_label_input"]}
+        label = {"classes": self.num_classes, "label_input": train_cfg["synth_label_input"]} if self.conditioned else {"classes": 0, "label_input": "maps"}
         channels = [block_out_channels(b) for b in net.blocks[:-1]]
         shape = {k: train_cfg[f"synth_{k}"] for k in ("layers", "kernel", "batchnorm", "zero_bias")}
         self.per_sample = train_cfg["synth_target"] == "per_sample"

@@ -1,0 +1,226 @@
+"""The real MLflow UI, in a headless Debian chromium driven by Playwright, shows this project's
+runs: an experiment's child runs on the classic runs table ("Model training"), by names whose
+visible part tells them apart.
+
+MLflow 3.17's UI opens an experiment on its GenAI pages by default. Which side it opens on is
+the UI's global "workflow type" (GenAI | Model training): the ``workflowType`` URL parameter,
+else the browser's localStorage (``mlflow.workflowType_v1``), else ``genai``. The
+``mlflow.experimentKind`` experiment tag is not read for this (the bundle's
+``useExperimentKind`` still has its tag-reading branch, but an always-true flag makes it
+return the kind derived from the workflow type), so the link this project prints carries
+``?workflowType=machine_learning`` (``tracking.runs_page``);
+``test_plain_experiment_url_opens_genai_view`` shows that without it, tag or not, the page
+lands elsewhere.
+
+The browser is Debian's ``chromium`` package (never ``playwright install``); the driver is
+the ``playwright`` wheel. Without either the tests skip, naming what is missing (in CI,
+DECOUPLED_REQUIRE_ALL_TESTS=1, that skip fails).
+"""
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from conftest import REPO
+from decoupled import config, grid
+from decoupled.tracking import EXPERIMENT_TAGS, runs_page
+
+# The real binary; /usr/bin/chromium is Debian's shell wrapper around it.
+CHROMIUM_CANDIDATES = ("/usr/lib/chromium/chromium", "chromium", "chromium-browser")
+SERVER_WAIT_S = 60
+PAGE_WAIT_MS = 30_000
+
+PARENT = "smoke"
+# the smoke experiment's child runs, by the names this project gives them
+CHILDREN = tuple(key.run_name for key in grid.runs(config.load(REPO / "config/smoke.yaml")))
+
+
+def _chromium() -> str | None:
+    for name in CHROMIUM_CANDIDATES:
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _make_experiment(client, name: str, tags: dict) -> str:
+    experiment_id = client.create_experiment(name, tags=tags)
+    parent = client.create_run(experiment_id, run_name=PARENT).info.run_id
+    for child in CHILDREN:
+        run = client.create_run(experiment_id, run_name=child, tags={"mlflow.parentRunId": parent}).info.run_id
+        client.log_metric(run, "test_accuracy", 0.5)
+        client.set_terminated(run)
+    client.set_terminated(parent)
+    return experiment_id
+
+
+@pytest.fixture(scope="module")
+def mlflow_ui(tmp_path_factory):
+    """An ``mlflow ui`` on a fresh SQLite store: its URL and the ids of two experiments alike
+    but for the experiment-kind tag. Stopped (its process group, by id) when the module's tests end."""
+    from mlflow import MlflowClient
+
+    folder = tmp_path_factory.mktemp("mlflow-ui")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiments = {
+        "tagged": _make_experiment(client, "tagged", EXPERIMENT_TAGS),
+        "untagged": _make_experiment(client, "untagged", {}),
+    }
+    port = _free_port()
+    log = open(folder / "server.log", "w")
+    # One worker, not the default 4: it starts in half the time.
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    server = subprocess.Popen(
+        command,
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}, stdout=log, stderr=subprocess.STDOUT, cwd=folder,
+        start_new_session=True,  # its own process group: its uvicorn worker is stopped with it
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + SERVER_WAIT_S
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                log.flush()
+                pytest.fail(f"mlflow ui did not answer on {url} within {SERVER_WAIT_S} s:\n{(folder / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.3)
+        yield url, experiments
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)  # the process group this fixture started, by its id
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            server.wait(15)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)  # whatever of it is left
+        server.wait(5)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    chromium = _chromium()
+    if chromium is None:
+        pytest.skip("chromium not found (Debian's chromium package: apt-get install chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright not installed (pip install playwright; its browser is Debian's chromium)")
+    with sync_playwright() as pw:
+        launched = pw.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
+        try:
+            yield launched
+        finally:
+            launched.close()
+
+
+@pytest.fixture
+def page(browser):
+    """A fresh browser context each test: no workflow type remembered in localStorage."""
+    context = browser.new_context(viewport={"width": 1600, "height": 1000})
+    try:
+        yield context.new_page()
+    finally:
+        context.close()
+
+
+# How much of a run name its cell shows: the characters that end left of the cell's clip edge
+# (less the width of the ellipsis drawn when the name is cut).
+_VISIBLE_TEXT_JS = """el => {
+  const node = el.firstChild, text = el.textContent;
+  let right = Infinity;
+  for (let a = el.parentElement; a; a = a.parentElement) {
+    const style = getComputedStyle(a);
+    if (style.overflowX !== 'visible' || a.classList.contains('ag-cell')) right = Math.min(right, a.getBoundingClientRect().right);
+    if (a.classList.contains('ag-cell')) break;
+  }
+  const range = document.createRange();
+  range.selectNodeContents(node);
+  const cut = range.getBoundingClientRect().right > right + 0.5;
+  if (cut) {
+    const ctx = document.createElement('canvas').getContext('2d');
+    ctx.font = getComputedStyle(el).font;
+    right -= ctx.measureText('\u2026').width;
+  }
+  let visible = 0;
+  for (let i = 1; i <= text.length; i++) {
+    range.setStart(node, 0); range.setEnd(node, i);
+    if (range.getBoundingClientRect().right > right + 0.5) break;
+    visible = i;
+  }
+  return {text: text, visible: visible, cut: cut, ellipsis: getComputedStyle(el).textOverflow};
+}"""
+
+
+def _open_child_runs(page, ui: str, experiment_id: str) -> dict:
+    """Open the experiment's runs table, unfold the parent run; its child runs' name links."""
+    page.goto(runs_page(ui, experiment_id))
+    page.wait_for_url(re.compile(rf"#/experiments/{experiment_id}/\w"), timeout=PAGE_WAIT_MS)  # a view chosen
+    assert f"#/experiments/{experiment_id}/runs" in page.url, f"not the runs table: {page.url}"
+    parent = _run_name(page, PARENT)
+    parent.wait_for(timeout=PAGE_WAIT_MS)
+    # Child runs sit folded under their parent: unfold it.
+    page.locator("[role=row]", has=parent).locator('[data-component-id*="runnamecellrenderer"]').first.click()
+    children = {name: _run_name(page, name) for name in CHILDREN}
+    for link in children.values():
+        link.wait_for(timeout=PAGE_WAIT_MS)
+    return children
+
+
+def _run_name(page, name: str):
+    # the whole name: a sync run's ("dgl K2 s0") begins its async variants' ("dgl K2 s0 S1_B4")
+    return page.locator('[role=gridcell][col-id="attributes.`Run Name`"] a', has_text=re.compile(rf"^{re.escape(name)}$")).first
+
+
+def test_runs_view_url_lists_child_runs(page, mlflow_ui):
+    url, experiments = mlflow_ui
+    children = _open_child_runs(page, url, experiments["tagged"])
+    for name, link in children.items():
+        assert link.inner_text() == name  # the full name, in its link to the run
+        assert link.get_attribute("href").startswith(f"#/experiments/{experiments['tagged']}/runs/")
+
+
+def test_the_visible_part_of_each_run_name_tells_the_runs_apart(page, mlflow_ui):
+    """MLflow 3.17 gives Run Name a 190 px column (its initialWidth; a user can drag it wider,
+    nothing sets it), where a child run shows ~14 characters and an ellipsis: what the
+    names show there must differ from run to run (the old `dgl-async-K3-S…` did not)."""
+    url, experiments = mlflow_ui
+    children = _open_child_runs(page, url, experiments["tagged"])
+    shown = {name: link.locator("span").first.evaluate(_VISIBLE_TEXT_JS) for name, link in children.items()}
+    for name, seen in shown.items():
+        assert seen["text"] == name
+    visible = {name: name[: seen["visible"]] for name, seen in shown.items()}
+    assert len(set(visible.values())) == len(CHILDREN), f"runs that look alike in the list: {visible}"
+
+
+def test_plain_experiment_url_opens_genai_view(page, mlflow_ui):
+    """The negative control: without ``workflowType`` the page is not the runs table, whether the
+    experiment has the experiment-kind tag or not; so the parameter is what matters."""
+    url, experiments = mlflow_ui
+    for which, experiment_id in experiments.items():
+        page.goto(f"{url}/#/experiments/{experiment_id}")
+        page.wait_for_url("**workflowType=**", timeout=PAGE_WAIT_MS)  # the UI picked a default view
+        assert "workflowType=genai" in page.url and "/runs" not in page.url, (
+            f"{which} experiment: {page.url} - the plain experiment URL now opens the runs view; "
+            "runs_page's workflowType parameter may no longer be needed"
+        )
