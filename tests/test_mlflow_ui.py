@@ -69,19 +69,10 @@ def _make_experiment(client, name: str, tags: dict) -> str:
     return experiment_id
 
 
-@pytest.fixture(scope="module")
-def mlflow_ui(tmp_path_factory):
-    """An ``mlflow ui`` on a fresh SQLite store: its URL and the ids of two experiments alike
-    but for the experiment-kind tag. Stopped (its process group, by id) when the module's tests end."""
-    from mlflow import MlflowClient
-
-    folder = tmp_path_factory.mktemp("mlflow-ui")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=uri)
-    experiments = {
-        "tagged": _make_experiment(client, "tagged", EXPERIMENT_TAGS),
-        "untagged": _make_experiment(client, "untagged", {}),
-    }
+@contextlib.contextmanager
+def serve_ui(uri: str, folder):
+    """An ``mlflow ui`` on the store ``uri``, its log in ``folder``: its URL while the block runs.
+    Stopped (its process group, by id) when the block ends."""
     port = _free_port()
     log = open(folder / "server.log", "w")
     # One worker, not the default 4: it starts in half the time.
@@ -105,16 +96,33 @@ def mlflow_ui(tmp_path_factory):
                 log.flush()
                 pytest.fail(f"mlflow ui did not answer on {url} within {SERVER_WAIT_S} s:\n{(folder / 'server.log').read_text()[-3000:]}")
             time.sleep(0.3)
-        yield url, experiments
+        yield url
     finally:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGTERM)  # the process group this fixture started, by its id
+            os.killpg(server.pid, signal.SIGTERM)  # the process group this started, by its id
         with contextlib.suppress(subprocess.TimeoutExpired):
             server.wait(15)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(server.pid, signal.SIGKILL)  # whatever of it is left
         server.wait(5)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def mlflow_ui(tmp_path_factory):
+    """An ``mlflow ui`` on a fresh SQLite store: its URL and the ids of two experiments alike
+    but for the experiment-kind tag."""
+    from mlflow import MlflowClient
+
+    folder = tmp_path_factory.mktemp("mlflow-ui")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiments = {
+        "tagged": _make_experiment(client, "tagged", EXPERIMENT_TAGS),
+        "untagged": _make_experiment(client, "untagged", {}),
+    }
+    with serve_ui(uri, folder) as url:
+        yield url, experiments
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pandas as pd
@@ -13,6 +14,7 @@ import pytest
 import yaml
 
 from conftest import REPO, needs_fashion_mnist
+from test_mlflow_ui import serve_ui
 
 def snakemake(workdir: Path, *args, configfile="config/smoke.yaml", snakefile=None):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
@@ -237,6 +239,9 @@ def test_a_copied_results_folder_works_on_its_own(smoke, tmp_path):
         [child] = client.search_runs([experiment.experiment_id], "tags.method = 'dgl' and tags.mode = 'sync' and tags.seed = '0'")
         assert child.info.artifact_uri.startswith((copy / "results/mlflow/artifacts").as_uri())
         assert json.loads((Path(client.download_artifacts(child.info.run_id, "eval.json", str(tmp_path)))).read_text())["method"] == "dgl"
+        with serve_ui(f"sqlite:///{copy}/results/mlflow/mlflow.db", tmp_path) as ui:  # what the UI's artifact view fetches
+            with urllib.request.urlopen(f"{ui}/get-artifact?path=eval.json&run_uuid={child.info.run_id}", timeout=30) as answer:
+                assert json.loads(answer.read())["method"] == "dgl"
         plot_code = copy / "src/decoupled/report/tables.py"
         plot_code.write_text(plot_code.read_text() + "\n# edited in the copy\n")
         again = snakemake(copy)
