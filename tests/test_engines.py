@@ -195,3 +195,5 @@ def test_an_engine_reports_its_progress_through_the_epoch(mode, budget):
             assert seen == [(s, 8) for s in range(1, 9)]  # one call per batch of the 8 per epoch
         elif budget == "updates":
             assert seen[-1] == (8, 8)  # the slowest module's updates, of the epoch's 8
+        else:
+            assert seen == [(i, len(seen)) for i in range(1, len(seen) + 1)]  # one per tick of the epoch's schedule
