@@ -24,7 +24,7 @@ from decoupled.optim import make_optimizer
 class Synthesizer(nn.Module):
     """Resolution-preserving convolutions from the activations to a gradient of their shape.
 
-    cDNI conditions on the label (``classes`` > 0; DNI passes 0) as ``label_input`` says:
+    cDNI conditions on the label (``classes`` > 0; DNI passes 0 and None) as ``label_input`` says:
     ``maps``, one-hot label maps as extra input channels (which act as a learned per-class bias
     of the first conv); or ``linear``, a linear map of the one-hot label added to the first
     conv's output, before its BatchNorm (the DGL code's ``dni_comparisons/``, from
@@ -32,7 +32,7 @@ class Synthesizer(nn.Module):
     """
 
     def __init__(self, channels: int, hidden: int, *, layers: int, kernel: int, batchnorm: bool, zero_bias: bool,
-                 classes: int, label_input: str):
+                 classes: int, label_input: str | None):
         super().__init__()
         self.label_maps = classes if label_input == "maps" else 0
         self.first = nn.Conv2d(channels + self.label_maps, hidden, kernel, padding=kernel // 2)
@@ -74,7 +74,7 @@ class DNI(Method):
             pairs.append(make_optimizer(params, train_cfg, total_steps))
         self.optimizers = [o for o, _ in pairs]
         self.schedulers = [s for _, s in pairs]
-        label = {"classes": self.num_classes, "label_input": train_cfg["synth_label_input"]} if self.conditioned else {"classes": 0, "label_input": "maps"}
+        label = {"classes": self.num_classes, "label_input": train_cfg["synth_label_input"]} if self.conditioned else {"classes": 0, "label_input": None}
         channels = [block_out_channels(b) for b in net.blocks[:-1]]
         shape = {k: train_cfg[f"synth_{k}"] for k in ("layers", "kernel", "batchnorm", "zero_bias")}
         self.per_sample = train_cfg["synth_target"] == "per_sample"
