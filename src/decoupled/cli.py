@@ -8,6 +8,7 @@ and exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -298,6 +299,10 @@ def main(argv: list[str] | None = None) -> int:
         except BrokenPipeError:  # e.g. a SIGTERM to the whole job stopped the `tee` we write to
             pass
         return getattr(e, "exit_code", 2)  # 75 for a terminated job that may be run again
+    except KeyboardInterrupt:  # Ctrl-C: the job has cleaned up (a training job: its run FAILED, "interrupted")
+        with contextlib.suppress(BrokenPipeError):
+            print("decoupled: interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports it
     return 0
 
 

@@ -159,6 +159,9 @@ def job_config(config: dict[str, Any], key: RunKey) -> dict[str, Any]:
     known = method_names()
     if key.method not in known:
         raise UserError(f"unknown method '{key.method}' (known: {', '.join(known)})")
+    for name in config.get("overrides", {}):
+        if name not in known:  # a misspelt method's settings would be ignored without a word
+            raise UserError(f"config key 'overrides.{name}': unknown method '{name}' (known: {', '.join(known)})")
     if key.mode == "async" and key.method in SYNC_ONLY:
         raise UserError(f"method '{key.method}' has no async mode")
     shared = {k: v for k, v in config.items() if k not in NOT_JOB_SETTINGS}

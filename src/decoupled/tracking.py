@@ -284,6 +284,20 @@ class ChildRun:
         run.set_tag("resumed_after_epoch", str(after_epoch))
         return run
 
+    @classmethod
+    def abandon(cls, experiment: dict[str, str], run_id: str, why: str) -> None:
+        """Mark the run of an attempt that no attempt will go on with FAILED, saying why (if it
+        is still in this experiment's store and not ended)."""
+        from mlflow.exceptions import MlflowException
+
+        client = _client(experiment["tracking_uri"])
+        try:
+            stored = client.get_run(run_id)
+        except MlflowException:
+            return
+        if stored.info.experiment_id == experiment["experiment_id"] and stored.info.status in ("RUNNING", "SCHEDULED"):
+            cls(experiment, run_id).fail(why)
+
     def logged_steps(self, metric: str) -> set[int]:
         return {m.step for m in self.client.get_metric_history(self.run_id, metric)}
 

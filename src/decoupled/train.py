@@ -254,7 +254,8 @@ def run_job(job: dict, data_path: str | Path, out_dir: str | Path, experiment: d
     out_dir = Path(out_dir)
     key = run_key(job)
     data = load_prepared(data_path)  # input problems surface before any run or file exists
-    resume = load_resume(out_dir, job)
+    abandoned: list[str] = []
+    resume = load_resume(out_dir, job, abandoned)
     if job["engine"] == "distributed" and int(os.environ.get("RANK", "0")) != 0:
         # worker k > 0: it trains its module; worker 0 logs, checkpoints and writes the outputs
         return fit(job, data, checkpoint=lambda state: None, resume=resume)
@@ -262,6 +263,8 @@ def run_job(job: dict, data_path: str | Path, out_dir: str | Path, experiment: d
         from decoupled.tracking import init_experiment
 
         experiment = init_experiment(job)
+    for run_id in abandoned:  # its run would stay RUNNING for ever
+        ChildRun.abandon(experiment, run_id, f"abandoned: {key.name} was run again with another configuration, in a new run")
     run = ChildRun.reopen(experiment, resume["mlflow_run_id"], resume["epoch"]) if resume is not None else None
     if run is None:
         run_tags = {"method": key.method, "mode": key.mode, "K": str(key.K), "variant": key.variant, "seed": str(key.seed), "dataset": data.name, **tags}
@@ -319,15 +322,16 @@ def run_job(job: dict, data_path: str | Path, out_dir: str | Path, experiment: d
             resume_path.unlink(missing_ok=True)
         elif isinstance(e, Terminated) and resume_path.exists():
             e.args = (f"{key.name}: {e}; a rerun resumes from {resume_path}",)
-        run.fail(f"{type(e).__name__}: {e}")
+        run.fail("interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}")
         raise
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
     return metrics
 
 
-def load_resume(out_dir: Path, job: dict) -> dict | None:
-    """The state a previous attempt of this very job left in ``out_dir``, or None to start afresh."""
+def load_resume(out_dir: Path, job: dict, abandoned: list[str] | None = None) -> dict | None:
+    """The state a previous attempt of this very job left in ``out_dir``, or None to start afresh.
+    The MLflow run of an attempt that was another configuration of the job goes in ``abandoned``."""
     path = out_dir / RESUME_FILE
     if not path.is_file():
         return None
@@ -338,6 +342,8 @@ def load_resume(out_dir: Path, job: dict) -> dict | None:
         print(f"[{name}] ignoring {path} ({type(e).__name__}): starting afresh", file=sys.stderr, flush=True)
         return None
     if state.get("job") != job:
+        if abandoned is not None and state.get("mlflow_run_id"):
+            abandoned.append(state["mlflow_run_id"])
         print(f"[{name}] ignoring {path}: it was written for another configuration of this job; starting afresh", file=sys.stderr, flush=True)
         return None
     return state

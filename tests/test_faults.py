@@ -1,0 +1,75 @@
+"""Faults a careless or unlucky user meets, each run through the real code: one line, the exit
+code, and no MLflow run left RUNNING."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from conftest import REPO
+from decoupled import config, grid, tracking
+from decoupled.errors import UserError
+
+
+def test_a_misspelt_method_under_overrides_is_an_error_not_ignored(tmp_path):
+    cfg = yaml.safe_load((REPO / "config/smoke.yaml").read_text())
+    cfg["overrides"] = {"dgll": {"train": {"lr": 0.1}}}
+    with pytest.raises(UserError, match=r"^config key 'overrides.dgll': unknown method 'dgll' \(known: backprop, cdni, ddg, dgl, dni, fdg\)$"):
+        grid.runs(config.validate(cfg))
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    result = subprocess.run([sys.executable, "-m", "decoupled", "train", "--config", "c.yaml", "--method", "dgl", "--K", "2", "--seed", "0",
+                             "--data", "x.pt", "--out", "run"], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == ["decoupled: error: config key 'overrides.dgll': unknown method 'dgll' (known: backprop, cdni, ddg, dgl, dni, fdg)"]
+    assert not (tmp_path / "run").exists()
+
+
+def tiny_job(tmp_path, **train):
+    cfg = config.validate({"experiment": "faults", "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "model": {"widths": [8, 16]},
+                           "train": {"epochs": 1, "batch_size": 50, **train}, "grid": {"methods": ["dgl"], "K": [2]}})
+    return cfg, grid.job_config(cfg, grid.runs(cfg)[0])
+
+
+def test_a_resume_left_by_another_configuration_fails_its_old_run_saying_why(fashion_subset, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    from decoupled.train import RESUME_FILE, run_job
+
+    cfg, job = tiny_job(tmp_path)
+    experiment = tracking.init_experiment(cfg, described=cfg)
+    killed = tracking.ChildRun.start(experiment, "dgl K2 s0", {}, {})  # a job killed part-way: RUNNING, its resume.pt left
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.save({"job": {**job, "train": {**job["train"], "lr": 0.5}}, "mlflow_run_id": killed.run_id, "epoch": 0}, out / RESUME_FILE)
+    metrics = run_job(job, fashion_subset, out, experiment, {})
+    old, new = killed.client.get_run(killed.run_id), killed.client.get_run(metrics["mlflow_run_id"])
+    assert old.info.status == "FAILED" and "run again with another configuration" in old.data.tags["error"]
+    assert new.info.status == "FINISHED" and new.info.run_id != old.info.run_id
+
+
+def test_ctrl_c_is_one_line_and_fails_the_run(fashion_subset, tmp_path):
+    cfg = {"experiment": "faults", "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "model": {"widths": [16, 32]},
+           "train": {"epochs": 50, "batch_size": 8}, "grid": {"methods": ["dgl"], "K": [2]}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    job = subprocess.Popen([sys.executable, "-m", "decoupled", "train", "--config", "c.yaml", "--method", "dgl", "--K", "2", "--seed", "0",
+                            "--data", str(fashion_subset), "--out", "run"], stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
+    lines = []
+    for line in job.stderr:  # wait for the first epoch, then press Ctrl-C
+        lines.append(line)
+        if "epoch 1/50" in line:
+            job.send_signal(signal.SIGINT)
+            break
+    rest = job.stderr.read()
+    assert job.wait(timeout=120) == 130
+    assert rest.strip().splitlines() == ["decoupled: interrupted"] or rest.strip().splitlines()[-1:] == ["decoupled: interrupted"], rest
+    assert "Traceback" not in rest
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(cfg["tracking_uri"])
+    [run] = client.search_runs([client.get_experiment_by_name("faults").experiment_id], "tags.`decoupled.role` = 'child'")
+    assert run.info.status == "FAILED" and run.data.tags["error"] == "interrupted (Ctrl-C)"
+    assert (tmp_path / "run" / "resume.pt").is_file() and not (tmp_path / "run" / "metrics.json").exists()  # a rerun resumes
