@@ -73,3 +73,38 @@ def test_ctrl_c_is_one_line_and_fails_the_run(fashion_subset, tmp_path):
     [run] = client.search_runs([client.get_experiment_by_name("faults").experiment_id], "tags.`decoupled.role` = 'child'")
     assert run.info.status == "FAILED" and run.data.tags["error"] == "interrupted (Ctrl-C)"
     assert (tmp_path / "run" / "resume.pt").is_file() and not (tmp_path / "run" / "metrics.json").exists()  # a rerun resumes
+
+
+def test_an_unreachable_tracking_server_fails_at_once_in_one_line(tmp_path):
+    import time
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": "http://127.0.0.1:1"}
+    began = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "decoupled", "init-tracking", "--experiment", "e", "--out", "t.json"],
+                            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert time.monotonic() - began < 30
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == ["decoupled: error: tracking_uri http://127.0.0.1:1: cannot reach the MLflow server ([Errno 111] Connection refused)"]
+    assert not (tmp_path / "t.json").exists()
+
+
+def test_a_batch_larger_than_the_data_leaves_no_run(fashion_subset, tmp_path):
+    cfg = {"experiment": "faults", "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "train": {"batch_size": 100000}, "grid": {"methods": ["dgl"], "K": [2]}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    result = subprocess.run([sys.executable, "-m", "decoupled", "train", "--config", "c.yaml", "--method", "dgl", "--K", "2", "--seed", "0",
+                             "--data", str(fashion_subset), "--out", "run"], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == ["decoupled: error: config key 'train.batch_size': 100000 exceeds the 2000 training images"]
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "run").exists()  # no store, no FAILED run, no outputs
+
+
+def test_a_damaged_prepared_file_says_to_delete_it(tmp_path):
+    from decoupled.data import load_prepared
+
+    (tmp_path / "fashion_mnist.pt").write_bytes(b"PK\x03\x04 not what torch wrote")
+    with pytest.raises(UserError) as caught:
+        load_prepared(tmp_path / "fashion_mnist.pt")
+    message = str(caught.value)
+    assert message.startswith(f"{tmp_path / 'fashion_mnist.pt'} is not a prepared dataset file") and message.endswith("delete it to have it prepared again")
+    assert "weights_only" not in message and "\n" not in message

@@ -184,23 +184,25 @@ def load_prepared(path: str | Path) -> Dataset:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"prepared dataset not found: {path}")
+    # The workflow does not rebuild a file that exists: say how to have it rebuilt.
+    again = "delete it to have it prepared again"
     try:
         # weights_only: a prepared file holds only tensors and plain values, so nothing in it
         # needs (or may) run code when loaded.
         stored = torch.load(path, weights_only=True)
-    except Exception as e:  # torch raises several types for a file that is not its own
-        raise UserError(f"{path} is not a prepared dataset file: {_first_line(e)}") from None
+    except Exception as e:  # torch raises several types for a file that is not its own (its message: advice on weights_only)
+        raise UserError(f"{path} is not a prepared dataset file (damaged or foreign: torch cannot read it, {type(e).__name__}); {again}") from None
     missing = [k for k in _PREPARED_KEYS if not isinstance(stored, dict) or k not in stored]
     if missing:
-        raise UserError(f"{path} is not a prepared dataset file: missing {', '.join(missing)}")
+        raise UserError(f"{path} is not a prepared dataset file: missing {', '.join(missing)}; {again}")
     for key in ("train_x", "test_x"):
         x = stored[key]
         if not (isinstance(x, Tensor) and x.dtype == torch.uint8 and x.dim() == 4):
-            raise UserError(f"{path} is not a prepared dataset file: {key} is not a uint8 (N, C, H, W) tensor")
+            raise UserError(f"{path} is not a prepared dataset file: {key} is not a uint8 (N, C, H, W) tensor; {again}")
     mean, std = stored["mean"], stored["std"]
     channels = stored["train_x"].shape[1]
     if len(mean) != channels or len(std) != channels:
-        raise UserError(f"{path} is not a prepared dataset file: mean/std do not have one value per channel ({channels})")
+        raise UserError(f"{path} is not a prepared dataset file: mean/std do not have one value per channel ({channels}); {again}")
     classes = list(stored["classes"])
     train_x = _normalize(stored["train_x"], mean, std)
     return Dataset(

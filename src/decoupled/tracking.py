@@ -116,6 +116,8 @@ def init_experiment(config: dict, described: dict | None = None) -> dict[str, st
     (``decoupled train`` without ``--tracking``) on one machine take turns instead of racing.
     """
     uri = tracking_uri(config)
+    if uri.startswith(("http://", "https://")):
+        _check_server(uri)
     db = _sqlite_path(uri)
     artifact_location = None
     if db is not None:
@@ -135,6 +137,25 @@ def init_experiment(config: dict, described: dict | None = None) -> dict[str, st
         parents = client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = 'parent'", max_results=1, order_by=["attributes.start_time DESC"])
         parent_id = parents[0].info.run_id if parents else _new_parent(client, experiment_id, name, described, "decoupled init-tracking")
     return {"tracking_uri": uri, "experiment": name, "experiment_id": experiment_id, "parent_run_id": parent_id}
+
+
+SERVER_TIMEOUT_S = float(os.environ.get("DECOUPLED_TRACKING_TIMEOUT_S", "10"))
+
+
+def _check_server(uri: str) -> None:
+    """One line, within DECOUPLED_TRACKING_TIMEOUT_S (10 s), when an MLflow server does not
+    answer, instead of the client's retries for minutes and their traceback."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=SERVER_TIMEOUT_S) as answer:
+            answer.read()
+    except urllib.error.HTTPError as e:
+        raise UserError(f"tracking_uri {uri}: the MLflow server answers {e.code} {e.reason} to /health") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise UserError(f"tracking_uri {uri}: cannot reach the MLflow server ({reason})") from None
 
 
 def _described(config: dict | None) -> dict[str, str]:

@@ -76,9 +76,7 @@ def build(job: dict, data: Dataset, split: dict | None = None):
     """
     key = run_key(job)
     train_cfg = job["train"]
-    steps_per_epoch = len(data.train_x) // train_cfg["batch_size"]
-    if steps_per_epoch == 0:
-        raise UserError(f"config key 'train.batch_size': {train_cfg['batch_size']} exceeds the {len(data.train_x)} training images")
+    steps_per_epoch = check_fits(job, data)
     distributed = job["engine"] == "distributed"
     if distributed:
         from decoupled.engines.distributed import join_workers
@@ -96,6 +94,14 @@ def build(job: dict, data: Dataset, split: dict | None = None):
     extra = {"distributed_cfg": job["distributed"], "device": device} if distributed else {}
     engine = engine_class(method, train_x, train_y, train_cfg["batch_size"], key.seed, job.get("async"), train_cfg["augment"], **extra)
     return net, method, engine, {"counts": counts, **(split_info or {})}
+
+
+def check_fits(job: dict, data: Dataset) -> int:
+    """The job's steps per epoch on ``data``; a UserError if not one batch fits."""
+    batch_size = job["train"]["batch_size"]
+    if len(data.train_x) < batch_size:
+        raise UserError(f"config key 'train.batch_size': {batch_size} exceeds the {len(data.train_x)} training images")
+    return len(data.train_x) // batch_size
 
 
 def _device(name: str) -> torch.device:
@@ -254,6 +260,7 @@ def run_job(job: dict, data_path: str | Path, out_dir: str | Path, experiment: d
     out_dir = Path(out_dir)
     key = run_key(job)
     data = load_prepared(data_path)  # input problems surface before any run or file exists
+    check_fits(job, data)
     abandoned: list[str] = []
     resume = load_resume(out_dir, job, abandoned)
     if job["engine"] == "distributed" and int(os.environ.get("RANK", "0")) != 0:
