@@ -108,3 +108,11 @@ def test_a_damaged_prepared_file_says_to_delete_it(tmp_path):
     message = str(caught.value)
     assert message.startswith(f"{tmp_path / 'fashion_mnist.pt'} is not a prepared dataset file") and message.endswith("delete it to have it prepared again")
     assert "weights_only" not in message and "\n" not in message
+
+
+def test_a_misspelt_mode_on_the_command_line_names_the_flag(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "decoupled", "train", "--config", "c.yaml", "--method", "dgl", "--mode", "asyn",
+                             "--K", "2", "--seed", "0", "--data", "x.pt", "--out", "run"], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "decoupled train: error: argument --mode: invalid choice: 'asyn' (choose from 'sync', 'async') (see decoupled train --help)"]
