@@ -260,6 +260,19 @@ def git_commit() -> str:
     return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
+def _stored_run(client, experiment: dict[str, str], run_id: str):
+    """The run ``run_id`` if the store still has it, active, in this experiment; else None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        stored = client.get_run(run_id)
+    except MlflowException:
+        return None
+    if stored.info.experiment_id != experiment["experiment_id"] or stored.info.lifecycle_stage != "active":
+        return None
+    return stored
+
+
 class ChildRun:
     """One training job's MLflow run under the experiment's parent run."""
 
@@ -286,14 +299,9 @@ class ChildRun:
     def reopen(cls, experiment: dict[str, str], run_id: str, after_epoch: int) -> "ChildRun | None":
         """The run of a job that resumes after ``after_epoch``, RUNNING again; None if the store
         no longer has it in this experiment (then the job starts a new run)."""
-        from mlflow.exceptions import MlflowException
-
         client = _client(experiment["tracking_uri"])
-        try:
-            stored = client.get_run(run_id)
-        except MlflowException:
-            return None
-        if stored.info.experiment_id != experiment["experiment_id"] or stored.info.lifecycle_stage != "active":
+        stored = _stored_run(client, experiment, run_id)
+        if stored is None:
             return None
         client.update_run(run_id, status="RUNNING")
         run = cls(experiment, run_id)
@@ -309,14 +317,8 @@ class ChildRun:
     def abandon(cls, experiment: dict[str, str], run_id: str, why: str) -> None:
         """Mark the run of an attempt that no attempt will go on with FAILED, saying why (if it
         is still in this experiment's store and not ended)."""
-        from mlflow.exceptions import MlflowException
-
-        client = _client(experiment["tracking_uri"])
-        try:
-            stored = client.get_run(run_id)
-        except MlflowException:
-            return
-        if stored.info.experiment_id == experiment["experiment_id"] and stored.info.status in ("RUNNING", "SCHEDULED"):
+        stored = _stored_run(_client(experiment["tracking_uri"]), experiment, run_id)
+        if stored is not None and stored.info.status in ("RUNNING", "SCHEDULED"):
             cls(experiment, run_id).fail(why)
 
     def logged_steps(self, metric: str) -> set[int]:
