@@ -39,7 +39,9 @@ class EpochBar:
     def __init__(self, name: str, epoch: int, epochs: int, steps: int, stream: TextIO):
         from tqdm import tqdm
 
-        self.bar = tqdm(desc=f"[{name}] epoch {epoch}/{epochs}", total=steps, unit="step", file=stream, leave=False, mininterval=0.5, dynamic_ncols=True)
+        # redrawn at most every 0.5 s; tqdm's own TQDM_MININTERVAL changes that (0: every step)
+        interval = float(os.environ.get("TQDM_MININTERVAL", "0.5"))
+        self.bar = tqdm(desc=f"[{name}] epoch {epoch}/{epochs}", total=steps, unit="step", file=stream, leave=False, mininterval=interval, dynamic_ncols=True)
 
     def __call__(self, done: int, total: int) -> None:
         if self.bar.total != total:
