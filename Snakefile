@@ -6,7 +6,12 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# One meaning per experiment file: `--configfile X` is read as `decoupled ... --config X` reads
+# it, X's keys over the schema's defaults (validated in common.smk); the default experiment,
+# config/config.yaml, only when no --configfile is given. From any working directory.
+if not workflow.overwrite_configfiles:
+
+    configfile: f"{workflow.basedir}/config/config.yaml"
 
 
 # `snakemake --report results/report.html`: this text, then the figures and tables that

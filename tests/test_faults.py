@@ -116,3 +116,42 @@ def test_a_misspelt_mode_on_the_command_line_names_the_flag(tmp_path):
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         "decoupled train: error: argument --mode: invalid choice: 'asyn' (choose from 'sync', 'async') (see decoupled train --help)"]
+
+
+def planned_jobs(cwd, *args) -> list[dict]:
+    """The training jobs `snakemake -n` plans, started in ``cwd`` with this repository's Snakefile."""
+    import json
+    import re
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    result = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-n", "-p", "--cores", "1", *args],
+                            capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [json.loads(j) for j in re.findall(r"decoupled train --job-json '(\{.*?\})' --data", result.stdout + result.stderr)]
+
+
+def test_one_config_file_means_the_same_to_snakemake_and_the_cli(tmp_path):
+    # a partial file: what it leaves out comes from the schema's defaults, not from config/config.yaml
+    partial = tmp_path / "partial.yaml"
+    partial.write_text("experiment: minimal\ngrid: {methods: [dgl]}\n")
+    cli = [grid.job_config(config.load(partial), key) for key in grid.runs(config.load(partial))]
+    assert len(cli) == 1 and cli[0]["train"]["epochs"] == 5  # the schema's 5, not config.yaml's 2
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for cwd, path in ((tmp_path, "partial.yaml"), (elsewhere, str(partial))):
+        assert planned_jobs(cwd, "--configfile", path) == cli
+    # no --configfile: the default experiment, from any folder
+    default = config.load(REPO / "config/config.yaml")
+    jobs = planned_jobs(elsewhere)
+    assert sorted(j["run"]["variant"] + j["run"]["method"] + j["run"]["mode"] + str(j["run"]["seed"]) for j in jobs) == sorted(
+        k.variant + k.method + k.mode + str(k.seed) for k in grid.runs(default))
+    assert {j["experiment"] for j in jobs} == {default["experiment"]} and {j["train"]["epochs"] for j in jobs} == {2}
+
+
+def test_a_config_file_that_is_not_yaml_names_its_line(tmp_path):
+    (tmp_path / "c.yaml").write_text("experiment: x\ngrid:\n  methods: [dgl\n  K: [2]\n")
+    result = subprocess.run([sys.executable, "-m", "decoupled", "train", "--config", "c.yaml", "--method", "dgl", "--K", "2", "--seed", "0",
+                             "--data", "x.pt", "--out", "run"], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2
+    [line] = result.stderr.splitlines()
+    assert line.startswith("decoupled: error: config file c.yaml:4:4: not valid YAML: expected ',' or ']', but got ':'"), line

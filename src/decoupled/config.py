@@ -74,7 +74,10 @@ def load(path: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise UserError(f"config file not found: {path}") from None
     except yaml.YAMLError as e:
-        raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"config file {where}: not valid YAML: {problem}") from None
     if not isinstance(raw, dict):
         raise UserError(f"config file {path} must hold a mapping of keys")
     return validate(raw)
