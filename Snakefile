@@ -31,3 +31,15 @@ rule all:
     default_target: True
     input:
         report_outputs(),
+
+
+onstart:
+    workflow_state("started")
+
+
+onsuccess:
+    workflow_state("succeeded", log)
+
+
+onerror:
+    workflow_state("failed", log)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO
+from conftest import REPO, needs_fashion_mnist
 from decoupled import config, grid, tracking
 from decoupled.errors import UserError
 
@@ -155,3 +155,117 @@ def test_a_config_file_that_is_not_yaml_names_its_line(tmp_path):
     assert result.returncode == 2
     [line] = result.stderr.splitlines()
     assert line.startswith("decoupled: error: config file c.yaml:4:4: not valid YAML: expected ',' or ']', but got ':'"), line
+
+
+def test_a_run_left_running_by_a_dead_attempt_is_failed_by_the_next(fashion_subset, tmp_path, monkeypatch):
+    # an attempt that died before it could write resume.pt or close its run (its disk was full, say)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    from decoupled.train import run_job
+
+    cfg, job = tiny_job(tmp_path)
+    experiment = tracking.init_experiment(cfg, described=cfg)
+    out = tmp_path / "run"
+    dead = tracking.ChildRun.start(experiment, "dgl K2 s0", {}, {tracking.RUN_DIR_TAG: str(out.resolve())})
+    elsewhere = tracking.ChildRun.start(experiment, "dgl K2 s1", {}, {tracking.RUN_DIR_TAG: str(tmp_path / "run-other")})
+    metrics = run_job(job, fashion_subset, out, experiment, {})
+    client = dead.client
+    old = client.get_run(dead.run_id)
+    assert old.info.status == "FAILED" and old.data.tags["error"].startswith(f"abandoned: the process training {out} ended without closing")
+    assert client.get_run(metrics["mlflow_run_id"]).info.status == "FINISHED"
+    assert client.get_run(metrics["mlflow_run_id"]).data.tags[tracking.RUN_DIR_TAG] == str(out.resolve())
+    assert client.get_run(elsewhere.run_id).info.status == "RUNNING"  # another directory's run is not this job's to close
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """``small_disk(name, size)``: a tmpfs of ``size`` mounted at tmp_path/name (root only), unmounted after."""
+    mounted = []
+
+    def mount(name: str, size: str):
+        where = tmp_path / name
+        where.mkdir()
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs (needs root): {result.stderr.strip()}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in reversed(mounted):
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def train_by_hand(tmp_path, data, out, *args):
+    cfg = {"experiment": "faults", "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "model": {"widths": [8, 16]},
+           "train": {"epochs": 1, "batch_size": 50}, "grid": {"methods": ["dgl"], "K": [2]}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DECOUPLED_JOB_LOG")}
+    return subprocess.run([sys.executable, "-m", "decoupled", "train", "--config", "c.yaml", "--method", "dgl", "--K", "2", "--seed", "0",
+                           "--data", str(data), "--out", str(out), *args], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+
+
+def child_runs(uri: str, experiment: str = "faults"):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    return client.search_runs([client.get_experiment_by_name(experiment).experiment_id], "tags.`decoupled.role` = 'child'")
+
+
+def test_a_full_disk_is_one_line_saying_so_and_fails_the_run(fashion_subset, tmp_path, small_disk):
+    out = small_disk("full", "4k") / "run"  # room for no checkpoint
+    log = tmp_path / "job.log"
+    result = train_by_hand(tmp_path, fashion_subset, out)
+    assert result.returncode == 74
+    assert result.stderr.splitlines()[-1] == f"decoupled: error: no space left on device: {out / 'resume.pt'}", result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    [run] = child_runs(f"sqlite:///{tmp_path}/mlflow.db")
+    assert run.info.status == "FAILED" and "No space left on device" in run.data.tags["error"]
+    # under the workflow the traceback goes to the job's log
+    env_log = subprocess.run([sys.executable, "-c", "import os, sys; from decoupled.cli import main; sys.exit(main(sys.argv[1:]))",
+                              "prepare-data", "--dataset-json", "{}", "--out", str(out.parent / "data.pt")],
+                             capture_output=True, text=True, env={**os.environ, "DECOUPLED_JOB_LOG": str(log)}, timeout=300)
+    assert env_log.returncode == 74 and env_log.stderr.splitlines()[-1] == f"decoupled: error: no space left on device: {out.parent / 'data.pt'}"
+    assert "Traceback" not in env_log.stderr and "Traceback" in log.read_text() and "No space left on device" in log.read_text()
+
+
+def test_a_read_only_store_is_one_line_naming_it(fashion_subset, tmp_path, small_disk):
+    store = small_disk("store", "64m")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    subprocess.run([sys.executable, "-m", "decoupled", "init-tracking", "--experiment", "faults", "--tracking-uri", f"sqlite:///{store}/mlflow.db",
+                    "--out", "experiment.json"], cwd=tmp_path, env=env, check=True, capture_output=True)
+    subprocess.run(["mount", "-o", "remount,ro", str(store)], check=True)  # as a store that a user may only read
+    result = train_by_hand(tmp_path, fashion_subset, tmp_path / "run", "--tracking", "experiment.json")
+    assert result.returncode == 74
+    assert result.stderr.splitlines() == [f"decoupled: error: tracking store sqlite:///{store}/mlflow.db: read-only (attempt to write a readonly database)"]
+    assert not any((tmp_path / "run" / name).exists() for name in ("checkpoint.pt", "metrics.json", "config.json"))
+
+
+@needs_fashion_mnist
+def test_a_failed_workflow_fails_its_parent_run_and_leaves_no_run_running(tmp_path):
+    import json
+
+    cfg = {"experiment": "faults-workflow", "dataset": {"name": "fashion_mnist", "subset_per_class": 20, "test_subset_per_class": 10},
+           "model": {"widths": [8, 16]}, "train": {"epochs": 1, "batch_size": 50}, "grid": {"methods": ["backprop", "dgl"], "K": [2]},
+           "overrides": {"dgl": {"train": {"lr": 1.0e12}}}}  # DGL diverges: its job fails
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DECOUPLED_JOB_LOG")}
+
+    def snakemake(*args):
+        return subprocess.run([sys.executable, "-m", "snakemake", *args, "-s", str(REPO / "Snakefile"), "--cores", "2", "--configfile", "c.yaml"],
+                              capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+
+    assert snakemake("results/mlflow/experiment.json").returncode == 0
+    experiment = json.loads((tmp_path / "results/mlflow/experiment.json").read_text())
+    experiment["tracking_uri"] = f"sqlite:///{tmp_path}/results/mlflow/mlflow.db"
+    killed = tracking.ChildRun.start(experiment, "killed", {}, {tracking.RUN_DIR_TAG: str(tmp_path / "results/runs/dgl/sync/K2/default/seed1")})
+    result = snakemake("--keep-going")
+    assert result.returncode != 0
+    assert "1 orphaned run(s) marked FAILED" in result.stderr, result.stderr[-3000:]
+    client = killed.client
+    parent = client.get_run(experiment["parent_run_id"])
+    assert parent.info.status == "FAILED" and parent.data.tags["error"].startswith("the workflow failed; its log: ")
+    assert parent.data.tags["error"].endswith(".snakemake.log") and "Traceback" not in result.stderr
+    runs = {r.info.run_name: r for r in child_runs(experiment["tracking_uri"], "faults-workflow")}
+    assert {name: r.info.status for name, r in runs.items()} == {"backprop K2 s0": "FINISHED", "dgl K2 s0": "FAILED", "killed": "FAILED"}
+    assert runs["killed"].data.tags["error"].startswith("abandoned: its job ended without closing it")
+    assert "try a lower train.lr" in runs["dgl K2 s0"].data.tags["error"]

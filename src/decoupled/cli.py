@@ -191,6 +191,24 @@ def cmd_report(args) -> None:
         print(f"wrote {path}", file=sys.stderr)
 
 
+def cmd_workflow_state(args) -> None:
+    from decoupled.tracking import fail_orphans, mark_parent
+
+    experiment = _tracking(args.tracking)
+    described = _experiment_config(args)
+    if args.state == "started":
+        mark_parent(experiment, described, "RUNNING")
+        return
+    # Snakemake has ended, and with it every job it ran: a run still RUNNING lost its process
+    orphans = fail_orphans(experiment, args.runs_dir, f"abandoned: its job ended without closing it (killed?); see {args.log}")
+    if args.state == "succeeded":
+        parent = mark_parent(experiment, described, "FINISHED")
+    else:
+        parent = mark_parent(experiment, described, "FAILED", f"the workflow failed; its log: {args.log}")
+    closed = f", {len(orphans)} orphaned run(s) marked FAILED" if orphans else ""
+    print(f"MLflow parent run {parent}: {'FINISHED' if args.state == 'succeeded' else 'FAILED'}{closed}", file=sys.stderr)
+
+
 def cmd_relocate(args) -> None:
     from decoupled.tracking import relocate
 
@@ -281,6 +299,14 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--config-json", help="with --tracking: the experiment config (JSON), whose parent run gets the outputs and the runs")
     sp.set_defaults(func=cmd_report)
 
+    sp = sub.add_parser("workflow-state", help="the workflow's start and end, on its MLflow parent run (Snakemake's onstart/onsuccess/onerror)")
+    sp.add_argument("--tracking", required=True, help="JSON written by init-tracking")
+    sp.add_argument("--config-json", required=True, help="the experiment config (JSON), whose parent run it is")
+    sp.add_argument("--state", required=True, choices=["started", "succeeded", "failed"], help="started: RUNNING; succeeded: FINISHED; failed: FAILED")
+    sp.add_argument("--runs-dir", required=True, help="the experiment's run directories' folder: RUNNING runs under it are orphans once it has ended")
+    sp.add_argument("--log", default="Snakemake's log", help="where the workflow's log is (named in the parent's error tag)")
+    sp.set_defaults(func=cmd_workflow_state)
+
     sp = sub.add_parser("relocate", help="after moving or copying results/: point a SQLite store at the artifacts beside it")
     sp.add_argument("store", help="the store's file (results/mlflow/mlflow.db) or its sqlite:/// URI")
     sp.set_defaults(func=cmd_relocate)
@@ -289,11 +315,37 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+JOB_LOG_ENV = "DECOUPLED_JOB_LOG"  # set by the workflow's rules: the job's log, for tracebacks
+
+
+def _keep_traceback() -> None:
+    """The traceback of the exception at hand, appended to the job's log (not the terminal)."""
+    import traceback
+
+    log = os.environ.get(JOB_LOG_ENV)
+    if log:
+        with contextlib.suppress(OSError):  # a full disk: the one line will do
+            with open(log, "a") as f:
+                f.write(traceback.format_exc())
+
+
 def main(argv: list[str] | None = None) -> int:
+    from decoupled.errors import EnvironmentFault, environment_cause
+
     args = parser().parse_args(argv)
     try:
-        args.func(args)
+        try:
+            args.func(args)
+        except UserError:
+            raise
+        except Exception as e:  # a fault of the machine deep inside torch, MLflow or a write
+            cause = environment_cause(e)
+            if cause is None:
+                raise
+            raise EnvironmentFault(cause) from e
     except UserError as e:
+        if isinstance(e, EnvironmentFault):
+            _keep_traceback()
         try:
             print(f"decoupled: error: {e}", file=sys.stderr)
         except BrokenPipeError:  # e.g. a SIGTERM to the whole job stopped the `tee` we write to

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from decoupled.errors import UserError
-from decoupled.files import atomic_path
+from decoupled.files import save_torch
 
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 DEFAULT_DOWNLOAD_DIR = "results/data/downloads"
@@ -150,8 +150,7 @@ def prepare(
         "subset_per_class": subset_per_class,
         "test_subset_per_class": test_subset_per_class,
     }
-    with atomic_path(out_path) as tmp:
-        torch.save(payload, tmp)
+    save_torch(payload, out_path)
     return {
         "name": name,
         "n_train": len(train_y),

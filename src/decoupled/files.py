@@ -26,6 +26,23 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def save_torch(obj, path: str | Path) -> None:
+    """``torch.save`` to ``path`` atomically. Serialised in memory first, then written with
+    Python's own I/O, so that a full disk or a read-only folder is an ``OSError`` naming
+    ``path`` (torch's writer reports it as "file write failed", naming neither)."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(buffer.getbuffer())
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from e
+
+
 def write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8", newline="")

@@ -19,12 +19,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from decoupled.errors import UserError
+from decoupled.errors import EnvironmentFault, UserError, environment_cause
 
 # Offline, MLflow's telemetry thread races on an environment variable and fails HTTP calls.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 PARENT_TAG = "decoupled.role"
+# A child run's: the resolved run directory its job writes. One directory is trained by one
+# process at a time, so a RUNNING run of a directory that no process is training is an orphan.
+RUN_DIR_TAG = "decoupled.run_dir"
 CONFIG_TAG = "decoupled.config"  # a parent run's: a digest of the experiment config it carries
 # An experiment whose artifacts live beside its SQLite store (<store dir>/artifacts): its
 # artifact locations follow the store when results/ is moved or copied (see relocate).
@@ -50,14 +53,49 @@ def _sqlite_path(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
-def _client(uri: str):
-    from mlflow.tracking import MlflowClient
-
+def _client(uri: str) -> "_StoreClient":
     db = _sqlite_path(uri)
     if db is not None and db not in _relocated and db.is_file():
-        relocate(db)  # a moved or copied results/ writes its artifacts beside itself
+        try:
+            relocate(db)  # a moved or copied results/ writes its artifacts beside itself
+        except Exception as e:
+            _raise_store_fault(uri, e)
         _relocated.add(db)
-    return MlflowClient(tracking_uri=uri)
+    return _StoreClient(uri)
+
+
+def _raise_store_fault(uri: str, error: Exception):
+    """Raise ``error`` again, or, when the machine caused it, one line naming the store."""
+    cause = environment_cause(error)
+    if cause is None:
+        raise error
+    raise EnvironmentFault(f"tracking store {uri}: {cause}") from error
+
+
+class _StoreClient:
+    """An ``MlflowClient`` whose faults of the machine (a full disk, a read-only store) are one
+    line naming the store, ``EnvironmentFault``, instead of SQLAlchemy's traceback."""
+
+    def __init__(self, uri: str):
+        import logging
+
+        from mlflow.tracking import MlflowClient
+
+        # It logs every database error with its traceback before raising it; raised, it is ours to show.
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+        self._uri = uri
+        self._client = MlflowClient(tracking_uri=uri)
+
+    def __getattr__(self, name: str):
+        method = getattr(self._client, name)
+
+        def call(*args, **kwargs):
+            try:
+                return method(*args, **kwargs)
+            except Exception as e:
+                _raise_store_fault(self._uri, e)
+
+        return call
 
 
 _relocated: set[Path] = set()  # stores checked by this process
@@ -210,6 +248,51 @@ def parent_for(experiment: dict[str, str], described: dict, children: list[str])
     return parent_id
 
 
+def _parent_of(client, experiment: dict[str, str], described: dict | None) -> str:
+    """The parent run of the experiment config ``described`` (see ``parent_for``); the
+    experiment's parent when it has none yet (or ``described`` is None)."""
+    if described is not None:
+        digest = _digest(_described(described))
+        found = client.search_runs([experiment["experiment_id"]], filter_string=f"tags.`{PARENT_TAG}` = 'parent' and tags.`{CONFIG_TAG}` = '{digest}'",
+                                   max_results=1, order_by=["attributes.start_time DESC"])
+        if found:
+            return found[0].info.run_id
+    return experiment["parent_run_id"]
+
+
+def mark_parent(experiment: dict[str, str], described: dict | None, status: str, reason: str | None = None) -> str:
+    """Give the parent run of ``described`` the state of the workflow that runs its jobs:
+    RUNNING when it starts, FINISHED or FAILED (tag ``error``: ``reason``) when it ends. Returns its id."""
+    client = _client(experiment["tracking_uri"])
+    parent_id = _parent_of(client, experiment, described)
+    tags = client.get_run(parent_id).data.tags
+    if status == "FAILED":
+        client.set_tag(parent_id, "error", (reason or "the workflow failed")[:5000])
+    elif "error" in tags:
+        client.delete_tag(parent_id, "error")
+    if status == "RUNNING":
+        client.update_run(parent_id, status="RUNNING")
+    else:
+        client.set_terminated(parent_id, status)
+    return parent_id
+
+
+def fail_orphans(experiment: dict[str, str], run_dir: str | Path, why: str, keep: str | None = None) -> list[str]:
+    """Mark FAILED (tag ``error``: ``why``) every RUNNING child run whose run directory is
+    ``run_dir`` or lies under it, but ``keep``: runs whose process died without closing them
+    (killed, out of memory, a full disk that the store shared). Returns their ids."""
+    client = _client(experiment["tracking_uri"])
+    root = str(Path(run_dir).resolve())
+    running = client.search_runs([experiment["experiment_id"]], filter_string=f"tags.`{PARENT_TAG}` = 'child' and attributes.status = 'RUNNING'")
+    orphans = []
+    for run in running:
+        where = run.data.tags.get(RUN_DIR_TAG)
+        if run.info.run_id != keep and where is not None and (where == root or where.startswith(root + os.sep)):
+            ChildRun(experiment, run.info.run_id).fail(why)
+            orphans.append(run.info.run_id)
+    return orphans
+
+
 def _log_params(client, run_id: str, params: dict[str, Any]) -> None:
     from mlflow.entities import Param
 
@@ -246,6 +329,9 @@ def _upgrade_schema(uri: str) -> None:
     """Bring an existing database to the installed MLflow's schema; create a fresh one."""
     result = subprocess.run([sys.executable, "-m", "mlflow", "db", "upgrade", uri], capture_output=True, text=True)
     if result.returncode != 0:
+        cause = environment_cause(result.stderr)
+        if cause is not None:
+            raise EnvironmentFault(f"tracking store {uri}: {cause}")
         lines = [line.strip() for line in result.stderr.splitlines() if line.strip()]
         errors = [line for line in lines if "Error:" in line or "Exception:" in line]
         raise UserError(f"tracking_uri {uri}: mlflow db upgrade failed: {(errors or lines or ['no message'])[-1]}")

@@ -33,7 +33,7 @@ from decoupled.data import Dataset, load_prepared
 from decoupled.engines import ENGINES
 from decoupled.engines.base import EpochInterrupted, StopRequest
 from decoupled.errors import UserError
-from decoupled.files import atomic_path, write_json
+from decoupled.files import save_torch, write_json
 from decoupled.grid import RunKey
 
 OUTPUTS = ("checkpoint.pt", "metrics.json", "config.json")
@@ -255,7 +255,7 @@ def run_job(job: dict, data_path: str | Path, out_dir: str | Path, experiment: d
     """Train one job into ``out_dir`` and its MLflow child run, resuming from ``resume.pt`` if a
     previous attempt left one; on failure leave no output and no RUNNING run."""
     from decoupled.config import flatten
-    from decoupled.tracking import ChildRun
+    from decoupled.tracking import RUN_DIR_TAG, ChildRun, fail_orphans
 
     out_dir = Path(out_dir)
     key = run_key(job)
@@ -273,8 +273,12 @@ def run_job(job: dict, data_path: str | Path, out_dir: str | Path, experiment: d
     for run_id in abandoned:  # its run would stay RUNNING for ever
         ChildRun.abandon(experiment, run_id, f"abandoned: {key.name} was run again with another configuration, in a new run")
     run = ChildRun.reopen(experiment, resume["mlflow_run_id"], resume["epoch"]) if resume is not None else None
+    # an attempt that died before it could close its run or write resume.pt (a full disk, say)
+    fail_orphans(experiment, out_dir, f"abandoned: the process training {out_dir} ended without closing this run; a later attempt did not resume it",
+                 keep=run.run_id if run is not None else None)
     if run is None:
-        run_tags = {"method": key.method, "mode": key.mode, "K": str(key.K), "variant": key.variant, "seed": str(key.seed), "dataset": data.name, **tags}
+        run_tags = {"method": key.method, "mode": key.mode, "K": str(key.K), "variant": key.variant, "seed": str(key.seed), "dataset": data.name,
+                    RUN_DIR_TAG: str(out_dir.resolve()), **tags}
         run = ChildRun.start(experiment, key.run_name, flatten(job), run_tags)
     else:  # epochs the killed attempt finished but had not logged yet
         logged = run.logged_steps("test_acc")
@@ -287,8 +291,7 @@ def run_job(job: dict, data_path: str | Path, out_dir: str | Path, experiment: d
     def checkpoint(state: dict) -> None:
         nonlocal logged_through
         # saved before it is logged: a job killed in between logs the epoch when it resumes
-        with atomic_path(resume_path) as tmp:
-            torch.save({**state, "job": job, "mlflow_run_id": run.run_id}, tmp)
+        save_torch({**state, "job": job, "mlflow_run_id": run.run_id}, resume_path)
         if state["epochs"] and state["epochs"][-1]["epoch"] > logged_through:
             logged_through = state["epochs"][-1]["epoch"]
             run.log_metrics(epoch_metrics(state["epochs"][-1]), step=logged_through)

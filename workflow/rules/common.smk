@@ -4,6 +4,7 @@
 import json
 import os
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -157,3 +158,53 @@ def for_report(paths, category, kind):
         caption = str(caption) if caption.is_file() else None
         marked.append(report(path, caption=caption, category=category, subcategory=subcategory, labels=labels))
     return marked
+
+
+# The parent run follows the workflow: RUNNING while Snakemake runs jobs, FINISHED or FAILED
+# when it ends (with its log named), and runs still RUNNING under results/runs/ then (their
+# process was killed) FAILED: no run is left RUNNING after any workflow.
+def _hook_python():
+    """An interpreter with the package's dependencies: Snakemake's own, or under --use-conda
+    the tracking (else train, report) rule's env once Snakemake has made it."""
+    if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
+        return sys.executable
+    envs = {
+        Path(str(env.file)).name: Path(env.address) / "bin/python"
+        for env in getattr(getattr(workflow, "dag", None), "conda_envs", {}).values()
+    }
+    for name in ("tracking.yaml", "train.yaml", "report.yaml"):
+        if name in envs and envs[name].exists():
+            return str(envs[name])
+    return None
+
+
+def workflow_state(state, log=None):
+    log = ", ".join(map(str, log)) if isinstance(log, (list, tuple)) else log  # a list in Snakemake 9
+    if not Path(TRACKING).is_file():
+        return  # init_tracking has not run: there is no parent run yet
+    python = _hook_python()
+    if python is None:
+        print(f"decoupled: the MLflow parent run stays as it is: no conda env of this workflow is built yet", file=sys.stderr)
+        return
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
+    command = [
+        python,
+        "-m",
+        "decoupled",
+        "workflow-state",
+        "--tracking",
+        TRACKING,
+        "--config-json",
+        json.dumps(config, sort_keys=True),
+        "--state",
+        state,
+        "--runs-dir",
+        f"{RESULTS}/runs",
+        "--log",
+        str(log or "the terminal"),
+    ]
+    subprocess.run(command, env=env)  # a failure prints its one line; the workflow's own result stands

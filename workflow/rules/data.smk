@@ -10,4 +10,4 @@ rule prepare_data:
     params:
         dataset=json.dumps(config["dataset"], sort_keys=True),
     shell:
-        "python -m decoupled prepare-data --dataset-json {params.dataset:q} --out {output} 2>&1 | tee {log}"
+        "DECOUPLED_JOB_LOG={log:q} python -m decoupled prepare-data --dataset-json {params.dataset:q} --out {output} 2>&1 | tee -a {log}"

@@ -12,5 +12,5 @@ rule evaluate:
     params:
         run_dir=lambda wildcards, input: Path(input.checkpoint).parent,
     shell:
-        "python -m decoupled evaluate --run {params.run_dir} --data {input.data} --tracking {input.tracking}"
-        " --out {output} 2>&1 | tee {log}"
+        "DECOUPLED_JOB_LOG={log:q} python -m decoupled evaluate --run {params.run_dir} --data {input.data} --tracking {input.tracking}"
+        " --out {output} 2>&1 | tee -a {log}"

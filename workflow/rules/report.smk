@@ -22,6 +22,6 @@ rule report:
         target_accuracy=config["report"]["target_accuracy"],
         config=json.dumps(config, sort_keys=True),
     shell:
-        "python -m decoupled report --runs {params.runs} --tables {params.tables} --figures {params.figures}"
+        "DECOUPLED_JOB_LOG={log:q} python -m decoupled report --runs {params.runs} --tables {params.tables} --figures {params.figures}"
         " --target-accuracy {params.target_accuracy}"
-        " --tracking {input.tracking} --config-json {params.config:q} 2>&1 | tee {log}"
+        " --tracking {input.tracking} --config-json {params.config:q} 2>&1 | tee -a {log}"

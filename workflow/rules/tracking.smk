@@ -17,5 +17,5 @@ rule init_tracking:
         experiment=config["experiment"],
         tracking_uri=config["tracking_uri"],
     shell:
-        "python -m decoupled init-tracking --experiment {params.experiment:q} --tracking-uri {params.tracking_uri:q}"
-        ' --describe-json "$DECOUPLED_EXPERIMENT_CONFIG" --out {output} 2>&1 | tee {log}'
+        "DECOUPLED_JOB_LOG={log:q} python -m decoupled init-tracking --experiment {params.experiment:q} --tracking-uri {params.tracking_uri:q}"
+        ' --describe-json "$DECOUPLED_EXPERIMENT_CONFIG" --out {output} 2>&1 | tee -a {log}'

@@ -20,5 +20,5 @@ rule train:
         run_dir=lambda wildcards, output: Path(output.metrics).parent,
         launcher=launcher,
     shell:
-        "{params.launcher} train --job-json {params.job:q} --data {input.data} --tracking {input.tracking}"
-        " --out {params.run_dir} {params.tags} 2>&1 | tee {log}"
+        "DECOUPLED_JOB_LOG={log:q} {params.launcher} train --job-json {params.job:q} --data {input.data} --tracking {input.tracking}"
+        " --out {params.run_dir} {params.tags} 2>&1 | tee -a {log}"
