@@ -2,6 +2,7 @@
 code, and no MLflow run left RUNNING."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -269,3 +270,32 @@ def test_a_failed_workflow_fails_its_parent_run_and_leaves_no_run_running(tmp_pa
     assert {name: r.info.status for name, r in runs.items()} == {"backprop K2 s0": "FINISHED", "dgl K2 s0": "FAILED", "killed": "FAILED"}
     assert runs["killed"].data.tags["error"].startswith("abandoned: its job ended without closing it")
     assert "try a lower train.lr" in runs["dgl K2 s0"].data.tags["error"]
+
+
+@pytest.mark.parametrize("method, train, says", [
+    # the order in which losses broke, and both settings of a synthetic-gradient method
+    ("dni", {"synth_lr": 10.0}, r"module 0's training loss is nan at epoch 1 \(non-finite first: module 0 at step 6, the synthesizers at step 6, module 1 at step 7; try a lower train.synth_lr or train.lr\)"),
+    ("cdni", {"lr": 1e6}, r"module 0's training loss is nan at epoch 1 \(non-finite first: (module 0|module 1|the synthesizers) at step 4.*; try a lower train.synth_lr or train.lr\)"),
+    ("dgl", {"lr": 1e6}, r"module 0's training loss is nan at epoch 1 \(try a lower train.lr\)"),
+])
+def test_a_divergence_names_the_setting_that_diverged(fashion_subset, tmp_path, method, train, says):
+    # DNI at synth_lr 10: module 0 diverges on its synthetic gradients a step before the last module
+    from decoupled.data import load_prepared
+    from decoupled.train import TrainingDiverged, fit
+
+    cfg = config.validate({"experiment": "faults", "model": {"widths": [8, 16]}, "train": {"epochs": 1, "batch_size": 25, **train},
+                           "grid": {"methods": [method], "K": [2]}})
+    with pytest.raises(TrainingDiverged) as caught:
+        fit(grid.job_config(cfg, grid.runs(cfg)[0]), load_prepared(fashion_subset))
+    assert re.fullmatch(f"{method}-sync-K2-seed0: {says}", str(caught.value)), str(caught.value)
+
+
+def test_a_report_under_a_config_whose_runs_are_not_there_is_refused(tmp_path):
+    # e.g. `snakemake --report` without the --configfile of the experiment whose outputs are on disk
+    (tmp_path / "other.yaml").write_text("experiment: other\ngrid: {methods: [dgl]}\n")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    result = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--report", "report.html", "--configfile", "other.yaml"],
+                            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert result.returncode != 0
+    assert "--report: experiment 'other' has none of its 1 runs under results/runs/; give the --configfile it was run with" in result.stderr
+    assert not (tmp_path / "report.html").exists()

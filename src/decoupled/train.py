@@ -140,7 +140,7 @@ def fit(job: dict, data: Dataset, checkpoint: Callable[[dict], None] | None = No
     """
     torch.set_num_threads(job["train"]["threads"])
     key = run_key(job)
-    net, _, engine, split = build(job, data, resume["split_info"] if resume else None)
+    net, method, engine, split = build(job, data, resume["split_info"] if resume else None)
     epochs, wall = [], 0.0
     if resume is not None:
         net.load_state_dict(resume["net"])
@@ -177,8 +177,12 @@ def fit(job: dict, data: Dataset, checkpoint: Callable[[dict], None] | None = No
         wall += stats["seconds"]
         losses = stats["train_loss_per_module"]
         train_loss = losses[-1]  # None: the last module made no step (async: it was done early)
-        if train_loss is not None and not math.isfinite(train_loss):
-            raise TrainingDiverged(f"{key.name}: training loss is {train_loss} at epoch {epoch} (try a lower train.lr)")
+        # any module's: a lower one can diverge while the last still learns (DNI's, from its synthesizer)
+        diverged = [k for k, loss in enumerate(losses) if loss is not None and not math.isfinite(loss)]
+        if diverged:
+            k = diverged[0]
+            which = "training loss" if k == len(losses) - 1 else f"module {k}'s training loss"
+            raise TrainingDiverged(f"{key.name}: {which} is {losses[k]} at epoch {epoch} ({method.divergence_hint(losses)})")
         ev = engine.evaluate(net, data.test_x, data.test_y, job["train"]["eval_batch_size"])
         record = {
             "epoch": epoch,

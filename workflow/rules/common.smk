@@ -57,6 +57,14 @@ except UserError as e:
     raise WorkflowError(str(e)) from None
 
 RESULTS = config["output_dir"]
+# `snakemake --report` reads the outputs on disk: under another experiment's --configfile (or
+# none) it would label that experiment's figures with this one's description and config.
+if any(arg == "--report" or arg.startswith("--report=") for arg in sys.argv[1:]):
+    if not any(Path(f"{RESULTS}/{key.path}/metrics.json").is_file() for key in RUNS):
+        raise WorkflowError(
+            f"--report: experiment '{config['experiment']}' has none of its {len(RUNS)} runs under {RESULTS}/runs/;"
+            " give the --configfile it was run with"
+        )
 DATASET = config["dataset"]["name"]
 PREPARED = f"{RESULTS}/data/{DATASET}.pt"
 TRACKING = f"{RESULTS}/mlflow/experiment.json"

@@ -77,6 +77,11 @@ class Method:
         """
         raise NotImplementedError(f"{self.name} sends no gradients between modules")
 
+    def divergence_hint(self, losses: list[float | None]) -> str:
+        """After a training loss went NaN or infinite (``losses``: the epoch's, per module):
+        which setting to change, as far as the method can tell."""
+        return "try a lower train.lr"
+
     def state_dict(self) -> dict:
         """Optimizer and scheduler states (the engine saves the network's own state)."""
         return {

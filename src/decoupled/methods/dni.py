@@ -12,6 +12,7 @@ gradients, as in the paper.
 from __future__ import annotations
 
 import collections
+import math
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +83,18 @@ class DNI(Method):
         self.synth_optimizers = [torch.optim.Adam(s.parameters(), lr=train_cfg["synth_lr"]) for s in self.synthesizers]
         # activations (and labels) of module k waiting for their true gradient, oldest first
         self.waiting: list[collections.deque] = [collections.deque() for _ in channels]
+        # when each loss first went NaN or infinite: each module's (at its step), the synthesizers'
+        self.steps = [0] * net.K
+        self.first_nonfinite: dict = {"modules": [None] * net.K, "synthesizer": None}
+
+    def divergence_hint(self, losses):
+        # Which went first does not tell the cause (a high train.lr can break a module on
+        # synthetic gradients, or a synthesizer, first): the order is said, and both settings.
+        firsts = [(step, f"module {k}") for k, step in enumerate(self.first_nonfinite["modules"]) if step is not None]
+        if self.first_nonfinite["synthesizer"] is not None:
+            firsts.append((self.first_nonfinite["synthesizer"], "the synthesizers"))
+        order = ", ".join(f"{what} at step {step}" for step, what in sorted(firsts))
+        return f"non-finite first: {order}; try a lower train.synth_lr or train.lr" if order else "try a lower train.synth_lr or train.lr"
 
     def predict(self, k: int, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Synthesizer k's output for activations ``h`` (and, for cDNI, their labels)."""
@@ -113,6 +126,9 @@ class DNI(Method):
             if self.probe_heads:  # heads on detached features measure the module, change nothing
                 loss = F.cross_entropy(self.net.heads[k](outputs.detach()), labels)
                 loss.backward()
+        self.steps[k] += 1
+        if loss is not None and self.first_nonfinite["modules"][k] is None and not math.isfinite(loss.item()):  # the engines read .item() per step too
+            self.first_nonfinite["modules"][k] = self.steps[k]
         optimizer.step()
         self.schedulers[k].step()
         return ModuleStep(outputs.detach(), None if loss is None else loss.detach(), inputs.grad)
@@ -123,9 +139,12 @@ class DNI(Method):
         optimizer.zero_grad(set_to_none=True)
         prediction = self.predict(k, h, labels)
         if self.per_sample:
-            F.mse_loss(prediction, grad * len(h)).backward()
+            loss = F.mse_loss(prediction, grad * len(h))
         else:
-            ((prediction - grad) ** 2).sum().div(len(h)).backward()
+            loss = ((prediction - grad) ** 2).sum().div(len(h))
+        loss.backward()
+        if self.first_nonfinite["synthesizer"] is None and not math.isfinite(loss.item()):
+            self.first_nonfinite["synthesizer"] = min(self.steps)
         optimizer.step()
         return None
 
