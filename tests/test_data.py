@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import pickle
@@ -318,13 +319,16 @@ def test_prepare_leaves_no_file_when_writing_fails(fashion, tmp_path, monkeypatc
     root, checksums, _ = fashion
     out_dir = tmp_path / "out"
 
-    def half_written(obj, f):
-        Path(f).write_bytes(b"partial")
-        raise OSError("disk full")
+    write_bytes = Path.write_bytes
 
-    monkeypatch.setattr(torch, "save", half_written)
-    with pytest.raises(OSError, match="disk full"):
+    def half_written(path, content):
+        write_bytes(path, bytes(content[:100]))
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(Path, "write_bytes", half_written)
+    with pytest.raises(OSError, match="No space left on device") as caught:
         data.prepare("fashion_mnist", out_dir / "f.pt", root, checksums=checksums)
+    assert caught.value.filename == str(out_dir / "f.pt")  # the file meant, not its temporary twin
     assert list(out_dir.iterdir()) == []
 
 

@@ -88,6 +88,8 @@ class _StoreClient:
 
     def __getattr__(self, name: str):
         method = getattr(self._client, name)
+        if not callable(method):
+            return method
 
         def call(*args, **kwargs):
             try:
