@@ -299,3 +299,12 @@ def test_a_report_under_a_config_whose_runs_are_not_there_is_refused(tmp_path):
     assert result.returncode != 0
     assert "--report: experiment 'other' has none of its 1 runs under results/runs/; give the --configfile it was run with" in result.stderr
     assert not (tmp_path / "report.html").exists()
+
+
+def test_the_store_snakemake_shows_is_the_one_the_jobs_use(tmp_path):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/elsewhere.db"}
+    result = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-n", "-p", "results/mlflow/experiment.json"],
+                            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"--tracking-uri sqlite:///{tmp_path}/elsewhere.db" in result.stdout + result.stderr
+    assert "sqlite:///results/mlflow/mlflow.db" not in result.stdout + result.stderr

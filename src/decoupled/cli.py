@@ -221,7 +221,12 @@ def cmd_relocate(args) -> None:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with its errors on one line, as every other input problem here (no usage dump)."""
+    """argparse with its errors on one line, as every other input problem here (no usage dump),
+    and no abbreviated flags (``--config`` must not pass for ``--config-json``)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -301,7 +306,9 @@ def parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("workflow-state", help="the workflow's start and end, on its MLflow parent run (Snakemake's onstart/onsuccess/onerror)")
     sp.add_argument("--tracking", required=True, help="JSON written by init-tracking")
-    sp.add_argument("--config-json", required=True, help="the experiment config (JSON), whose parent run it is")
+    group = sp.add_mutually_exclusive_group(required=True)
+    group.add_argument("--config", help="experiment config YAML file, whose parent run it is")
+    group.add_argument("--config-json", help="the same as JSON (what the workflow passes)")
     sp.add_argument("--state", required=True, choices=["started", "succeeded", "failed"], help="started: RUNNING; succeeded: FINISHED; failed: FAILED")
     sp.add_argument("--runs-dir", required=True, help="the experiment's run directories' folder: RUNNING runs under it are orphans once it has ended")
     sp.add_argument("--log", default="Snakemake's log", help="where the workflow's log is (named in the parent's error tag)")

@@ -242,24 +242,25 @@ def parent_for(experiment: dict[str, str], described: dict, children: list[str])
         client.set_tag(parent_id, CONFIG_TAG, digest)
         _log_params(client, parent_id, params)
     else:
-        found = client.search_runs([experiment["experiment_id"]], filter_string=f"tags.`{PARENT_TAG}` = 'parent' and tags.`{CONFIG_TAG}` = '{digest}'", max_results=1)
-        parent_id = found[0].info.run_id if found else _new_parent(client, experiment["experiment_id"], experiment["experiment"], described, "decoupled report")
+        parent_id = _parent_with(client, experiment, digest) or _new_parent(client, experiment["experiment_id"], experiment["experiment"], described, "decoupled report")
     for run_id in children:
         if client.get_run(run_id).data.tags.get(MLFLOW_PARENT_RUN_ID) != parent_id:
             client.set_tag(run_id, MLFLOW_PARENT_RUN_ID, parent_id)
     return parent_id
 
 
+def _parent_with(client, experiment: dict[str, str], digest: str) -> str | None:
+    """The newest parent run made for the experiment config of this digest, if any."""
+    found = client.search_runs([experiment["experiment_id"]], filter_string=f"tags.`{PARENT_TAG}` = 'parent' and tags.`{CONFIG_TAG}` = '{digest}'",
+                               max_results=1, order_by=["attributes.start_time DESC"])
+    return found[0].info.run_id if found else None
+
+
 def _parent_of(client, experiment: dict[str, str], described: dict | None) -> str:
     """The parent run of the experiment config ``described`` (see ``parent_for``); the
     experiment's parent when it has none yet (or ``described`` is None)."""
-    if described is not None:
-        digest = _digest(_described(described))
-        found = client.search_runs([experiment["experiment_id"]], filter_string=f"tags.`{PARENT_TAG}` = 'parent' and tags.`{CONFIG_TAG}` = '{digest}'",
-                                   max_results=1, order_by=["attributes.start_time DESC"])
-        if found:
-            return found[0].info.run_id
-    return experiment["parent_run_id"]
+    found = _parent_with(client, experiment, _digest(_described(described))) if described is not None else None
+    return found or experiment["parent_run_id"]
 
 
 def mark_parent(experiment: dict[str, str], described: dict | None, status: str, reason: str | None = None) -> str:

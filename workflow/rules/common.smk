@@ -68,6 +68,8 @@ if any(arg == "--report" or arg.startswith("--report=") for arg in sys.argv[1:])
 DATASET = config["dataset"]["name"]
 PREPARED = f"{RESULTS}/data/{DATASET}.pt"
 TRACKING = f"{RESULTS}/mlflow/experiment.json"
+# The store the jobs log to: MLFLOW_TRACKING_URI wins over the config (as in decoupled.tracking).
+TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI") or config["tracking_uri"]
 RUN_DIR = f"{RESULTS}/runs/{{method}}/{{mode}}/K{{K}}/{{variant}}/seed{{seed}}"
 PLOT_CODE = sorted(str(p) for p in (REPO / "src/decoupled/report").glob("*.py"))
 
