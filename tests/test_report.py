@@ -20,6 +20,7 @@ import pytest
 
 from decoupled import config
 from decoupled.errors import UserError
+from decoupled.layout import figures_for
 from decoupled.report import (DEFAULT_TARGET_ACCURACY, FIGURE_NAMES, TABLE_NAMES, add_time_to_accuracy,
                               build_report, figures, load_runs)
 from decoupled.report.tables import main_table, summary, write_main, write_summary
@@ -379,14 +380,17 @@ def test_build_report_writes_everything(run_dirs, tmp_path):
     assert leftovers == []
 
 
-def test_figures_are_written_without_their_data(tmp_path):
-    """Sync-only reference runs: the sweep figures are empty axes with a note, but exist."""
+def test_a_sweep_figure_without_its_sweep_is_not_written(tmp_path):
+    """Sync-only reference runs: the learning curves, but no empty sweep figures (nor in what
+    the report says it wrote); the workflow lists the same (decoupled.layout.figures_for)."""
     dirs = write_runs(tmp_path, SYNC_REFERENCE)
     paths = build_report(dirs, tmp_path / "tables", tmp_path / "figures")
+    drawn = {"test_acc_vs_epoch", "acc_vs_wall_time", "layerwise_acc"}
+    assert [f.name for f in figures_for(set())] == sorted(drawn, key=FIGURE_NAMES.index)
     for name in FIGURE_NAMES:
         for ext in (".png", ".pdf"):
             path = tmp_path / "figures" / f"{name}{ext}"
-            assert path in paths and _magic_ok(path)
+            assert (path in paths and _magic_ok(path)) if name in drawn else not (path in paths or path.exists())
     main = pd.read_csv(tmp_path / "tables" / "main.csv")
     assert list(main.columns) == ["method", "sync_mean", "sync_std", "sync_clock", "sync_time_to_85pct_s_mean",
                                   "sync_time_to_85pct_s_std", "sync_time_to_85pct_s_missed"]

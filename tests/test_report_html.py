@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from conftest import REPO, needs_fashion_mnist
-from decoupled.layout import FIGURE_FORMATS, FIGURE_NAMES, TABLE_FORMATS, TABLE_NAMES
+from decoupled.layout import FIGURE_FORMATS, FIGURE_NAMES, TABLE_FORMATS, TABLE_NAMES, figures_for
 from test_workflow import copy_repo, snakemake
 
 # A phrase of each caption (workflow/report/{name}.rst), and where the report files it.
@@ -81,7 +81,7 @@ def test_html_report_holds_every_result_with_its_caption(finished):
     results = _script_var(page, "results", "results")
     categories = _script_var(page, "categories", "categories")
     expected = {f"results/tables/{n}.{e}" for n in TABLE_NAMES for e in TABLE_FORMATS}
-    expected |= {f"results/figures/{n}.{e}" for n in FIGURE_NAMES for e in FIGURE_FORMATS}
+    expected |= {f"results/figures/{f.name}.{e}" for f in figures_for(set()) for e in FIGURE_FORMATS}  # nothing swept: no sweep figures
     assert set(results) == expected
 
     filed = {path: (cat, sub) for cat, subs in categories.items() for sub, paths in subs.items() for path in paths}
@@ -117,5 +117,5 @@ def test_zip_report(finished):
     assert result.returncode == 0, result.stderr[-4000:]
     names = zipfile.ZipFile(out).namelist()
     assert "report/report.html" in names
-    for name in FIGURE_NAMES:
-        assert any(n.endswith(f"/{name}.png") for n in names), name
+    for figure in figures_for(set()):
+        assert any(n.endswith(f"/{figure.name}.png") for n in names), figure.name

@@ -152,6 +152,11 @@ def _points(config: dict[str, Any], method: str, mode: str) -> list[tuple[int, s
     return list(dict.fromkeys(points))
 
 
+def swept_axes(config: dict[str, Any]) -> set[str]:
+    """The axes on which some job of the grid differs from the base settings (its ``varied``)."""
+    return {axis for key in runs(config) for axis in job_config(config, key)["run"]["varied"]}
+
+
 def job_config(config: dict[str, Any], key: RunKey) -> dict[str, Any]:
     """The resolved, validated config of one job."""
     from decoupled.methods import GRADIENT_DELAY, SYNC_ONLY

@@ -1,11 +1,51 @@
-"""Where the workflow's outputs live, named once for the workflow and the package alike.
+"""The report's tables and figures, named once for the workflow, the package and the tests.
+
+One row per output: its file name (``results/tables/{name}.csv|md|tex``,
+``results/figures/{name}.png|pdf``; its caption in ``workflow/report/{name}.rst``), how
+``snakemake --report`` files and titles it, the function of ``decoupled.report.figures`` that
+draws a figure, and, for a sweep figure, the swept axis (a
+``varied`` entry of the runs) without which it has nothing to show: such a figure is written
+(and listed as an output) only when some run varies that axis. Adding a figure = its plot
+function + one row here (+ a caption file).
 
 Imports nothing heavy: Snakemake reads it to list its outputs, in an environment that may
 have neither torch nor pandas.
 """
 
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import NamedTuple
+
+
+class Output(NamedTuple):
+    name: str
+    title: str  # its name in the report's list
+    subcategory: str  # its group under "Tables" or "Figures" in the report
+    writer: str | None = None  # a figure's plot function (decoupled.report.figures)
+    sweeps: str | None = None  # a figure's swept axis: written only when some run varies it
+
+
+TABLES = [
+    Output("summary", "summary", "Summary table"),
+    Output("main", "main", "Main table"),
+]
+FIGURES = [
+    Output("test_acc_vs_epoch", "test accuracy vs epoch", "Learning curves", "plot_accuracy_vs_epoch"),
+    Output("acc_vs_wall_time", "test accuracy vs training time", "Learning curves", "plot_accuracy_vs_wall_time"),
+    Output("layerwise_acc", "layer-wise accuracy", "Learning curves", "plot_layerwise_accuracy"),
+    Output("acc_vs_slowdown", "accuracy vs slowdown", "Sweeps", "plot_accuracy_vs_slowdown", sweeps="slowdown"),
+    Output("acc_vs_buffer_size", "accuracy vs buffer size", "Sweeps", "plot_accuracy_vs_buffer_size", sweeps="buffer_size"),
+    Output("acc_vs_K", "accuracy vs K", "Sweeps", "plot_accuracy_vs_K", sweeps="K"),
+]
+TABLE_NAMES = [t.name for t in TABLES]
+FIGURE_NAMES = [f.name for f in FIGURES]
 # Every table is written as .csv, .md and .tex; every figure as .png and .pdf.
-TABLE_NAMES = ["summary", "main"]
 TABLE_FORMATS = ["csv", "md", "tex"]
-FIGURE_NAMES = ["test_acc_vs_epoch", "acc_vs_wall_time", "layerwise_acc", "acc_vs_slowdown", "acc_vs_buffer_size", "acc_vs_K"]
 FIGURE_FORMATS = ["png", "pdf"]
+
+
+def figures_for(swept: Iterable[str]) -> list[Output]:
+    """The figures of runs that vary the axes ``swept``: every figure but the sweeps of other axes."""
+    swept = set(swept)
+    return [f for f in FIGURES if f.sweeps is None or f.sweeps in swept]

@@ -19,7 +19,7 @@ from decoupled import grid as decoupled_grid  # noqa: E402
 from decoupled.code_version import training_code_hash  # noqa: E402
 from decoupled.config import describe  # noqa: E402
 from decoupled.errors import UserError  # noqa: E402
-from decoupled.layout import FIGURE_FORMATS, FIGURE_NAMES, TABLE_FORMATS, TABLE_NAMES  # noqa: E402
+from decoupled.layout import FIGURE_FORMATS, FIGURES, TABLE_FORMATS, TABLE_NAMES, TABLES, figures_for  # noqa: E402
 from decoupled.slurm import patch_status_query  # noqa: E402
 
 # Under the SLURM executor (workflow/profiles/slurm): a scancel-ed job fails the workflow
@@ -53,6 +53,7 @@ except WorkflowError as e:
 
 try:
     RUNS = decoupled_grid.runs(config)
+    SWEPT = decoupled_grid.swept_axes(config)  # the axes some run varies: their sweep figures
 except UserError as e:
     raise WorkflowError(str(e)) from None
 
@@ -133,26 +134,17 @@ def report_tables():
 
 
 def report_figures():
-    return [f"{RESULTS}/figures/{name}.{ext}" for name in FIGURE_NAMES for ext in FIGURE_FORMATS]
+    """The figures the report writes: a sweep figure only when the grid sweeps its axis."""
+    return [f"{RESULTS}/figures/{figure.name}.{ext}" for figure in figures_for(SWEPT) for ext in FIGURE_FORMATS]
 
 
 def report_outputs():
     return [*report_tables(), *report_figures()]
 
 
-# How `snakemake --report` shows each table and figure: its subcategory and the name in its
-# list; the caption is workflow/report/{name}.rst (a name missing here lands under "Other", and
-# without a caption file it has no caption).
-REPORT_ENTRIES = {
-    "main": ("Main table", "main"),
-    "summary": ("Summary table", "summary"),
-    "test_acc_vs_epoch": ("Learning curves", "test accuracy vs epoch"),
-    "acc_vs_wall_time": ("Learning curves", "test accuracy vs training time"),
-    "layerwise_acc": ("Learning curves", "layer-wise accuracy"),
-    "acc_vs_slowdown": ("Sweeps", "accuracy vs slowdown"),
-    "acc_vs_buffer_size": ("Sweeps", "accuracy vs buffer size"),
-    "acc_vs_K": ("Sweeps", "accuracy vs K"),
-}
+# How `snakemake --report` shows each table and figure (decoupled/layout.py): its subcategory
+# and the name in its list; the caption is workflow/report/{name}.rst.
+REPORT_ENTRIES = {output.name: (output.subcategory, output.title) for output in TABLES + FIGURES}
 # Shown as the "format" label; PNG sorts before "vector PDF", so the report shows the PNG first.
 REPORT_FORMATS = {"csv": "CSV", "md": "Markdown", "tex": "LaTeX", "png": "PNG", "pdf": "vector PDF"}
 
@@ -162,7 +154,7 @@ def for_report(paths, category, kind):
     marked = []
     for path in paths:
         name, ext = Path(path).stem, Path(path).suffix[1:]
-        subcategory, title = REPORT_ENTRIES.get(name, ("Other", name))
+        subcategory, title = REPORT_ENTRIES[name]
         labels = {kind: title, "format": REPORT_FORMATS.get(ext, ext)}
         caption = REPO / f"workflow/report/{name}.rst"
         caption = str(caption) if caption.is_file() else None

@@ -26,7 +26,7 @@ import pandas as pd
 
 from decoupled.errors import UserError
 from decoupled.files import read_json
-from decoupled.layout import FIGURE_NAMES, TABLE_NAMES
+from decoupled.layout import FIGURE_NAMES, TABLE_NAMES, figures_for
 
 __all__ = ["load_runs", "build_report", "add_time_to_accuracy", "time_to_accuracy_column",
            "DEFAULT_TARGET_ACCURACY", "TABLE_NAMES", "FIGURE_NAMES", "METHOD_ORDER", "MODE_ORDER", "AXES"]
@@ -55,13 +55,16 @@ _STALENESS = ["input_staleness", "grad_staleness"]
 
 def build_report(run_dirs: Iterable[Path], tables_dir: Path, figures_dir: Path,
                  target_accuracy: float = DEFAULT_TARGET_ACCURACY) -> list[Path]:
-    """Load the runs, write every table and figure (even empty ones); return every path written.
+    """Load the runs, write every table and the figures they have data for (``layout``: a
+    sweep figure only when some run varies its axis); return every path written.
 
     ``target_accuracy`` (a fraction) is the test accuracy whose time to reach the tables give
     and the wall-time figure marks.
     """
     # Imported here so that loading runs (e.g. from a notebook) never touches matplotlib or
     # switches its backend.
+    import inspect
+
     from decoupled.report import figures, tables
 
     runs_df, epochs_df = load_runs(list(run_dirs))
@@ -69,13 +72,17 @@ def build_report(run_dirs: Iterable[Path], tables_dir: Path, figures_dir: Path,
     tables_dir, figures_dir = Path(tables_dir), Path(figures_dir)
     written = tables.write_summary(tables.summary(runs_df), tables_dir)
     written += tables.write_main(tables.main_table(runs_df), tables_dir)
-    written += figures.plot_accuracy_vs_epoch(epochs_df, figures_dir)
-    written += figures.plot_accuracy_vs_wall_time(epochs_df, figures_dir, target_accuracy)
-    written += figures.plot_layerwise_accuracy(runs_df, figures_dir)
-    written += figures.plot_accuracy_vs_slowdown(runs_df, figures_dir)
-    written += figures.plot_accuracy_vs_buffer_size(runs_df, figures_dir)
-    written += figures.plot_accuracy_vs_K(runs_df, figures_dir)
+    # each plot function takes what it needs of these, by name
+    given = {"runs_df": runs_df, "epochs_df": epochs_df, "figures_dir": figures_dir, "target_accuracy": target_accuracy}
+    for figure in figures_for(swept_axes(runs_df)):
+        plot = getattr(figures, figure.writer)
+        written += plot(**{name: given[name] for name in inspect.signature(plot).parameters})
     return written
+
+
+def swept_axes(runs_df: pd.DataFrame) -> set[str]:
+    """The axes on which some run differs from the base settings."""
+    return {axis for varied in runs_df["varied"] for axis in varied} if len(runs_df) else set()
 
 
 def time_to_accuracy_column(target_accuracy: float) -> str:

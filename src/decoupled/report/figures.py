@@ -1,9 +1,9 @@
 """Figures of the report: learning curves (vs epoch and vs training time), the DGL paper's
 layer-wise accuracy plot and the accuracy of the sweeps (vs slowdown, buffer size and K).
 
-Each figure is saved as PNG (for quick viewing) and PDF (for the paper), always: a figure whose
-runs are absent (e.g. no run varies the slowdown) is an empty axes saying so, since the
-workflow lists every figure as an output. Points are means over seeds; the legend sits outside
+Each figure is saved as PNG (for quick viewing) and PDF (for the paper). The report draws a
+sweep figure only when some run varies its axis (``decoupled.layout``); called without such
+runs, a plot function draws empty axes saying so. Points are means over seeds; the legend sits outside
 the axes so it never hides a curve, whatever the number of runs. Each method keeps one colour
 in every figure; line styles tell apart its modes or its sweep settings.
 
