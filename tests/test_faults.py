@@ -308,3 +308,13 @@ def test_the_store_snakemake_shows_is_the_one_the_jobs_use(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"--tracking-uri sqlite:///{tmp_path}/elsewhere.db" in result.stdout + result.stderr
     assert "sqlite:///results/mlflow/mlflow.db" not in result.stdout + result.stderr
+
+
+def test_a_synthetic_gradient_method_with_nothing_recorded_names_both_settings():
+    # a loss that overflowed only in the epoch's mean: no step of it was seen non-finite
+    from test_methods import make
+
+    _, dni = make("dni", K=2)
+    assert dni.divergence_hint([float("nan"), 1.0]) == "try a lower train.synth_lr or train.lr"
+    dni.first_nonfinite["modules"][1] = 3
+    assert dni.divergence_hint([1.0, float("nan")]) == "non-finite first: module 1 at step 3; try a lower train.synth_lr or train.lr"

@@ -402,7 +402,7 @@ def test_a_method_reads_exactly_the_method_specific_settings_declared_for_it(met
     assert cfg.read & specific == declared
     # and the async section's: replay-buffer settings for the methods that replay their inputs
     assert ("dgl" in methods.SETTINGS_OF["async.max_reuse"]) and all(
-        (m in methods.SETTINGS_OF["async.max_reuse"]) == (methods.get(m).input_buffer == "replay") for m in grid.method_names())
+        (m in methods.SETTINGS_OF["async.max_reuse"]) == (methods.traits(m).input_buffer == "replay") for m in grid.method_names())
 
 
 @pytest.mark.parametrize("method", ["backprop", "dgl", "dni", "cdni", "ddg", "fdg"])
@@ -419,3 +419,74 @@ def test_a_job_config_holds_only_the_settings_that_apply_to_it(method, mode):
         if section in job and path != "train.gradient_delay":
             assert (name in job[section]) == (method in readers), path
     assert {"lr", "momentum", "batch_size"} <= set(job["train"])  # shared settings stay
+
+
+TOY_METHOD = '''"""A method of one's own, outside the package: each module learns from its own head on a
+detached input, and its async inputs come from a replay buffer (DGL under another name)."""
+
+from decoupled.methods.base import Method, ModuleStep
+from decoupled.optim import make_optimizer
+
+TRAITS = {"input_buffer": "replay"}
+
+
+class Toy(Method):
+    name = "toy"
+
+    def __init__(self, net, train_cfg, total_steps):
+        super().__init__(net, train_cfg, total_steps)
+        pairs = [make_optimizer(list(b.parameters()) + list(h.parameters()), train_cfg, total_steps) for b, h in zip(net.blocks, net.heads)]
+        self.optimizers = [o for o, _ in pairs]
+        self.schedulers = [s for _, s in pairs]
+
+    def module_step(self, k, inputs, labels):
+        return ModuleStep(*self.train_on_own_loss(k, inputs.detach(), labels))
+
+
+METHOD = Toy
+'''
+
+
+def test_a_method_is_one_file_and_its_name_in_a_config(fashion_subset, tmp_path):
+    """A toy method from a file in a folder of its own (DECOUPLED_METHOD_DIRS), no other file
+    edited: the grid plans it (async too, from its traits), the workflow runs its code, a job
+    trains it in async mode (its replay buffer), and an edit to its file re-runs its jobs only."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from conftest import REPO
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "toy.py").write_text(TOY_METHOD)
+    env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, "DECOUPLED_METHOD_DIRS": str(tmp_path / "mine")}
+    cfg = {"experiment": "toy", "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "model": {"widths": [8, 16]},
+           "train": {"epochs": 1, "batch_size": 50}, "async": {"buffer_size": 4}, "grid": {"methods": ["toy", "dgl"], "modes": ["sync", "async"], "K": [2]}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    trained = subprocess.run([sys.executable, "-m", "decoupled", "train", "--config", "c.yaml", "--method", "toy", "--mode", "async", "--K", "2",
+                              "--seed", "0", "--data", str(fashion_subset), "--out", "run"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["method"] == "toy" and metrics["mode"] == "async" and metrics["epochs"][0]["test_acc"] > 0.3
+    assert "max_reuse" in json.loads((tmp_path / "run" / "config.json").read_text())["async"]  # a replay-buffer setting: it reads one
+
+    def planned(*args):
+        result = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-n", "--cores", "1", "--configfile", "c.yaml", *args],
+                                capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return {(m["method"], m["mode"]) for m in (dict(w.split("=") for w in line.split(": ", 1)[1].split(", "))
+                                                  for line in result.stdout.splitlines() if line.strip().startswith("wildcards: method="))}
+
+    assert planned() == {("toy", "sync"), ("toy", "async"), ("dgl", "sync"), ("dgl", "async")}
+
+    def code_hashes():  # the param that re-runs a training job when its code changes
+        script = "from decoupled.code_version import training_code_hash as h; print(h('toy')); print(h('dgl'))"
+        return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True).stdout.splitlines()
+
+    before = code_hashes()
+    (tmp_path / "mine" / "toy.py").write_text(TOY_METHOD + "\n# an edit\n")
+    after = code_hashes()
+    assert after[0] != before[0] and after[1] == before[1] and after[0].startswith(before[0].split(", ")[0])  # same shared code

@@ -60,8 +60,15 @@ def with_parents(name: str) -> list[str]:
 
 @cache
 def training_files(method: str) -> tuple[Path, ...]:
-    """The package's source files a training job of ``method`` runs."""
-    todo, seen = [f"{PACKAGE}.__main__", f"{PACKAGE}.methods.{method}"], set()
+    """The source files a training job of ``method`` runs: the package's, and the method's own
+    file where it lives outside the package (``DECOUPLED_METHOD_DIRS``)."""
+    from decoupled import methods
+
+    own = methods.file_of(method)
+    outside = own.parent != ROOT / "methods"
+    todo, seen = [f"{PACKAGE}.__main__"] + ([] if outside else [f"{PACKAGE}.methods.{method}"]), set()
+    if outside:
+        todo += [m for imported in imported_modules(own, f"decoupled_method_{method}") for m in with_parents(imported)]
     while todo:
         name = todo.pop()
         if name in seen or name.startswith(NOT_TRAINING):
@@ -72,13 +79,15 @@ def training_files(method: str) -> tuple[Path, ...]:
             continue
         for imported in imported_modules(path, name):
             todo.extend(with_parents(imported))
-    return tuple(sorted({module_file(name) for name in seen if module_file(name) is not None}))
+    files = {module_file(name) for name in seen if module_file(name) is not None}
+    return tuple(sorted(files | ({own} if outside else set())))
 
 
 def _digest(paths: list[Path]) -> str:
     digest = hashlib.sha256()
     for path in paths:
-        digest.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+        name = path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else path.name  # a method of one's own: its file name
+        digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:10]
 
 
@@ -86,7 +95,10 @@ def _digest(paths: list[Path]) -> str:
 def training_code_hash(method: str) -> str:
     """Hashes of the contents of ``training_files(method)`` (with their paths): the shared code's
     and the method files', so that `snakemake -n`'s "before/now" shows which of them changed."""
+    from decoupled import methods
+
     files = training_files(method)
-    own = [p for p in files if p.parent.name == "methods" and p.stem not in ("__init__", "base")]
+    method_files = {methods.file_of(name) for name in methods.names()}
+    own = [p for p in files if p in method_files]
     shared = [p for p in files if p not in own]
     return f"shared code {_digest(shared)}, {'+'.join(p.stem for p in own)} {_digest(own)}"

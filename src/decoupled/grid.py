@@ -15,19 +15,17 @@ environment may not have it.
 
 from __future__ import annotations
 
-import pkgutil
 from dataclasses import dataclass
 from typing import Any
 
 from decoupled import config as config_lib
+from decoupled import methods
 from decoupled.errors import UserError
 
 
 def method_names() -> list[str]:
-    """The registered methods: one file each in ``decoupled/methods/`` (found without importing torch)."""
-    from decoupled import methods
-
-    return sorted(m.name for m in pkgutil.iter_modules(methods.__path__) if not m.name.startswith("_") and m.name != "base")
+    """The registered methods (``decoupled.methods``: found without importing torch)."""
+    return methods.names()
 
 
 @dataclass(frozen=True, order=True)
@@ -63,17 +61,13 @@ class RunKey:
 
 def runs(config: dict[str, Any]) -> list[RunKey]:
     """Every job of the grid, after checking that each one can be built."""
-    from decoupled.methods import SYNC_ONLY
-
     config = config_lib.validate(config)
     grid = config["grid"]
-    known = method_names()
     keys = []
     for method in grid["methods"]:
-        if method not in known:
-            raise UserError(f"unknown method '{method}' (known: {', '.join(known)})")
+        methods.check(method)
         for mode in grid["modes"]:
-            if mode == "async" and method in SYNC_ONLY:
+            if mode == "async" and methods.traits(method).sync_only:
                 continue  # e.g. backprop: the locked baseline has no async form
             for K, variant in _points(config, method, mode):
                 keys += [RunKey(method, mode, K, seed, variant) for seed in grid["seeds"]]
@@ -93,8 +87,6 @@ Option = tuple[str, dict[str, Any]]  # (part of a variant name, the settings it 
 
 def _axes(config: dict[str, Any], method: str, mode: str) -> list[tuple[Option, list[Option]]]:
     """Each swept setting that applies to ``method`` in ``mode``: its base option and the grid's options."""
-    from decoupled.methods import USES_BETA
-
     grid, base_async = config["grid"], config["async"]
     axes = []
     if mode == "async":
@@ -104,7 +96,7 @@ def _axes(config: dict[str, Any], method: str, mode: str) -> list[tuple[Option, 
         axes.append(((f"B{size}", {"buffer_size": size}), [(f"B{b}", {"buffer_size": b}) for b in grid.get("buffer_size") or [size]]))
         budget = base_async["budget"]
         axes.append((_budget(budget), [_budget(b) for b in grid.get("budget") or [budget]]))
-    if method in USES_BETA:
+    if methods.traits(method).sweeps_beta:
         beta = config["train"]["beta"]
         axes.append(((f"beta{beta:g}", {"beta": beta}), [(f"beta{b:g}", {"beta": b}) for b in grid.get("beta") or [beta]]))
     return axes
@@ -159,15 +151,13 @@ def swept_axes(config: dict[str, Any]) -> set[str]:
 
 def job_config(config: dict[str, Any], key: RunKey) -> dict[str, Any]:
     """The resolved, validated config of one job."""
-    from decoupled.methods import GRADIENT_DELAY, SYNC_ONLY
-
-    known = method_names()
-    if key.method not in known:
-        raise UserError(f"unknown method '{key.method}' (known: {', '.join(known)})")
+    methods.check(key.method)
+    known = methods.names()
     for name in config.get("overrides", {}):
         if name not in known:  # a misspelt method's settings would be ignored without a word
             raise UserError(f"config key 'overrides.{name}': unknown method '{name}' (known: {', '.join(known)})")
-    if key.mode == "async" and key.method in SYNC_ONLY:
+    traits = methods.traits(key.method)
+    if key.mode == "async" and traits.sync_only:
         raise UserError(f"method '{key.method}' has no async mode")
     shared = {k: v for k, v in config.items() if k not in NOT_JOB_SETTINGS}
     merged = config_lib.deep_merge(shared, config.get("overrides", {}).get(key.method, {}))
@@ -187,8 +177,8 @@ def job_config(config: dict[str, Any], key: RunKey) -> dict[str, Any]:
             job["async"][name] = settings[name]
     if "beta" in settings:
         job["train"]["beta"] = settings["beta"]
-    if job["train"]["gradient_delay"] is None and key.method in GRADIENT_DELAY:
-        job["train"]["gradient_delay"] = GRADIENT_DELAY[key.method]  # so that it is logged as used
+    if job["train"]["gradient_delay"] is None and traits.gradient_delay is not None:
+        job["train"]["gradient_delay"] = traits.gradient_delay  # so that it is logged as used
     _check_run(job, key)
     _drop_settings_that_do_not_apply(job, key)
     job["run"] = {"method": key.method, "mode": key.mode, "K": key.K, "variant": key.variant, "seed": key.seed, "varied": varied}
@@ -196,23 +186,19 @@ def job_config(config: dict[str, Any], key: RunKey) -> dict[str, Any]:
 
 
 def _drop_settings_that_do_not_apply(job: dict[str, Any], key: RunKey) -> None:
-    """Remove from ``job`` what its method and mode never read (``methods.SETTINGS_OF``)."""
-    from decoupled.methods import SETTINGS_OF
-
+    """Remove from ``job`` what its method and mode never read (the methods' ``reads`` traits)."""
     if key.mode == "async":
         del job["train"]["gradient_delay"]  # the engine's queues delay the gradients
     else:
         del job["async"]
-    for path, readers in SETTINGS_OF.items():
+    for path, readers in methods.settings_of().items():
         section, name = path.split(".")
         if key.method not in readers and section in job:
             job[section].pop(name, None)
 
 
 def _check_run(job: dict[str, Any], key: RunKey) -> None:
-    from decoupled.methods import SYNC_ONLY
-
-    if job["engine"] == "distributed" and key.method in SYNC_ONLY:
+    if job["engine"] == "distributed" and methods.traits(key.method).sync_only:
         raise UserError(
             f"config key 'engine': method '{key.method}' has no distributed form (its modules wait for one backward pass;"
             f" benchmarks/parallel_speedup.py runs it as a GPipe pipeline): add overrides: {{{key.method}: {{engine: simulated}}}}"

@@ -56,14 +56,12 @@ def run_key(job: dict) -> RunKey:
 
 def run_settings(job: dict) -> dict:
     """The swept settings of a job, null where they do not apply (the report plots against them)."""
-    from decoupled.methods import GRADIENT_DELAY, USES_BETA
-
     asynchronous = job["run"]["mode"] == "async"
-    method = job["run"]["method"]
+    traits = methods.traits(job["run"]["method"])
     return {
         **{name: job["async"][name] if asynchronous else None for name in ("slowdown_factor", "slowed_module", "buffer_size", "schedule", "budget")},
-        "beta": job["train"]["beta"] if method in USES_BETA else None,
-        "gradient_delay": job["train"]["gradient_delay"] if method in GRADIENT_DELAY and not asynchronous else None,
+        "beta": job["train"]["beta"] if traits.sweeps_beta else None,
+        "gradient_delay": job["train"]["gradient_delay"] if traits.gradient_delay is not None and not asynchronous else None,
     }
 
 

@@ -4,8 +4,8 @@ Worker k (process rank k) owns module k: it alone runs ``method.module_step(k, .
 ``method.receive_gradient(k, ...)``, the same method code as in the simulator. Worker 0 reads
 the mini-batches; activations and labels go forward to worker k+1 through ``channels``;
 gradients (DNI's true gradients, DDG/FDG's delayed ones) go back to worker k-1 for methods
-whose modules exchange them (``input_buffer == "fifo"``: an activation is used once because a
-gradient comes back for it). gloo on CPU, NCCL on GPU.
+whose modules exchange them (the ``sends_gradients`` trait; an activation is then used once,
+because a gradient comes back for it). gloo on CPU, NCCL on GPU.
 
 * **sync**: the lockstep pipeline of the simulator. Every worker takes each batch once, in
   order; worker k applies the gradient of the batch of step b at the end of its step
@@ -111,7 +111,7 @@ class DistributedEngine(Engine):
         self.asynchronous, self.device = asynchronous, device
         self.batch_size = batch_size
         self.batches = BatchStream(train_x, train_y, batch_size, seed, augment)
-        self.gradients_travel = method.input_buffer == "fifo"
+        self.gradients_travel = method.traits.sends_gradients
         self.replay = asynchronous and method.input_buffer == "replay"
         timeout, in_flight = distributed_cfg["timeout_s"], distributed_cfg["max_in_flight"]
         self.timeout_s = timeout

@@ -12,7 +12,6 @@ from decoupled.engines.batches import BatchStream
 from decoupled.engines.clock import ParallelClock
 from decoupled.engines.losses import LossTally
 from decoupled.engines.staleness import staleness_summary
-from decoupled.methods import SYNC_ONLY
 from decoupled.methods.base import Method
 
 
@@ -33,7 +32,7 @@ class SimulatedEngine(Engine):
         self.step = 0  # global step count = the batch index, the clock of gradient deliveries
         # gradients on their way down: in_flight[k] holds (due step, batch step, sent at, d loss / d outputs of module k)
         self.in_flight = [collections.deque() for _ in range(K - 1)]
-        self.locked = method.name in SYNC_ONLY
+        self.locked = method.traits.sync_only
         self.clock = ParallelClock([1.0] * K)
         self.grad_staleness = [collections.Counter() for _ in range(K)]
 

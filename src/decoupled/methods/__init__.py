@@ -1,42 +1,142 @@
-"""The method registry: every ``<name>.py`` in this folder (but ``base``) is a method.
+"""The method registry: every ``<name>.py`` in this folder (but ``base``) is a method, and so is
+every ``<name>.py`` in the folders that ``DECOUPLED_METHOD_DIRS`` lists (``os.pathsep``-separated:
+a method of your own, outside the package).
 
-``get(name)`` imports ``decoupled.methods.<name>`` and returns its ``METHOD`` class. Names are
-found from the file names alone (see ``decoupled.grid.method_names``), so the workflow can
-check a config without importing torch.
+A method's file defines a ``methods.base.Method`` subclass, ends with ``METHOD = ThatClass``,
+and declares its traits near the top as a literal ``TRAITS = {...}`` (the fields of ``Traits``
+below, those that differ from the defaults). The traits are read from the file's text, without
+running it, so that the grid, the workflow and the report know a method without importing
+torch; ``get(name)`` imports the file and returns its class. Adding
+a method = its file + its name in a config's ``grid.methods``: nothing else names it.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass, fields
+from functools import cache
+from pathlib import Path
 
 from decoupled.errors import UserError
 
-# What the grid must know about a method without importing torch (decoupled.grid):
-SYNC_ONLY = {"backprop"}  # the locked baseline has no async form
-USES_BETA = {"fdg"}  # grid.beta sweeps these methods only
-# Delayed-gradient methods: steps a gradient takes to cross one module boundary in sync mode,
-# as in their authors' code (train.gradient_delay: null). DDG (slowbull/DDG) keeps the forward
-# pass locked: one step per boundary. FDG (ZHUANGHP/FDG) unlocks it too: a module forwards what
-# the one below produced a step earlier, so a gradient needs two steps per boundary.
-GRADIENT_DELAY = {"ddg": 1, "fdg": 2}
-# Settings that only some methods read, with the methods that read them. A job's config keeps
-# them for those methods only, so that its MLflow params show, and a change to them re-runs,
-# only what applies to it. (Every other train setting applies to every method; the async
-# section applies to async jobs only, train.gradient_delay to sync jobs only.)
-SETTINGS_OF = {
-    "train.probe_heads": {"backprop", "dni", "cdni", "ddg", "fdg"},  # no aux loss of their own to train the heads
-    "train.beta": USES_BETA,
-    "train.gradient_delay": set(GRADIENT_DELAY),
-    "train.delayed_grad_weights": {"ddg", "fdg"},
-    "train.synth_label_input": {"cdni"},
-    **{f"train.synth_{name}": {"dni", "cdni"} for name in ("hidden", "lr", "layers", "kernel", "batchnorm", "target", "zero_bias")},
-    "async.max_reuse": {"dgl"},  # the methods whose inputs come from a replay buffer (input_buffer "replay")
-}
+METHOD_DIRS_ENV = "DECOUPLED_METHOD_DIRS"
+
+
+@dataclass(frozen=True)
+class Traits:
+    """What the grid, the engines and the report must know about a method."""
+
+    sync_only: bool = False  # no async form (backprop: its modules wait for one backward pass)
+    sweeps_beta: bool = False  # grid.beta sweeps train.beta for it (FDG's gradient shrinking)
+    # sync mode: steps a gradient takes to cross one boundary when train.gradient_delay is null
+    # (None: the method applies no delayed gradients)
+    gradient_delay: int | None = None
+    # gradients travel down between modules (DNI's true ones for the synthesizers, DDG's delayed
+    # ones), so each activation sent up is used once, in order; async: a FIFO queue between modules
+    sends_gradients: bool = False
+    # async: "fifo" (each input once, in order) or "replay" (a replay buffer may serve an input again)
+    input_buffer: str = "fifo"
+    # the settings only some methods read ("train.synth_lr", ...): a job keeps them for the
+    # methods that read them, so that its MLflow params show, and a change re-runs, only those
+    # (async.max_reuse follows from input_buffer "replay")
+    reads: tuple[str, ...] = ()
+    report_order: int | None = None  # its place in the tables and its colour in the figures (None: after, by name)
+
+
+@cache
+def _files() -> dict[str, Path]:
+    dirs = [Path(__file__).parent] + [Path(d) for d in os.environ.get(METHOD_DIRS_ENV, "").split(os.pathsep) if d]
+    found: dict[str, Path] = {}
+    for folder in dirs:
+        for path in sorted(folder.glob("*.py")):
+            if not path.stem.startswith("_") and path.stem != "base":
+                found.setdefault(path.stem, path)  # the package's own first
+    return found
+
+
+def names() -> list[str]:
+    """The registered methods, by name."""
+    return sorted(_files())
+
+
+def file_of(name: str) -> Path:
+    check(name)
+    return _files()[name]
+
+
+def check(name: str) -> None:
+    if name not in _files():
+        raise UserError(f"unknown method '{name}' (known: {', '.join(names())})")
+
+
+@cache
+def traits(name: str) -> Traits:
+    """The method's ``TRAITS``, read from its file without running it."""
+    path = file_of(name)
+    for node in ast.parse(path.read_text(), str(path)).body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "TRAITS" for t in node.targets):
+            try:
+                declared = ast.literal_eval(node.value)
+            except ValueError:
+                raise UserError(f"{path}: TRAITS must be a literal dict") from None
+            unknown = set(declared) - {f.name for f in fields(Traits)}
+            if unknown:
+                raise UserError(f"{path}: unknown TRAITS {', '.join(sorted(unknown))} (known: {', '.join(f.name for f in fields(Traits))})")
+            return Traits(**{k: tuple(v) if k == "reads" else v for k, v in declared.items()})
+    return Traits()
 
 
 def get(name: str):
-    from decoupled.grid import method_names
+    """The method's class (its instances read their ``traits`` from the registry by name)."""
+    path = file_of(name)
+    if path.parent == Path(__file__).parent:
+        module = importlib.import_module(f"decoupled.methods.{name}")
+    else:  # a method of one's own, from its file
+        module_name = f"decoupled_method_{name}"
+        module = sys.modules.get(module_name)
+        if module is None:
+            spec = importlib.util.spec_from_file_location(module_name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[module_name] = module
+            spec.loader.exec_module(module)
+    return module.METHOD
 
-    if name not in method_names():
-        raise UserError(f"unknown method '{name}' (known: {', '.join(method_names())})")
-    return importlib.import_module(f"decoupled.methods.{name}").METHOD
+
+def report_order() -> list[str]:
+    """The methods with a ``report_order``, in that order (the others follow, by name)."""
+    placed = [(traits(n).report_order, n) for n in names() if traits(n).report_order is not None]
+    return [n for _, n in sorted(placed)]
+
+
+# Settings that the engines read for a method because of a trait, not the method itself.
+_ENGINE_READS = {"async.max_reuse": lambda t: t.input_buffer == "replay"}  # the replay buffer's
+
+
+def settings_of() -> dict[str, set[str]]:
+    """Each setting that only some methods read (theirs, or the engines' for them), with the
+    methods that read it."""
+    readers: dict[str, set[str]] = {setting: set() for setting in _ENGINE_READS}
+    for name in names():
+        for setting in traits(name).reads:
+            readers.setdefault(setting, set()).add(name)
+        for setting, applies in _ENGINE_READS.items():
+            if applies(traits(name)):
+                readers[setting].add(name)
+    return readers
+
+
+def __getattr__(attr: str):
+    # Views of the traits under the names the code used before they were declared per method.
+    views = {
+        "SYNC_ONLY": lambda: {n for n in names() if traits(n).sync_only},
+        "USES_BETA": lambda: {n for n in names() if traits(n).sweeps_beta},
+        "GRADIENT_DELAY": lambda: {n: traits(n).gradient_delay for n in names() if traits(n).gradient_delay is not None},
+        "SETTINGS_OF": settings_of,
+    }
+    if attr in views:
+        return views[attr]()
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from decoupled.methods.base import Method, ModuleStep
 from decoupled.optim import make_optimizer
 
+TRAITS = {"sync_only": True, "reads": ["train.probe_heads"], "report_order": 0}
+
 
 class Backprop(Method):
     name = "backprop"

@@ -1,4 +1,4 @@
-"""The interface every method implements (see the package docstring for the contract)."""
+"""The interface every method implements: the contract is ``Method``'s docstring."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import ClassVar, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from decoupled.methods import Traits, traits
 from decoupled.model import SplitNet
 
 
@@ -17,20 +18,45 @@ class ModuleStep(NamedTuple):
 
 
 class Method:
-    """A rule for updating a SplitNet, one module at a time.
+    """A rule for updating a SplitNet, one module at a time: the contract every method keeps.
 
-    The engine owns data, order and clock; it calls ``module_step(k, inputs, labels)`` for the
-    modules in the order its schedule says and passes ``outputs`` on. When a step returns an
-    ``input_grad``, the engine delivers it to module k-1 with ``receive_gradient``, in the order
-    the gradients were sent; in sync mode, the gradient of the batch that module k forwarded at
-    step b reaches it at the end of step b + ``gradient_delay(k)`` (a pipeline's backward travel
-    time). The method owns the optimizers and decides what each module learns from.
+    A method is one file ``decoupled/methods/<name>.py`` (or in a folder of
+    ``DECOUPLED_METHOD_DIRS``) that declares its ``TRAITS`` (``decoupled.methods.Traits``:
+    sync-only, sweeps β, delays gradients, sends gradients back, replays inputs, report order),
+    defines a subclass with ``name = "<name>"`` and ends with ``METHOD = ThatClass``.
+
+    * ``__init__(net, train_cfg, total_steps)`` builds ``self.optimizers`` and
+      ``self.schedulers`` (lists; see ``optim.make_optimizer``).
+    * ``module_step(k, inputs, labels) -> ModuleStep(outputs, loss, input_grad)``: advance module
+      k on one batch (forward, and update whatever the method updates at this point); return
+      the activations for module k+1, module k's loss (detached) or None, and d loss / d inputs
+      for module k-1 or None.
+    * ``receive_gradient(k, grad) -> Tensor | None``: module k gets d loss / d outputs for its
+      oldest batch awaiting one (DNI's true gradient, DDG's delayed one); return what to pass
+      on to module k-1.
+    * ``gradient_delay(k)``, ``divergence_hint(losses)``, ``state_dict()`` /
+      ``load_state_dict(state)``: see each below.
+
+    The engine owns data, order and clock; it calls ``module_step`` for the modules in the
+    order its schedule says and passes ``outputs`` on. When a step returns an ``input_grad``,
+    the engine delivers it to module k-1 with ``receive_gradient``, in the order the gradients
+    were sent; in sync mode, the gradient of the batch that module k forwarded at step b reaches
+    it at the end of step b + ``gradient_delay(k)`` (a pipeline's backward travel time). The
+    method owns the optimizers and decides what each module learns from.
     """
 
-    name: ClassVar[str]
-    # async mode: how activations reach module k. "fifo": each used once, in order (a gradient
-    # comes back for it); "replay": a replay buffer that may serve an entry several times.
-    input_buffer: ClassVar[str] = "fifo"
+    name: ClassVar[str]  # the name of its file, which configs use
+
+    @property
+    def traits(self) -> Traits:
+        """What the grid, the engines and the report know of the method: its file's ``TRAITS``."""
+        return traits(self.name)
+
+    @property
+    def input_buffer(self) -> str:
+        """Async mode: how activations reach module k. "fifo": each used once, in order (a
+        gradient comes back for it); "replay": a replay buffer that may serve an entry again."""
+        return self.traits.input_buffer
 
     def __init__(self, net: SplitNet, train_cfg: dict, total_steps: int):
         self.net = net

@@ -29,9 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from decoupled.methods import GRADIENT_DELAY
 from decoupled.methods.base import Method, ModuleStep
 from decoupled.optim import make_optimizer
+
+# DDG (slowbull/DDG) keeps the forward pass locked: a gradient takes one step per boundary
+TRAITS = {"gradient_delay": 1, "sends_gradients": True, "reads": ["train.probe_heads", "train.gradient_delay", "train.delayed_grad_weights"], "report_order": 4}
 
 
 class DDG(Method):
@@ -40,7 +42,7 @@ class DDG(Method):
     def __init__(self, net, train_cfg, total_steps):
         super().__init__(net, train_cfg, total_steps)
         delay = train_cfg.get("gradient_delay")  # absent in async mode, where the engine's queues delay gradients
-        self.delay_per_boundary = GRADIENT_DELAY[self.name] if delay is None else delay
+        self.delay_per_boundary = self.traits.gradient_delay if delay is None else delay
         self.at_current_weights = train_cfg["delayed_grad_weights"] == "current"
         self.probe_heads = train_cfg["probe_heads"]
         K = net.K

@@ -13,10 +13,12 @@ import torch
 from decoupled.methods.base import Method, ModuleStep
 from decoupled.optim import make_optimizer
 
+# async: a replay buffer, so that modules above a slow one keep training on recent inputs
+TRAITS = {"input_buffer": "replay", "report_order": 1}
+
 
 class DGL(Method):
     name = "dgl"
-    input_buffer = "replay"  # async: modules above a slow one keep training on recent inputs
 
     def __init__(self, net, train_cfg, total_steps):
         super().__init__(net, train_cfg, total_steps)

@@ -21,6 +21,8 @@ from torch import nn
 from decoupled.methods.base import Method, ModuleStep
 from decoupled.optim import make_optimizer
 
+TRAITS = {"sends_gradients": True, "reads": ["train.probe_heads", "train.synth_hidden", "train.synth_lr", "train.synth_layers", "train.synth_kernel", "train.synth_batchnorm", "train.synth_target", "train.synth_zero_bias"], "report_order": 2}
+
 
 class Synthesizer(nn.Module):
     """Resolution-preserving convolutions from the activations to a gradient of their shape.

@@ -13,6 +13,11 @@ beta^(K-1-k). With beta = 1 FDG is still not DDG: unlocking the forward costs st
 
 from decoupled.methods.ddg import DDG
 
+# FDG (ZHUANGHP/FDG) unlocks the forward too: a module forwards what the one below produced
+# a step earlier, so a gradient needs two steps per boundary
+TRAITS = {"gradient_delay": 2, "sweeps_beta": True, "sends_gradients": True,
+          "reads": ["train.probe_heads", "train.beta", "train.gradient_delay", "train.delayed_grad_weights"], "report_order": 5}
+
 
 class FDG(DDG):
     name = "fdg"

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from decoupled import methods
 from decoupled.errors import UserError
 from decoupled.files import read_json
 from decoupled.layout import FIGURE_NAMES, TABLE_NAMES, figures_for
@@ -31,8 +32,9 @@ from decoupled.layout import FIGURE_NAMES, TABLE_NAMES, figures_for
 __all__ = ["load_runs", "build_report", "add_time_to_accuracy", "time_to_accuracy_column",
            "DEFAULT_TARGET_ACCURACY", "TABLE_NAMES", "FIGURE_NAMES", "METHOD_ORDER", "MODE_ORDER", "AXES"]
 
-# The paper's order of methods; any other method follows, alphabetically.
-METHOD_ORDER = ["backprop", "dgl", "dni", "cdni", "ddg", "fdg"]
+# The methods' order in tables and figures (their report_order traits: the paper's order); any
+# other method follows, alphabetically.
+METHOD_ORDER = methods.report_order()
 MODE_ORDER = ["sync", "async"]
 # The swept axes a run may differ on (its ``varied`` list is a subset).
 AXES = ["K", "slowdown", "buffer_size", "budget", "beta"]
