@@ -197,3 +197,23 @@ def test_an_engine_reports_its_progress_through_the_epoch(mode, budget):
             assert seen[-1] == (8, 8)  # the slowest module's updates, of the epoch's 8
         else:
             assert seen == [(i, len(seen)) for i in range(1, len(seen) + 1)]  # one per tick of the epoch's schedule
+
+
+def test_an_engine_is_known_by_its_spec_alone():
+    """The engines' SPECs (read without torch) are the schema's engines, and nothing outside
+    src/decoupled/engines/ asks which engine a job has: adding one touches its file and the schema."""
+    import re
+
+    from conftest import REPO
+    from decoupled import config, engines
+
+    assert engines.names() == sorted(config.schema()["properties"]["engine"]["enum"])
+    outside = [p for p in [*(REPO / "src/decoupled").rglob("*.py"), *(REPO / "workflow").rglob("*.smk"), REPO / "Snakefile"] if "engines" not in p.parts]
+    asks = [f"{p.relative_to(REPO)}:{i}" for p in outside for i, line in enumerate(p.read_text().splitlines(), 1)
+            if re.search(r"""["']distributed["']""", line)]
+    assert asks == []
+    job = {"run": {"K": 3}, "train": {"device": "cuda"}}
+    assert [engines.spec(n).process_count(job) for n in ("simulated", "distributed")] == [1, 3]
+    assert engines.spec("distributed").gpus(job) == 3 and engines.spec("simulated").gpus({**job, "train": {"device": "cpu"}}) == 0
+    assert engines.spec("distributed").command(job) == ["torchrun", "--standalone", "--nnodes=1", "--nproc-per-node=3", "-m", "decoupled"]
+    assert engines.spec("simulated").command(job) == ["python", "-m", "decoupled"]

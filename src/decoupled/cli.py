@@ -106,20 +106,23 @@ def cmd_train(args) -> None:
         if not sep:
             raise UserError(f"--tag '{item}' must look like name=value")
         tags[name] = value
-    if job["engine"] == "distributed" and "RANK" not in os.environ:
-        _launch_workers(job)  # this process becomes torchrun's agent; the workers rerun this command
+    from decoupled import engines
+
+    if not engines.of(job).is_launched():
+        _launch_workers(job)  # this process becomes the launcher's agent; its processes rerun this command
     else:
         run_job(job, args.data, args.out, _tracking(args.tracking), tags)
 
 
 def _launch_workers(job: dict) -> None:
-    """Run this very command as K worker processes under torchrun on this machine."""
+    """Run this very command as the job's processes under torchrun on this machine."""
     import signal
     import subprocess
 
-    from decoupled.grid import RunKey, torchrun_args
+    from decoupled import engines
+    from decoupled.grid import RunKey
 
-    command = [sys.executable, "-m", "torch.distributed.run", *torchrun_args(job), "-m", "decoupled", *sys.argv[1:]]
+    command = [sys.executable, "-m", "torch.distributed.run", *engines.of(job).launch_args(job), "-m", "decoupled", *sys.argv[1:]]
     agent = subprocess.Popen(command)
     terminated = []
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from decoupled import config as config_lib
-from decoupled import methods
+from decoupled import engines, methods
 from decoupled.errors import UserError
 
 
@@ -198,9 +198,9 @@ def _drop_settings_that_do_not_apply(job: dict[str, Any], key: RunKey) -> None:
 
 
 def _check_run(job: dict[str, Any], key: RunKey) -> None:
-    if job["engine"] == "distributed" and methods.traits(key.method).sync_only:
+    if not engines.of(job).runs_locked and methods.traits(key.method).sync_only:
         raise UserError(
-            f"config key 'engine': method '{key.method}' has no distributed form (its modules wait for one backward pass;"
+            f"config key 'engine': method '{key.method}' has no {job['engine']} form (its modules wait for one backward pass;"
             f" benchmarks/parallel_speedup.py runs it as a GPipe pipeline): add overrides: {{{key.method}: {{engine: simulated}}}}"
         )
     n_layers = len(job["model"]["widths"])
@@ -223,15 +223,9 @@ def _check_run(job: dict[str, Any], key: RunKey) -> None:
             raise UserError(f"job {key.name}: slowdown factor {factor:g} needs a slowed module")
 
 
-def torchrun_args(job: dict[str, Any]) -> list[str]:
-    """torchrun's options for a distributed job on one machine: one worker process per module."""
-    return ["--standalone", "--nnodes=1", f"--nproc-per-node={job['run']['K']}"]
-
-
 def job_threads(job: dict[str, Any]) -> int:
-    """CPU threads a job uses: its intra-op threads, in each of its K workers if distributed."""
-    workers = job["run"]["K"] if job["engine"] == "distributed" else 1
-    return workers * job["train"]["threads"]
+    """CPU threads a job uses: its intra-op threads, in each of its processes."""
+    return engines.of(job).process_count(job) * job["train"]["threads"]
 
 
 def check_job(job: dict[str, Any]) -> dict[str, Any]:
@@ -259,6 +253,8 @@ def _validate_job_sections(merged: dict[str, Any], key: RunKey) -> dict[str, Any
         raise UserError(f"{e} (in the job {key.name}, after overrides.{key.method})") from None
     for name in NOT_JOB_SETTINGS:
         validated.pop(name, None)
-    if validated["engine"] != "distributed":
-        del validated["distributed"]  # so its settings never re-run a simulated job
+    for other in engines.names():  # another engine's section: its settings never re-run this job
+        section = engines.spec(other).section
+        if section is not None and other != validated["engine"]:
+            validated.pop(section, None)
     return validated

@@ -28,9 +28,8 @@ from pathlib import Path
 
 import torch
 
-from decoupled import methods, model, progress
+from decoupled import engines, methods, model, progress
 from decoupled.data import Dataset, load_prepared
-from decoupled.engines import ENGINES
 from decoupled.engines.base import EpochInterrupted, StopRequest
 from decoupled.errors import UserError
 from decoupled.files import save_torch, write_json
@@ -75,22 +74,14 @@ def build(job: dict, data: Dataset, split: dict | None = None):
     key = run_key(job)
     train_cfg = job["train"]
     steps_per_epoch = check_fits(job, data)
-    distributed = job["engine"] == "distributed"
-    if distributed:
-        from decoupled.engines.distributed import join_workers
-
-        device = join_workers(key.K, train_cfg["device"], job["distributed"]["timeout_s"], job["distributed"]["pin_cores"], train_cfg["threads"])
-    else:
-        device = _device(train_cfg["device"])
-    counts, split_info = (split["counts"], split) if split is not None else _split(job, data, key.K, distributed)
+    engine_class = engines.of(job).engine_class(key.mode)
+    device = engine_class.setup(job)  # with several processes, this one first joins the others
+    counts, split_info = (split["counts"], split) if split is not None else _split(job, data, key.K, engine_class)
     torch.manual_seed(key.seed)
     net = model.build(job["model"], key.K, data.in_channels, data.num_classes, counts).to(device)
     method = methods.get(key.method)(net, train_cfg, train_cfg["epochs"] * steps_per_epoch)
     # the job was checked by decoupled.grid (e.g. that a slowed module exists)
-    engine_class = ENGINES[(job["engine"], key.mode)]
-    train_x, train_y = (data.train_x, data.train_y) if distributed else (data.train_x.to(device), data.train_y.to(device))
-    extra = {"distributed_cfg": job["distributed"], "device": device} if distributed else {}
-    engine = engine_class(method, train_x, train_y, train_cfg["batch_size"], key.seed, job.get("async"), train_cfg["augment"], **extra)
+    engine = engine_class.for_job(method, data, job, device)
     return net, method, engine, {"counts": counts, **(split_info or {})}
 
 
@@ -102,27 +93,15 @@ def check_fits(job: dict, data: Dataset) -> int:
     return len(data.train_x) // batch_size
 
 
-def _device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("config key 'train.device': cuda, but torch sees no GPU here")
-    return torch.device(name)
-
-
-def _split(job: dict, data: Dataset, K: int, distributed: bool) -> tuple[list[int], dict | None]:
-    """Layers per module (``model.split``). A balanced split is measured; with several workers,
-    worker 0 measures it and the others take its choice, so that all build the same network."""
+def _split(job: dict, data: Dataset, K: int, engine_class) -> tuple[list[int], dict | None]:
+    """Layers per module (``model.split``). A balanced split is measured; with several
+    processes, one measures it and the others take its choice, so that all build the same network."""
     from decoupled.profile import resolve_split
 
     def resolve():
         return resolve_split(job["model"], K, data.in_channels, data.train_x.shape[-1], data.num_classes, job["train"]["batch_size"])
 
-    if job["model"]["split"] != "balanced" or not distributed:
-        return resolve()
-    import torch.distributed as dist
-
-    choice = [resolve() if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(choice, src=0)
-    return choice[0]
+    return resolve() if job["model"]["split"] != "balanced" else engine_class.agreed(resolve)
 
 
 def fit(job: dict, data: Dataset, checkpoint: Callable[[dict], None] | None = None, resume: dict | None = None,
@@ -265,8 +244,9 @@ def run_job(job: dict, data_path: str | Path, out_dir: str | Path, experiment: d
     check_fits(job, data)
     abandoned: list[str] = []
     resume = load_resume(out_dir, job, abandoned)
-    if job["engine"] == "distributed" and int(os.environ.get("RANK", "0")) != 0:
-        # worker k > 0: it trains its module; worker 0 logs, checkpoints and writes the outputs
+    if not engines.of(job).is_main_process():
+        # another process of the job (a distributed worker k > 0): it trains its module; the
+        # main one logs, checkpoints and writes the outputs
         return fit(job, data, checkpoint=lambda state: None, resume=resume)
     if experiment is None:
         from decoupled.tracking import init_experiment

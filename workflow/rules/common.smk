@@ -15,6 +15,7 @@ from snakemake.utils import validate
 REPO = Path(workflow.basedir)
 sys.path.insert(0, str(REPO / "src"))
 
+from decoupled import engines as decoupled_engines  # noqa: E402
 from decoupled import grid as decoupled_grid  # noqa: E402
 from decoupled.code_version import training_code_hash  # noqa: E402
 from decoupled.config import describe  # noqa: E402
@@ -103,20 +104,16 @@ def job_threads(wildcards):
 
 
 def job_gpus(wildcards):
-    """GPUs a job uses: one per worker process on cuda."""
+    """GPUs a job uses: one per process on cuda."""
     job = decoupled_grid.job_config(config, run_key(wildcards))
-    if job["train"]["device"] != "cuda":
-        return 0
-    return job["run"]["K"] if job["engine"] == "distributed" else 1
+    return decoupled_engines.of(job).gpus(job)
 
 
 def launcher(wildcards):
-    """What starts a training job: `python -m decoupled`, or torchrun with one worker process per
-    module for the distributed engine (each worker runs the same command)."""
+    """What starts a training job: `python -m decoupled`, or, for an engine of several processes,
+    its launcher (torchrun, one worker process per module, each running the same command)."""
     job = decoupled_grid.job_config(config, run_key(wildcards))
-    if job["engine"] == "distributed":
-        return " ".join(["torchrun", *decoupled_grid.torchrun_args(job), "-m", "decoupled"])
-    return "python -m decoupled"
+    return " ".join(decoupled_engines.of(job).command(job))
 
 
 def run_tags(wildcards):

@@ -5,17 +5,96 @@ takes a batch through modules 0..K-1 in lockstep; in async mode (``AsyncSimulato
 schedule lets each module advance at its own pace, through buffers between modules.
 ``distributed`` (``DistributedEngine``): one process per module on torch.distributed, the
 same two modes with real parallel workers.
+
+The registry: an engine is a file of this folder that declares, as a literal ``SPEC = {...}``
+(the fields of ``EngineSpec``), how a job of it is run: how many processes, how they are
+launched, which config section is its own, what its seconds are, and its class for each mode.
+The spec is read from the file's text without running it, so that the grid, the workflow and
+the report know an engine without importing torch; nothing outside this folder asks which
+engine a job has. Adding an engine = its file here + its name in the schema's ``engine``.
+The contract of the classes is ``base.Engine``'s docstring.
 """
 
-from functools import partial
+from __future__ import annotations
 
-from decoupled.engines.distributed import DistributedEngine
-from decoupled.engines.simulated import SimulatedEngine
-from decoupled.engines.simulated_async import AsyncSimulator
+import ast
+import importlib
+import os
+from dataclasses import dataclass, field, fields
+from functools import cache
+from pathlib import Path
+from typing import Any
 
-ENGINES = {
-    ("simulated", "sync"): SimulatedEngine,
-    ("simulated", "async"): AsyncSimulator,
-    ("distributed", "sync"): partial(DistributedEngine, asynchronous=False),
-    ("distributed", "async"): partial(DistributedEngine, asynchronous=True),
-}
+from decoupled.errors import UserError
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    name: str
+    # "one": a single process; "per_module": K processes, worker k owning module k
+    processes: str = "one"
+    # "python": `python -m decoupled`; "torchrun": torchrun starts the processes on this machine
+    launcher: str = "python"
+    section: str | None = None  # the config section that only this engine reads (others drop it)
+    # what its seconds are: "simulated parallel" (each module's measured work on a worker of its
+    # own) or "wall clock" (real workers)
+    clock: str = "simulated parallel"
+    runs_locked: bool = True  # runs a sync-only method (backprop: its modules wait for one backward pass)
+    classes: dict[str, str] = field(default_factory=dict)  # mode -> "module:Class" in this folder
+
+    def process_count(self, job: dict[str, Any]) -> int:
+        """Processes a job runs: 1, or one per module."""
+        return job["run"]["K"] if self.processes == "per_module" else 1
+
+    def gpus(self, job: dict[str, Any]) -> int:
+        """GPUs a job uses: one per process on cuda."""
+        return self.process_count(job) if job["train"]["device"] == "cuda" else 0
+
+    def launch_args(self, job: dict[str, Any]) -> list[str]:
+        """The launcher's options (torchrun's: one process per module on this machine)."""
+        return ["--standalone", "--nnodes=1", f"--nproc-per-node={self.process_count(job)}"] if self.launcher == "torchrun" else []
+
+    def command(self, job: dict[str, Any]) -> list[str]:
+        """What starts a job of this engine (each of its processes then runs the same CLI command)."""
+        return ["torchrun", *self.launch_args(job), "-m", "decoupled"] if self.launcher == "torchrun" else ["python", "-m", "decoupled"]
+
+    def is_launched(self) -> bool:
+        """Whether this process is one the launcher started (False: it must start them itself)."""
+        return self.launcher != "torchrun" or "RANK" in os.environ
+
+    def is_main_process(self) -> bool:
+        """The process that logs to MLflow, prints progress and writes the outputs."""
+        return self.launcher != "torchrun" or os.environ.get("RANK", "0") == "0"
+
+    def engine_class(self, mode: str):
+        module, name = self.classes[mode].split(":")
+        return getattr(importlib.import_module(f"decoupled.engines.{module}"), name)
+
+
+@cache
+def _specs() -> dict[str, EngineSpec]:
+    found = {}
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        for node in ast.parse(path.read_text(), str(path)).body:
+            if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "SPEC" for t in node.targets):
+                declared = ast.literal_eval(node.value)
+                unknown = set(declared) - {f.name for f in fields(EngineSpec)}
+                if unknown:
+                    raise UserError(f"{path}: unknown SPEC fields {', '.join(sorted(unknown))}")
+                found[declared["name"]] = EngineSpec(**declared)
+    return found
+
+
+def names() -> list[str]:
+    return sorted(_specs())
+
+
+def spec(name: str) -> EngineSpec:
+    if name not in _specs():
+        raise UserError(f"unknown engine '{name}' (known: {', '.join(names())})")
+    return _specs()[name]
+
+
+def of(job: dict[str, Any]) -> EngineSpec:
+    """The spec of a job's engine."""
+    return spec(job["engine"])

@@ -1,7 +1,8 @@
-"""What every engine offers the training loop (``train.fit``) besides ``run_epoch``.
+"""The engine contract: what every engine offers the training loop (``train.fit``).
 
 The defaults are those of a single process; the distributed engine, whose network is spread
-over several processes, overrides them.
+over several processes, overrides them. How a job of an engine is run (processes, launcher,
+config section, clock) is its file's ``SPEC`` (see ``decoupled.engines``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 
+from decoupled.errors import UserError
 from decoupled.evaluate import evaluate
 from decoupled.model import SplitNet
 
@@ -38,6 +40,19 @@ class EpochInterrupted(Exception):
 
 
 class Engine:
+    """Schedules a method's module steps over the training data; never decides how a module learns.
+
+    * ``setup(job) -> device`` (classmethod), before anything is built: join the job's other
+      processes, if any; this process's device.
+    * ``agreed(compute)`` (classmethod): ``compute()``'s value, the same in every process.
+    * ``for_job(method, data, job, device)`` (classmethod): the engine for a job.
+    * ``run_epoch() -> stats``: one pass over the training set; ``stats`` holds
+      ``train_loss_per_module``, ``images`` and ``seconds`` (and what the engine measures
+      besides: per-module steps, idle time, staleness, ...), the same on every process.
+    * ``evaluate``, ``checkpoint_state`` / ``load_checkpoint_state``, ``close``: see below;
+      ``is_main``: the process that prints, logs and writes; ``steps_per_epoch``.
+    """
+
     is_main = True  # the process that prints progress, logs to MLflow and writes the outputs
     # Set by train.fit. The simulated engines stop between two steps when it is set, keeping
     # the epoch's progress in ``partial`` (part of their state), so that a checkpoint taken then
@@ -47,6 +62,22 @@ class Engine:
     # Set by train.fit on the main process when a progress bar is shown: called as
     # progress(done, total) as the epoch advances, in the engine's own steps.
     progress: Callable[[int, int], None] | None = None
+
+    @classmethod
+    def setup(cls, job: dict) -> torch.device:
+        name = job["train"]["device"]
+        if name == "cuda" and not torch.cuda.is_available():
+            raise UserError("config key 'train.device': cuda, but torch sees no GPU here")
+        return torch.device(name)
+
+    @classmethod
+    def agreed(cls, compute: Callable[[], object]):
+        return compute()
+
+    @classmethod
+    def for_job(cls, method, data, job: dict, device: torch.device) -> "Engine":
+        train = job["train"]
+        return cls(method, data.train_x.to(device), data.train_y.to(device), train["batch_size"], job["run"]["seed"], job.get("async"), train["augment"])
 
     @contextlib.contextmanager
     def _stoppable(self):

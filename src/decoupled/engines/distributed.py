@@ -53,6 +53,12 @@ from decoupled.evaluate import evaluate
 from decoupled.methods.base import Method
 
 
+# One process per module, started by torchrun; real workers' wall clock. A locked method
+# (backprop) has no such form: its modules wait for one backward pass.
+SPEC = {"name": "distributed", "processes": "per_module", "launcher": "torchrun", "section": "distributed", "clock": "wall clock",
+        "runs_locked": False, "classes": {"sync": "distributed:DistributedEngine", "async": "distributed:DistributedEngine"}}
+
+
 def join_workers(K: int, device: str, timeout_s: float, pin_cores: bool = False, threads: int = 1) -> torch.device:
     """Join the process group torchrun set up; returns this worker's device.
 
@@ -103,6 +109,24 @@ def worker_cores(allowed: list[int], local_rank: int, local_world: int, threads:
 
 
 class DistributedEngine(Engine):
+    @classmethod
+    def setup(cls, job):
+        """Join the K workers (torchrun started them); this worker's device."""
+        train = job["train"]
+        return join_workers(job["run"]["K"], train["device"], job["distributed"]["timeout_s"], job["distributed"]["pin_cores"], train["threads"])
+
+    @classmethod
+    def agreed(cls, compute):
+        choice = [compute() if dist.get_rank() == 0 else None]  # worker 0's, so that all build the same network
+        dist.broadcast_object_list(choice, src=0)
+        return choice[0]
+
+    @classmethod
+    def for_job(cls, method, data, job, device):
+        train = job["train"]  # the data stays on the host: worker 0 reads the batches
+        return cls(method, data.train_x, data.train_y, train["batch_size"], job["run"]["seed"], job.get("async"), train["augment"],
+                   asynchronous=job["run"]["mode"] == "async", distributed_cfg=job["distributed"], device=device)
+
     def __init__(self, method: Method, train_x: torch.Tensor, train_y: torch.Tensor, batch_size: int, seed: int, async_cfg: dict, augment: str = "none", *, asynchronous: bool, distributed_cfg: dict, device: torch.device):
         net = method.net
         K = net.K

@@ -15,6 +15,10 @@ from decoupled.engines.staleness import staleness_summary
 from decoupled.methods.base import Method
 
 
+# One process runs every module; its seconds are the simulated parallel clock's.
+SPEC = {"name": "simulated", "classes": {"sync": "simulated:SimulatedEngine", "async": "simulated_async:AsyncSimulator"}}
+
+
 class SimulatedEngine(Engine):
     """Sync mode: each step takes a mini-batch through modules 0..K-1 in order.
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from decoupled import methods
+from decoupled import engines, methods
 from decoupled.errors import UserError
 from decoupled.files import read_json
 from decoupled.layout import FIGURE_NAMES, TABLE_NAMES, figures_for
@@ -122,7 +122,7 @@ def mode_rank(mode: str) -> tuple[int, str]:
 def load_runs(run_dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Read run directories into a per-run frame and a per-epoch frame.
 
-    Per-run columns: method, mode, K, variant, seed, engine ("simulated" or "distributed";
+    Per-run columns: method, mode, K, variant, seed, engine (an engine of ``decoupled.engines``;
     "simulated" where metrics.json predates its ``engine`` key), varied (list), test_acc,
     test_acc_per_module (list), train_time_s (the process's seconds), clock (what ``time_s``
     measures: "simulated parallel", "wall clock" or "one process"), time_s (at the end of
@@ -178,6 +178,8 @@ def _load_run(run_dir: Path) -> tuple[dict, list[dict]]:
     K, is_async = ident["K"], ident["mode"] == "async"
     # Not in eval.json (evaluation is the same whichever engine trained), so not checked there.
     engine = _get(metrics, "engine", str, metrics_path) if "engine" in metrics else DEFAULT_ENGINE
+    if engine not in engines.names():
+        raise UserError(f"{metrics_path}: unknown engine '{engine}' (known: {', '.join(engines.names())})")
 
     varied = _get(metrics, "varied", list, metrics_path)
     if not all(isinstance(v, str) and v in AXES for v in varied):
@@ -188,7 +190,9 @@ def _load_run(run_dir: Path) -> tuple[dict, list[dict]]:
     if not epochs:
         raise UserError(f"{metrics_path}: 'epochs' is empty")
     epoch_rows, speeds, steps = [], [], [0] * K
-    clock = SIMULATED_PARALLEL if "sim_time_s" in epochs[0] else WALL_CLOCK if engine == "distributed" else ONE_PROCESS
+    clock = engines.spec(engine).clock  # what the engine's seconds are (its SPEC)
+    if clock == SIMULATED_PARALLEL and "sim_time_s" not in epochs[0]:
+        clock = ONE_PROCESS  # a simulated run from before the parallel clock
     for i, record in enumerate(epochs):
         where = f"{metrics_path}: epochs[{i}]"
         if not isinstance(record, dict):
