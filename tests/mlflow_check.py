@@ -32,7 +32,7 @@ from decoupled.files import read_json
 GATE = """
 import os, runpy, sys, time
 from pathlib import Path
-import decoupled.cli, decoupled.train, decoupled.tracking, mlflow.tracking, mlflow.entities
+import decoupled.cli, decoupled.job, decoupled.tracking, mlflow.tracking, mlflow.entities
 ready, gate = Path(sys.argv[1]), Path(sys.argv[2])
 ready.touch()
 while not gate.exists():
@@ -138,7 +138,7 @@ def check_runs(experiment: dict, run_dirs: dict[str, Path]) -> list:
     and every per-epoch metric of its metrics.json; no run is missing, doubled or stray."""
     from mlflow.tracking import MlflowClient
 
-    from decoupled.train import epoch_metrics
+    from decoupled.tracking import epoch_metrics
 
     client = MlflowClient(tracking_uri=experiment["tracking_uri"])
     everywhere = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=10000)

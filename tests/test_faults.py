@@ -37,7 +37,8 @@ def tiny_job(tmp_path, **train):
 
 def test_a_resume_left_by_another_configuration_fails_its_old_run_saying_why(fashion_subset, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    from decoupled.train import RESUME_FILE, run_job
+    from decoupled.job import run_job
+    from decoupled.resume import RESUME_FILE
 
     cfg, job = tiny_job(tmp_path)
     experiment = tracking.init_experiment(cfg, described=cfg)
@@ -161,7 +162,7 @@ def test_a_config_file_that_is_not_yaml_names_its_line(tmp_path):
 def test_a_run_left_running_by_a_dead_attempt_is_failed_by_the_next(fashion_subset, tmp_path, monkeypatch):
     # an attempt that died before it could write resume.pt or close its run (its disk was full, say)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    from decoupled.train import run_job
+    from decoupled.job import run_job
 
     cfg, job = tiny_job(tmp_path)
     experiment = tracking.init_experiment(cfg, described=cfg)

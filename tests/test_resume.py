@@ -20,7 +20,8 @@ from conftest import REPO, needs_fashion_mnist
 from decoupled import config, grid
 from decoupled.data import load_prepared
 from decoupled.engines.base import StopRequest
-from decoupled.train import RESUME_FILE, Terminated, fit, load_resume
+from decoupled.resume import RESUME_FILE, Terminated, load_resume
+from decoupled.train import fit
 
 
 def job(method, mode="sync", epochs=3, widths=(8, 16), budget="updates", K=2):
@@ -120,7 +121,7 @@ def test_any_exception_fails_the_run_removes_the_outputs_and_keeps_the_checkpoin
     from mlflow.tracking import MlflowClient
 
     from decoupled.engines.simulated import SimulatedEngine
-    from decoupled.train import OUTPUTS, run_job
+    from decoupled.job import OUTPUTS, run_job
 
     the_job = {**job("dgl"), "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"}
     run_epoch = SimulatedEngine.run_epoch

@@ -51,7 +51,8 @@ def test_diverging_job_fails_its_run_and_leaves_no_outputs(fashion_subset, tmp_p
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     from mlflow.tracking import MlflowClient
 
-    from decoupled.train import OUTPUTS, TrainingDiverged, run_job
+    from decoupled.job import OUTPUTS, run_job
+    from decoupled.train import TrainingDiverged
 
     bad = job("backprop", epochs=1)
     bad["train"]["lr"] = 1e12

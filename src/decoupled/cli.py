@@ -85,7 +85,7 @@ def cmd_init_tracking(args) -> None:
 
 def cmd_train(args) -> None:
     from decoupled import grid
-    from decoupled.train import run_job
+    from decoupled.job import run_job
 
     if args.job_json is not None:
         job = grid.check_job(_json_arg(args.job_json, "--job-json"))
@@ -137,7 +137,7 @@ def _launch_workers(job: dict) -> None:
     finally:
         signal.signal(signal.SIGTERM, previous)
     if code != 0 and terminated:
-        from decoupled.train import Terminated
+        from decoupled.resume import Terminated
 
         raise Terminated(f"distributed job {RunKey.of(job['run']).name} stopped by SIGTERM; a rerun resumes from its last checkpoint")
     if code != 0:
@@ -149,7 +149,7 @@ def cmd_evaluate(args) -> None:
     from decoupled.data import load_prepared
     from decoupled.evaluate import evaluate
     from decoupled.files import write_json
-    from decoupled.train import load_checkpoint
+    from decoupled.resume import load_checkpoint
 
     checkpoint = load_checkpoint(Path(args.run) / "checkpoint.pt")
     job = checkpoint["job"]

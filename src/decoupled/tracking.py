@@ -362,6 +362,39 @@ def _stored_run(client, experiment: dict[str, str], run_id: str):
     return stored
 
 
+# An epoch record (train.fit's) as MLflow metrics, logged once per epoch (step = epoch).
+def epoch_metrics(record: dict) -> dict[str, float]:
+    """The flat per-epoch metrics of an epoch record: per-module lists become ``name_m{k}``."""
+    flat = {k: record[k] for k in ("train_loss", "test_acc", "epoch_time_s", "wall_time_s", "images_per_s", "sim_time_s") if record.get(k) is not None}
+    for k, loss in enumerate(record["train_loss_per_module"]):
+        if loss is not None:
+            flat[f"train_loss_m{k}"] = loss
+    for k, acc in enumerate(record["test_acc_per_module"]):
+        flat[f"test_acc_m{k}"] = acc
+    for name, short in PER_WORKER_METRICS.items():
+        for k, value in enumerate(record.get(name, [])):
+            flat[f"{short}_m{k}"] = value
+    for kind in ("input", "grad"):
+        for k, summary in enumerate(record.get(f"{kind}_staleness", [])):
+            if summary["mean"] is not None:
+                flat[f"{kind}_staleness_mean_m{k}"] = summary["mean"]
+    return flat
+
+
+# per-module lists in an epoch record -> MLflow metric names (suffixed _m0, _m1, ...)
+PER_WORKER_METRICS = {
+    "steps_per_module": "steps",
+    "images_per_s_per_module": "images_per_s",
+    "idle_per_module": "idle",  # the async simulator's idle ticks
+    "busy_s_per_module": "busy_s",  # the distributed engine's seconds
+    "idle_s_per_module": "idle_s",
+    "busy_frac_per_module": "busy_frac",
+    "queue_depth_per_module": "queue_depth",
+    "bytes_sent_per_module": "bytes_sent",
+    "finish_time_s_per_module": "finish_time_s",  # when each worker ended its last step so far (simulated parallel or wall seconds)
+}
+
+
 class ChildRun:
     """One training job's MLflow run under the experiment's parent run."""
 
@@ -412,6 +445,9 @@ class ChildRun:
 
     def logged_steps(self, metric: str) -> set[int]:
         return {m.step for m in self.client.get_metric_history(self.run_id, metric)}
+
+    def log_epoch(self, record: dict) -> None:
+        self.log_metrics(epoch_metrics(record), step=record["epoch"])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric

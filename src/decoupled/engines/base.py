@@ -20,7 +20,7 @@ from decoupled.model import SplitNet
 class StopRequest:
     """A request to stop (SIGTERM: a preemption) that an engine honours between two steps.
 
-    ``train.run_job``'s signal handler calls ``set()`` while ``between_steps`` (the engine is in
+    ``resume.sigterm_stops``' signal handler calls ``set()`` while ``between_steps`` (the engine is in
     its step loop); elsewhere it stops the job at once.
     """
 

@@ -1,0 +1,104 @@
+"""One training job with its outputs and its MLflow child run: ``train.fit`` wrapped.
+
+``run_job`` trains into the run directory (``checkpoint.pt``, ``metrics.json``, ``config.json``)
+and one MLflow child run, resuming from ``resume.pt`` (``decoupled.resume``) if a previous
+attempt left one; on failure it leaves no output and no RUNNING run.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from decoupled import engines
+from decoupled.data import load_prepared
+from decoupled.files import save_torch, write_json
+from decoupled.grid import RunKey
+from decoupled.resume import RESUME_FILE, Terminated, ignore_sigterm, load_resume, sigterm_stops
+from decoupled.train import TrainingDiverged, check_fits, fit
+
+OUTPUTS = ("checkpoint.pt", "metrics.json", "config.json")
+
+
+def run_job(job: dict, data_path: str | Path, out_dir: str | Path, experiment: dict | None, tags: dict[str, str]) -> dict:
+    """Train one job into ``out_dir`` and its MLflow child run; return its metrics."""
+    out_dir = Path(out_dir)
+    data = load_prepared(data_path)  # input problems surface before any run or file exists
+    check_fits(job, data)
+    abandoned: list[str] = []
+    resume = load_resume(out_dir, job, abandoned)
+    if not engines.of(job).is_main_process():
+        # another process of the job (a distributed worker k > 0): it trains its module; the
+        # main one logs, checkpoints and writes the outputs
+        return fit(job, data, checkpoint=lambda state: None, resume=resume)
+    run = _child_run(job, data.name, out_dir, experiment, tags, resume, abandoned)
+    resume_path = out_dir / RESUME_FILE
+    logged_through = resume["epoch"] if resume is not None else 0
+
+    def checkpoint(state: dict) -> None:
+        nonlocal logged_through
+        # saved before it is logged: a job killed in between logs the epoch when it resumes
+        save_torch({**state, "job": job, "mlflow_run_id": run.run_id}, resume_path)
+        if state["epochs"] and state["epochs"][-1]["epoch"] > logged_through:
+            logged_through = state["epochs"][-1]["epoch"]
+            run.log_epoch(state["epochs"][-1])
+
+    with sigterm_stops() as stop:
+        try:
+            started = time.time()
+            metrics = fit(job, data, checkpoint, resume, stop)
+            metrics.update(mlflow_run_id=run.run_id, started_at=started)
+            _finish(job, metrics, out_dir, run)
+        except BaseException as e:
+            ignore_sigterm()
+            for name in OUTPUTS:
+                (out_dir / name).unlink(missing_ok=True)
+            if isinstance(e, TrainingDiverged):  # the same job would diverge again from it
+                resume_path.unlink(missing_ok=True)
+            elif isinstance(e, Terminated) and resume_path.exists():
+                e.args = (f"{RunKey.of(job['run']).name}: {e}; a rerun resumes from {resume_path}",)
+            run.fail("interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}")
+            raise
+    return metrics
+
+
+def _child_run(job: dict, dataset: str, out_dir: Path, experiment: dict | None, tags: dict[str, str], resume: dict | None, abandoned: list[str]):
+    """The job's MLflow run: the resumed attempt's, RUNNING again with the epochs it had not
+    logged, or a new one; the runs of attempts nobody goes on with are marked FAILED."""
+    from decoupled.config import flatten
+    from decoupled.tracking import RUN_DIR_TAG, ChildRun, fail_orphans, init_experiment
+
+    key = RunKey.of(job["run"])
+    if experiment is None:
+        experiment = init_experiment(job)
+    for run_id in abandoned:  # its run would stay RUNNING for ever
+        ChildRun.abandon(experiment, run_id, f"abandoned: {key.name} was run again with another configuration, in a new run")
+    run = ChildRun.reopen(experiment, resume["mlflow_run_id"], resume["epoch"]) if resume is not None else None
+    # an attempt that died before it could close its run or write resume.pt (a full disk, say)
+    fail_orphans(experiment, out_dir, f"abandoned: the process training {out_dir} ended without closing this run; a later attempt did not resume it",
+                 keep=run.run_id if run is not None else None)
+    if run is None:
+        run_tags = {"method": key.method, "mode": key.mode, "K": str(key.K), "variant": key.variant, "seed": str(key.seed), "dataset": dataset,
+                    RUN_DIR_TAG: str(out_dir.resolve()), **tags}
+        return ChildRun.start(experiment, key.run_name, flatten(job), run_tags)
+    logged = run.logged_steps("test_acc")
+    for record in resume["epochs"]:  # epochs the killed attempt finished but had not logged yet
+        if record["epoch"] not in logged:
+            run.log_epoch(record)
+    return run
+
+
+def _finish(job: dict, metrics: dict, out_dir: Path, run) -> None:
+    """The outputs, the run's last metrics, tags and artifacts, FINISHED; resume.pt becomes checkpoint.pt."""
+    write_json(out_dir / "config.json", job)
+    write_json(out_dir / "metrics.json", metrics)
+    final = {"train_time_s": metrics["train_time_s"]}
+    if "imbalance" in metrics["split"]:  # a measured (balanced) split: how even it promised to be
+        final["split_predicted_imbalance"] = metrics["split"]["imbalance"]
+    run.log_metrics(final, step=job["train"]["epochs"])
+    run.set_tag("split", "-".join(map(str, metrics["split"]["counts"])))
+    run.log_artifact(out_dir / "metrics.json")
+    run.log_artifact(out_dir / "config.json")
+    run.finish()
+    os.replace(out_dir / RESUME_FILE, out_dir / "checkpoint.pt")
