@@ -8,6 +8,8 @@ read statically so that no torch is needed (Snakemake's environment may lack it)
 
 * a method's file counts for that method only: the registry imports methods by name, so no
   shared file imports one, and ``fdg.py`` counts for FDG through its ``import`` of ``ddg.py``;
+* every engine's files count for every job: the engine registry imports them by name, from
+  their ``SPEC``s;
 * the report package is left out: it is an input of the report rule, which alone re-runs.
 """
 
@@ -62,11 +64,13 @@ def with_parents(name: str) -> list[str]:
 def training_files(method: str) -> tuple[Path, ...]:
     """The source files a training job of ``method`` runs: the package's, and the method's own
     file where it lives outside the package (``DECOUPLED_METHOD_DIRS``)."""
-    from decoupled import methods
+    from decoupled import engines, methods
 
     own = methods.file_of(method)
     outside = own.parent != ROOT / "methods"
-    todo, seen = [f"{PACKAGE}.__main__"] + ([] if outside else [f"{PACKAGE}.methods.{method}"]), set()
+    # the registries import engines and methods by name, which no import statement shows
+    engine_modules = {f"{PACKAGE}.engines.{c.split(':')[0]}" for name in engines.names() for c in engines.spec(name).classes.values()}
+    todo, seen = [f"{PACKAGE}.__main__", *sorted(engine_modules)] + ([] if outside else [f"{PACKAGE}.methods.{method}"]), set()
     if outside:
         todo += [m for imported in imported_modules(own, f"decoupled_method_{method}") for m in with_parents(imported)]
     while todo:
