@@ -251,12 +251,23 @@ call (prepare-data, init-tracking, train, evaluate, report), which can be run by
 
 def parser() -> argparse.ArgumentParser:
     from decoupled import __version__
-    from decoupled.grid import method_names
 
     p = _Parser(prog="decoupled", description=DESCRIPTION, formatter_class=_HelpFormatter)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _prepare_data_command(sub)
+    _init_tracking_command(sub)
+    _train_command(sub)
+    _evaluate_command(sub)
+    _report_command(sub)
+    _workflow_state_command(sub)
+    _relocate_command(sub)
+    for action in sub.choices.values():
+        action.formatter_class = _HelpFormatter
+    return p
 
+
+def _prepare_data_command(sub) -> None:
     sp = sub.add_parser("prepare-data", help="read, check and store a dataset as tensors")
     group = sp.add_mutually_exclusive_group(required=True)
     group.add_argument("--config", help="experiment config YAML file (its dataset section is used)")
@@ -265,6 +276,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="prepared file to write (.pt)")
     sp.set_defaults(func=cmd_prepare_data)
 
+
+def _init_tracking_command(sub) -> None:
     sp = sub.add_parser("init-tracking", help="create the MLflow experiment and parent run once, before any job")
     sp.add_argument("--config", help="experiment config YAML file (a new parent run carries it as params)")
     sp.add_argument("--experiment", help="experiment name (instead of --config)")
@@ -272,6 +285,10 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--describe-json", help="with --experiment: the experiment config, as JSON, that a new parent run carries as params")
     sp.add_argument("--out", required=True, help="JSON file that jobs read to attach to the experiment")
     sp.set_defaults(func=cmd_init_tracking)
+
+
+def _train_command(sub) -> None:
+    from decoupled.grid import method_names
 
     sp = sub.add_parser("train", help="train one job of the grid")
     group = sp.add_mutually_exclusive_group(required=True)
@@ -289,6 +306,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--tag", action="append", default=[], help="extra MLflow tag name=value (repeatable)")
     sp.set_defaults(func=cmd_train)
 
+
+def _evaluate_command(sub) -> None:
     sp = sub.add_parser("evaluate", help="test accuracy of every head of a trained run")
     sp.add_argument("--run", required=True, help="run directory holding checkpoint.pt")
     sp.add_argument("--data", required=True, help="prepared dataset file")
@@ -296,6 +315,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--tracking", help="JSON written by init-tracking; logs the results to the run")
     sp.set_defaults(func=cmd_evaluate)
 
+
+def _report_command(sub) -> None:
     sp = sub.add_parser("report", help="tables and figures from finished runs")
     sp.add_argument("--runs", nargs="+", required=True, help="run directories")
     sp.add_argument("--tables", required=True, help="directory for summary.csv/.md/.tex")
@@ -307,6 +328,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--config-json", help="with --tracking: the experiment config (JSON), whose parent run gets the outputs and the runs")
     sp.set_defaults(func=cmd_report)
 
+
+def _workflow_state_command(sub) -> None:
     sp = sub.add_parser("workflow-state", help="the workflow's start and end, on its MLflow parent run (Snakemake's onstart/onsuccess/onerror)")
     sp.add_argument("--tracking", required=True, help="JSON written by init-tracking")
     group = sp.add_mutually_exclusive_group(required=True)
@@ -317,12 +340,11 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--log", default="Snakemake's log", help="where the workflow's log is (named in the parent's error tag)")
     sp.set_defaults(func=cmd_workflow_state)
 
+
+def _relocate_command(sub) -> None:
     sp = sub.add_parser("relocate", help="after moving or copying results/: point a SQLite store at the artifacts beside it")
     sp.add_argument("store", help="the store's file (results/mlflow/mlflow.db) or its sqlite:/// URI")
     sp.set_defaults(func=cmd_relocate)
-    for action in sub.choices.values():
-        action.formatter_class = _HelpFormatter
-    return p
 
 
 JOB_LOG_ENV = "DECOUPLED_JOB_LOG"  # set by the workflow's rules: the job's log, for tracebacks

@@ -132,13 +132,18 @@ def fit(job: dict, data: Dataset, checkpoint: Callable[[dict], None] | None = No
         if stop is not None and stop.is_set():  # asked after the last step had looked
             raise Terminated(f"stopped by SIGTERM after epoch {epoch}")
     engine.close()
+    return _metrics(job, split, data.name, epochs, wall)
+
+
+def _metrics(job: dict, split: dict, dataset: str, epochs: list[dict], wall: float) -> dict:
+    """What a finished job's metrics.json holds: the run, its settings and split, every epoch."""
     return {
         **{k: job["run"][k] for k in ("method", "mode", "K", "variant", "seed")},
         "varied": job["run"].get("varied", []),
         "settings": run_settings(job),
         "engine": job["engine"],
         "split": split,
-        "dataset": data.name,
+        "dataset": dataset,
         "epochs": epochs,
         "train_time_s": wall,
     }

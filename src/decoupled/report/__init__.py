@@ -163,61 +163,16 @@ def _load_run(run_dir: Path) -> tuple[dict, list[dict]]:
     """Validate one run's two files and flatten them into a run row and epoch rows."""
     metrics_path, eval_path = run_dir / "metrics.json", run_dir / "eval.json"
     metrics, evaluation = read_json(metrics_path), read_json(eval_path)
-
-    ident = {
-        "method": _get(metrics, "method", str, metrics_path),
-        "mode": _get(metrics, "mode", str, metrics_path),
-        "K": _get(metrics, "K", int, metrics_path),
-        "variant": _get(metrics, "variant", str, metrics_path),
-        "seed": _get(metrics, "seed", int, metrics_path),
-    }
-    # eval.json is written by a separate step; a mismatch means it was copied from another run.
-    for key, value in ident.items():
-        if _get(evaluation, key, type(value), eval_path) != value:
-            raise UserError(f"{eval_path}: {key} does not match {metrics_path}")
+    ident, engine, varied = _identity(metrics, evaluation, metrics_path, eval_path)
     K, is_async = ident["K"], ident["mode"] == "async"
-    # Not in eval.json (evaluation is the same whichever engine trained), so not checked there.
-    engine = _get(metrics, "engine", str, metrics_path) if "engine" in metrics else DEFAULT_ENGINE
-    if engine not in engines.names():
-        raise UserError(f"{metrics_path}: unknown engine '{engine}' (known: {', '.join(engines.names())})")
-
-    varied = _get(metrics, "varied", list, metrics_path)
-    if not all(isinstance(v, str) and v in AXES for v in varied):
-        raise UserError(f"{metrics_path}: 'varied' must list some of {', '.join(AXES)}, got {varied!r:.60}")
     settings = _settings(_get(metrics, "settings", dict, metrics_path), is_async, metrics_path)
-
     epochs = _get(metrics, "epochs", list, metrics_path)
     if not epochs:
         raise UserError(f"{metrics_path}: 'epochs' is empty")
-    epoch_rows, speeds, steps = [], [], [0] * K
     clock = engines.spec(engine).clock  # what the engine's seconds are (its SPEC)
     if clock == SIMULATED_PARALLEL and "sim_time_s" not in epochs[0]:
         clock = ONE_PROCESS  # a simulated run from before the parallel clock
-    for i, record in enumerate(epochs):
-        where = f"{metrics_path}: epochs[{i}]"
-        if not isinstance(record, dict):
-            raise UserError(f"{where} is not an object")
-        wall = _get(record, "wall_time_s", float, where)
-        epoch_rows.append({
-            **ident,
-            "engine": engine,
-            "varied": list(varied),
-            "epoch": _get(record, "epoch", int, where),
-            "test_acc": _get(record, "test_acc", float, where),
-            # null: the last module made no step that epoch (async, done early)
-            "train_loss": math.nan if record.get("train_loss", 0) is None else _get(record, "train_loss", float, where),
-            "wall_time_s": wall,
-            "time_s": _get(record, "sim_time_s", float, where) if clock == SIMULATED_PARALLEL else wall,
-            "clock": clock,
-        })
-        speeds.append(_get(record, "images_per_s", float, where))
-        if steps is not None and ("steps_per_module" in record or is_async):
-            epoch_steps = _get(record, "steps_per_module", list, where)
-            if len(epoch_steps) != K or not all(_is_int(s) for s in epoch_steps):
-                raise UserError(f"{where}: 'steps_per_module' must be {K} integers")
-            steps = [a + b for a, b in zip(steps, epoch_steps)]
-        else:
-            steps = None  # written before sync runs counted their steps
+    epoch_rows, speeds, steps = _epoch_rows(epochs, {**ident, "engine": engine, "varied": list(varied)}, clock, is_async, metrics_path)
     finish = epochs[-1].get("finish_time_s_per_module")
     if finish is not None and (not isinstance(finish, list) or len(finish) != K or not all(_is_number(t) for t in finish)):
         raise UserError(f"{metrics_path}: epochs[{len(epochs) - 1}]: 'finish_time_s_per_module' must be {K} numbers")
@@ -247,6 +202,62 @@ def _load_run(run_dir: Path) -> tuple[dict, list[dict]]:
             _staleness_means(epochs[-1], kind, K, f"{metrics_path}: epochs[{len(epochs) - 1}]")
             if is_async else None)
     return run_row, epoch_rows
+
+
+def _identity(metrics: dict, evaluation: dict, metrics_path: Path, eval_path: Path) -> tuple[dict, str, list]:
+    """A run's method, mode, K, variant and seed (the same in both files), engine and varied axes."""
+    ident = {
+        "method": _get(metrics, "method", str, metrics_path),
+        "mode": _get(metrics, "mode", str, metrics_path),
+        "K": _get(metrics, "K", int, metrics_path),
+        "variant": _get(metrics, "variant", str, metrics_path),
+        "seed": _get(metrics, "seed", int, metrics_path),
+    }
+    # eval.json is written by a separate step; a mismatch means it was copied from another run.
+    for key, value in ident.items():
+        if _get(evaluation, key, type(value), eval_path) != value:
+            raise UserError(f"{eval_path}: {key} does not match {metrics_path}")
+    # Not in eval.json (evaluation is the same whichever engine trained), so not checked there.
+    engine = _get(metrics, "engine", str, metrics_path) if "engine" in metrics else DEFAULT_ENGINE
+    if engine not in engines.names():
+        raise UserError(f"{metrics_path}: unknown engine '{engine}' (known: {', '.join(engines.names())})")
+    varied = _get(metrics, "varied", list, metrics_path)
+    if not all(isinstance(v, str) and v in AXES for v in varied):
+        raise UserError(f"{metrics_path}: 'varied' must list some of {', '.join(AXES)}, got {varied!r:.60}")
+    return ident, engine, varied
+
+
+def _epoch_rows(epochs: list, common: dict, clock: str, is_async: bool, metrics_path: Path) -> tuple[list[dict], list[float], list[int] | None]:
+    """One row per epoch record (with ``common``: the run's identity; ``clock``: what its seconds
+    are), the images/s of each, and the steps each module made in all (None where runs did not
+    count them)."""
+    K = common["K"]
+    epoch_rows, speeds, steps = [], [], [0] * K
+    for i, record in enumerate(epochs):
+        where = f"{metrics_path}: epochs[{i}]"
+        if not isinstance(record, dict):
+            raise UserError(f"{where} is not an object")
+        wall = _get(record, "wall_time_s", float, where)
+        epoch_rows.append({
+            **common,
+            "varied": list(common["varied"]),
+            "epoch": _get(record, "epoch", int, where),
+            "test_acc": _get(record, "test_acc", float, where),
+            # null: the last module made no step that epoch (async, done early)
+            "train_loss": math.nan if record.get("train_loss", 0) is None else _get(record, "train_loss", float, where),
+            "wall_time_s": wall,
+            "time_s": _get(record, "sim_time_s", float, where) if clock == SIMULATED_PARALLEL else wall,
+            "clock": clock,
+        })
+        speeds.append(_get(record, "images_per_s", float, where))
+        if steps is not None and ("steps_per_module" in record or is_async):
+            epoch_steps = _get(record, "steps_per_module", list, where)
+            if len(epoch_steps) != K or not all(_is_int(s) for s in epoch_steps):
+                raise UserError(f"{where}: 'steps_per_module' must be {K} integers")
+            steps = [a + b for a, b in zip(steps, epoch_steps)]
+        else:
+            steps = None  # written before sync runs counted their steps
+    return epoch_rows, speeds, steps
 
 
 def _settings(settings: dict, is_async: bool, where: Path) -> dict:
