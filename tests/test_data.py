@@ -207,7 +207,7 @@ def test_unknown_dataset_name(tmp_path):
 
 
 def test_not_found_without_download(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "DEFAULT_FASHION_MNIST_DIR", str(tmp_path / "absent"))
+    monkeypatch.setattr(data.fashion_mnist, "DEFAULT_DIR", str(tmp_path / "absent"))
     with pytest.raises(UserError, match="download is off") as e:
         data.read_raw("fashion_mnist")
     assert str(tmp_path / "absent") in str(e.value)
@@ -217,7 +217,7 @@ def test_download_reads_torchvision_raw_files(tmp_path, monkeypatch):
     """The download path must read torchvision's raw files with the same reader and checks."""
     import torchvision.datasets
 
-    monkeypatch.setattr(data, "DEFAULT_FASHION_MNIST_DIR", str(tmp_path / "absent"))
+    monkeypatch.setattr(data.fashion_mnist, "DEFAULT_DIR", str(tmp_path / "absent"))
     written = {}
 
     class FakeFashionMNIST:  # stands in for the network: lays out files as torchvision does
@@ -350,10 +350,10 @@ def test_load_prepared_rejects_missing_and_foreign_files(tmp_path):
 # The real data, where the Debian package is installed
 
 
-@pytest.mark.skipif(not Path(data.DEFAULT_FASHION_MNIST_DIR).is_dir(), reason="dataset-fashion-mnist not installed")
+@pytest.mark.skipif(not Path(data.fashion_mnist.DEFAULT_DIR).is_dir(), reason="dataset-fashion-mnist not installed")
 def test_real_debian_fashion_mnist():
     raw = data.read_raw("fashion_mnist")  # default checksums: verified against the known digests
-    assert raw.source == data.DEFAULT_FASHION_MNIST_DIR
+    assert raw.source == data.fashion_mnist.DEFAULT_DIR
     assert raw.train_x.shape == (60000, 1, 28, 28) and raw.test_x.shape == (10000, 1, 28, 28)
     assert torch.bincount(raw.train_y).tolist() == [6000] * 10
     assert torch.bincount(raw.test_y).tolist() == [1000] * 10
