@@ -16,12 +16,11 @@ Training throughput is counted as batches that *every* module has trained on, pe
 (``min_k steps_k x batch / seconds``): an async upper module that re-trains on its replay
 buffer does not count twice. Each variant trains 2 epochs in a fresh process (torchrun for the
 parallel ones) through ``decoupled.train.fit``; the second epoch is measured. The distributed
-workers bind themselves to a core each (``distributed.pin_cores``: 7 % faster here), and so do
-the independent copies; the 1-thread baseline is left unbound, where it ran faster here (median
-603 vs 525 img/s bound).
+workers bind themselves to a core each (``distributed.pin_cores``), and so do the independent
+copies; the 1-thread baseline is left unbound, where it ran faster (docs/benchmarks.md).
 
-Single runs on a shared machine vary by 10 % or more, and the speed of this machine's cores
-drifts by as much within a minute, so every variant is measured in ``--repeats`` rounds,
+Single runs on a shared machine vary, and the speed of its cores drifts within minutes
+(docs/benchmarks.md), so every variant is measured in ``--repeats`` rounds,
 interleaved (round r measures every variant once, in the same order), and the 1-thread
 baseline is measured again between every two variants: a variant's speedup in a round is
 taken against the baseline runs just before and just after it (their geometric mean), then
@@ -34,8 +33,8 @@ Three networks (``SIZES``): the default config's, 4x wider, and 24 layers deep; 
 ``model.split: balanced``, then (``--split-trial ROUNDS``, default 2) that cut and the cuts
 moving its boundary by up to 2 layers are trained with DGL sync on the distributed engine and
 the fastest is kept (``split_trial`` in the JSON), fixed for every pipeline variant. The
-targets of the issue that asked for this benchmark (at K=2: DGL >= 1.8x backprop with 1
-thread, every stage busy >= 90 %, >= 1.1x backprop with K threads; generally 0.9 K) are
+targets for DGL (at K=2: >= 1.8x backprop with 1 thread, every stage busy >= 90 %, >= 1.1x
+backprop with K threads; generally 0.9 K) are
 checked for DGL sync and async on each network and printed, and written under ``targets``.
 
 The scaling model: per-layer costs measured on one core and the link's bandwidth and latency
@@ -352,7 +351,7 @@ def summarize(name: str, rounds: list[dict], K: int) -> dict:
 
 
 def check_targets(variants: dict, K: int) -> dict:
-    """The issue's targets for DGL: >= 0.9 K x backprop on 1 thread (1.8x at K=2), every stage
+    """The targets for DGL: >= 0.9 K x backprop on 1 thread (1.8x at K=2), every stage
     busy >= 90 %, >= 1.1x backprop on K threads."""
     targets = {}
     for name in ("dgl_sync", "dgl_async"):

@@ -100,8 +100,7 @@ def worker_cores(allowed: list[int], local_rank: int, local_world: int, threads:
     then sharing is unavoidable and the OS places them.
 
     Why bind at all: unbound, the OS may move the workers of a pipeline, and their receiving
-    threads, between cores at every wake-up; bound, DGL on 2 workers trained 7 % faster here
-    (median of 7 paired runs, faster in 5; 24-layer network, batch 32, 2 cores).
+    threads, between cores at every wake-up (what binding gained, measured: docs/engines.md).
     """
     if local_world * threads > len(allowed):
         return None
