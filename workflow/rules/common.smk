@@ -1,6 +1,7 @@
 # Shared set-up and input functions. The grid logic lives in the package (decoupled.grid),
 # imported from src/ so that the workflow and the CLI agree on every job; it needs only
 # pyyaml and jsonschema, which Snakemake itself depends on.
+import functools
 import json
 import os
 import shlex
@@ -88,9 +89,15 @@ def run_key(wildcards):
     return decoupled_grid.RunKey(wildcards.method, wildcards.mode, int(wildcards.K), int(wildcards.seed), wildcards.variant)
 
 
+@functools.cache
+def _job(key):
+    """The resolved config of one job, computed once for all the input functions that read it."""
+    return decoupled_grid.job_config(config, key)
+
+
 def job_json(wildcards):
     """The resolved config of one job, as the JSON string its CLI call takes."""
-    return json.dumps(decoupled_grid.job_config(config, run_key(wildcards)), sort_keys=True)
+    return json.dumps(_job(run_key(wildcards)), sort_keys=True)
 
 
 def training_code(wildcards):
@@ -100,19 +107,19 @@ def training_code(wildcards):
 
 
 def job_threads(wildcards):
-    return decoupled_grid.job_threads(decoupled_grid.job_config(config, run_key(wildcards)))
+    return decoupled_grid.job_threads(_job(run_key(wildcards)))
 
 
 def job_gpus(wildcards):
     """GPUs a job uses: one per process on cuda."""
-    job = decoupled_grid.job_config(config, run_key(wildcards))
+    job = _job(run_key(wildcards))
     return decoupled_engines.of(job).gpus(job)
 
 
 def launcher(wildcards):
     """What starts a training job: `python -m decoupled`, or, for an engine of several processes,
     its launcher (torchrun, one worker process per module, each running the same command)."""
-    job = decoupled_grid.job_config(config, run_key(wildcards))
+    job = _job(run_key(wildcards))
     return " ".join(decoupled_engines.of(job).command(job))
 
 
