@@ -390,31 +390,31 @@ class ReadRecorder(dict):
 
 @pytest.mark.parametrize("method", ["backprop", "dgl", "dni", "cdni", "ddg", "fdg"])
 def test_a_method_reads_exactly_the_method_specific_settings_declared_for_it(method):
-    """methods.SETTINGS_OF decides which settings a job keeps (and MLflow shows): a method reading
+    """methods.settings_of() (the methods' reads traits) decides which settings a job keeps (and MLflow shows): a method reading
     a setting it is not declared for would find it missing, one declared for a setting it never
     reads would show a param that changes nothing."""
-    specific = {path.split(".")[1] for path, readers in methods.SETTINGS_OF.items() if path.startswith("train.")}
+    specific = {path.split(".")[1] for path, readers in methods.settings_of().items() if path.startswith("train.")}
     cfg = ReadRecorder(train_cfg(gradient_delay=1))
     torch.manual_seed(0)
     net = model.build(MODEL, 3, in_channels=1, num_classes=10)
     run_engine_steps(net, methods.get(method)(net, cfg, total_steps=20), steps=4)
-    declared = {path.split(".")[1] for path, readers in methods.SETTINGS_OF.items() if path.startswith("train.") and method in readers}
+    declared = {path.split(".")[1] for path, readers in methods.settings_of().items() if path.startswith("train.") and method in readers}
     assert cfg.read & specific == declared
     # and the async section's: replay-buffer settings for the methods that replay their inputs
-    assert ("dgl" in methods.SETTINGS_OF["async.max_reuse"]) and all(
-        (m in methods.SETTINGS_OF["async.max_reuse"]) == (methods.traits(m).input_buffer == "replay") for m in grid.method_names())
+    assert ("dgl" in methods.settings_of()["async.max_reuse"]) and all(
+        (m in methods.settings_of()["async.max_reuse"]) == (methods.traits(m).input_buffer == "replay") for m in grid.method_names())
 
 
 @pytest.mark.parametrize("method", ["backprop", "dgl", "dni", "cdni", "ddg", "fdg"])
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_a_job_config_holds_only_the_settings_that_apply_to_it(method, mode):
-    if mode == "async" and method in methods.SYNC_ONLY:
+    if mode == "async" and methods.traits(method).sync_only:
         return
     exp = config.validate({"experiment": "t", "grid": {"methods": [method], "modes": [mode], "K": [2]}})
     job = grid.job_config(exp, grid.runs(exp)[0])
     assert ("async" in job) == (mode == "async")
-    assert ("gradient_delay" in job["train"]) == (mode == "sync" and method in methods.GRADIENT_DELAY)
-    for path, readers in methods.SETTINGS_OF.items():
+    assert ("gradient_delay" in job["train"]) == (mode == "sync" and methods.traits(method).gradient_delay is not None)
+    for path, readers in methods.settings_of().items():
         section, name = path.split(".")
         if section in job and path != "train.gradient_delay":
             assert (name in job[section]) == (method in readers), path

@@ -128,15 +128,3 @@ def settings_of() -> dict[str, set[str]]:
                 readers[setting].add(name)
     return readers
 
-
-def __getattr__(attr: str):
-    # Views of the traits under the names the code used before they were declared per method.
-    views = {
-        "SYNC_ONLY": lambda: {n for n in names() if traits(n).sync_only},
-        "USES_BETA": lambda: {n for n in names() if traits(n).sweeps_beta},
-        "GRADIENT_DELAY": lambda: {n: traits(n).gradient_delay for n in names() if traits(n).gradient_delay is not None},
-        "SETTINGS_OF": settings_of,
-    }
-    if attr in views:
-        return views[attr]()
-    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
