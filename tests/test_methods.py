@@ -490,3 +490,15 @@ def test_a_method_is_one_file_and_its_name_in_a_config(fashion_subset, tmp_path)
     (tmp_path / "mine" / "toy.py").write_text(TOY_METHOD + "\n# an edit\n")
     after = code_hashes()
     assert after[0] != before[0] and after[1] == before[1] and after[0].startswith(before[0].split(", ")[0])  # same shared code
+
+
+def test_a_trait_that_does_not_exist_is_refused_naming_the_file(tmp_path):
+    from decoupled.declared import declared
+    from decoupled.errors import UserError
+
+    (tmp_path / "m.py").write_text('TRAITS = {"sync_only": True, "sinc_only": True}\n')
+    with pytest.raises(UserError, match=r"m\.py: unknown TRAITS fields sinc_only \(known: sync_only, "):
+        declared(tmp_path / "m.py", "TRAITS", methods.Traits)
+    (tmp_path / "m.py").write_text('TRAITS = {"sync_only": True}\n')
+    assert declared(tmp_path / "m.py", "TRAITS", methods.Traits) == {"sync_only": True}
+    assert declared(tmp_path / "m.py", "SPEC", methods.Traits) is None

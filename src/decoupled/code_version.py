@@ -69,7 +69,7 @@ def training_files(method: str) -> tuple[Path, ...]:
     own = methods.file_of(method)
     outside = own.parent != ROOT / "methods"
     # the registries import engines and methods by name, which no import statement shows
-    engine_modules = {f"{PACKAGE}.engines.{c.split(':')[0]}" for name in engines.names() for c in engines.spec(name).classes.values()}
+    engine_modules = {f"{PACKAGE}.engines.{module}" for name in engines.names() for module in engines.spec(name).modules()}
     todo, seen = [f"{PACKAGE}.__main__", *sorted(engine_modules)] + ([] if outside else [f"{PACKAGE}.methods.{method}"]), set()
     if outside:
         todo += [m for imported in imported_modules(own, f"decoupled_method_{method}") for m in with_parents(imported)]

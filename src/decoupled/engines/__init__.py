@@ -17,14 +17,14 @@ The contract of the classes is ``base.Engine``'s docstring.
 
 from __future__ import annotations
 
-import ast
 import importlib
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
 
+from decoupled.declared import declared
 from decoupled.errors import UserError
 
 
@@ -66,6 +66,10 @@ class EngineSpec:
         """The process that logs to MLflow, prints progress and writes the outputs."""
         return self.launcher != "torchrun" or os.environ.get("RANK", "0") == "0"
 
+    def modules(self) -> set[str]:
+        """The modules of this folder that hold its classes."""
+        return {ref.split(":")[0] for ref in self.classes.values()}
+
     def engine_class(self, mode: str):
         module, name = self.classes[mode].split(":")
         return getattr(importlib.import_module(f"decoupled.engines.{module}"), name)
@@ -73,16 +77,8 @@ class EngineSpec:
 
 @cache
 def _specs() -> dict[str, EngineSpec]:
-    found = {}
-    for path in sorted(Path(__file__).parent.glob("*.py")):
-        for node in ast.parse(path.read_text(), str(path)).body:
-            if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "SPEC" for t in node.targets):
-                declared = ast.literal_eval(node.value)
-                unknown = set(declared) - {f.name for f in fields(EngineSpec)}
-                if unknown:
-                    raise UserError(f"{path}: unknown SPEC fields {', '.join(sorted(unknown))}")
-                found[declared["name"]] = EngineSpec(**declared)
-    return found
+    specs = (declared(path, "SPEC", EngineSpec) for path in sorted(Path(__file__).parent.glob("*.py")))
+    return {spec["name"]: EngineSpec(**spec) for spec in specs if spec is not None}
 
 
 def names() -> list[str]:

@@ -135,7 +135,7 @@ class DistributedEngine(Engine):
         self.batch_size = batch_size
         self.batches = BatchStream(train_x, train_y, batch_size, seed, augment)
         self.gradients_travel = method.traits.sends_gradients
-        self.replay = asynchronous and method.input_buffer == "replay"
+        self.replay = asynchronous and method.traits.input_buffer == "replay"
         timeout, in_flight = distributed_cfg["timeout_s"], distributed_cfg["max_in_flight"]
         self.timeout_s = timeout
         # every process creates every group, in the same order (new_group is collective)

@@ -53,7 +53,7 @@ class AsyncSimulator(Engine):
         step_durations = durations(K, async_cfg["slowdown_factor"], slowed)
         self.schedule = SCHEDULES[async_cfg["schedule"]](step_durations, seed)
         self.budget = async_cfg["budget"]
-        self.replay = method.input_buffer == "replay"
+        self.replay = method.traits.input_buffer == "replay"
         if self.replay:
             self.buffers = [ReplayBuffer(async_cfg["buffer_size"], async_cfg["max_reuse"]) for _ in range(K)]
         else:

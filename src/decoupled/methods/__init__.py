@@ -12,15 +12,15 @@ a method = its file + its name in a config's ``grid.methods``: nothing else name
 
 from __future__ import annotations
 
-import ast
 import importlib
 import importlib.util
 import os
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+from decoupled.declared import declared
 from decoupled.errors import UserError
 
 METHOD_DIRS_ENV = "DECOUPLED_METHOD_DIRS"
@@ -76,18 +76,8 @@ def check(name: str) -> None:
 @cache
 def traits(name: str) -> Traits:
     """The method's ``TRAITS``, read from its file without running it."""
-    path = file_of(name)
-    for node in ast.parse(path.read_text(), str(path)).body:
-        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "TRAITS" for t in node.targets):
-            try:
-                declared = ast.literal_eval(node.value)
-            except ValueError:
-                raise UserError(f"{path}: TRAITS must be a literal dict") from None
-            unknown = set(declared) - {f.name for f in fields(Traits)}
-            if unknown:
-                raise UserError(f"{path}: unknown TRAITS {', '.join(sorted(unknown))} (known: {', '.join(f.name for f in fields(Traits))})")
-            return Traits(**{k: tuple(v) if k == "reads" else v for k, v in declared.items()})
-    return Traits()
+    found = declared(file_of(name), "TRAITS", Traits) or {}
+    return Traits(**{k: tuple(v) if k == "reads" else v for k, v in found.items()})
 
 
 def get(name: str):

@@ -52,12 +52,6 @@ class Method:
         """What the grid, the engines and the report know of the method: its file's ``TRAITS``."""
         return traits(self.name)
 
-    @property
-    def input_buffer(self) -> str:
-        """Async mode: how activations reach module k. "fifo": each used once, in order (a
-        gradient comes back for it); "replay": a replay buffer that may serve an entry again."""
-        return self.traits.input_buffer
-
     def __init__(self, net: SplitNet, train_cfg: dict, total_steps: int):
         self.net = net
         self.train_cfg = train_cfg
