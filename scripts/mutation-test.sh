@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Mutation testing of src/decoupled/methods/ and src/decoupled/engines/ with mutmut (PyPI).
+# Mutation testing of src/decoupled/methods/, src/decoupled/engines/ and quantize.py with mutmut (PyPI).
 # mutmut changes one thing at a time in those files (an operator, a constant, a call left out)
 # and runs the tests that cover the changed function; a mutant that every test still passes
 # (a *survivor*) is a behaviour no test pins: kill it with a test, or explain why it is

@@ -103,7 +103,7 @@ def test_cli_unknown_method_is_one_line_and_leaves_nothing(tmp_path):
     result = cli("train", "--config", "c.yaml", "--method", "sgd-magic", "--K", "2", "--seed", "0", "--data", "x.pt", "--out", str(out), cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "decoupled train: error: argument --method: invalid choice: 'sgd-magic' (choose from 'backprop', 'cdni', 'ddg', 'dgl', 'dni', 'fdg')"
+        "decoupled train: error: argument --method: invalid choice: 'sgd-magic' (choose from 'backprop', 'cdni', 'ddg', 'dgl', 'dni', 'fdg', 'gn_dgl')"
         " (see decoupled train --help)"
     ]
     assert not out.exists() and not (tmp_path / "results").exists()
@@ -209,5 +209,5 @@ def test_cli_help_names_choices_and_defaults_and_gives_the_version():
     top = cli("--help", cwd=REPO).stdout
     assert "``" not in top and "train" in top and "relocate" in top  # plain text, not reST
     train = " ".join(cli("train", "--help", cwd=REPO).stdout.split())
-    assert "--method {backprop,cdni,ddg,dgl,dni,fdg}" in train and "--mode {sync,async}" in train and "(default: sync)" in train
+    assert "--method {backprop,cdni,ddg,dgl,dni,fdg,gn_dgl}" in train and "--mode {sync,async}" in train and "(default: sync)" in train
     assert "(default: None)" not in train

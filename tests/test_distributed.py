@@ -89,6 +89,47 @@ def test_sync_workers_compute_what_the_simulator_computes(tmp_path, fashion_subs
     assert "epoch 2/2" in output
 
 
+def test_quantized_workers_send_codes_and_compute_what_the_simulator_computes(tmp_path, fashion_subset):
+    """model.quantize bits 4, dim 4: each boundary sends 4 bits per 4 activations (and the
+    codebook, labels and a header per batch), 1/32 of the floats, and the next worker trains on
+    what the codes and codebook rebuild: the simulator's numbers, to the last digit."""
+    cfg = config("dgl", "sync", K=3, model={"quantize": {"bits": 4, "dim": 4}})
+    metrics, _ = train(tmp_path, cfg, fashion_subset)
+    reference = simulated(cfg, fashion_subset)
+    for ours, theirs in zip(metrics["epochs"], reference["epochs"], strict=True):
+        assert ours["train_loss_per_module"] == pytest.approx(theirs["train_loss_per_module"], rel=1e-6)
+        assert ours["test_acc_per_module"] == pytest.approx(theirs["test_acc_per_module"], abs=1e-9)
+        assert ours["vq_recon_error_per_boundary"] == pytest.approx(theirs["vq_recon_error_per_boundary"], rel=1e-6)
+        assert ours["vq_perplexity_per_boundary"] == pytest.approx(theirs["vq_perplexity_per_boundary"], rel=1e-6)
+    last = metrics["epochs"][-1]
+    fp32 = [8 * 14 * 14 * 4, 16 * 7 * 7 * 4]  # bytes per image of each boundary's activations as floats
+    labels = 8  # bytes per image, sent with the activations either way
+    for sent, floats in zip(last["bytes_sent_per_module"][:2], fp32):
+        assert sent / 2000 - labels == pytest.approx(floats / 32, rel=0.10)  # codebook and header: the rest
+    assert last["bytes_per_image"] == pytest.approx(reference["epochs"][-1]["bytes_per_image"], rel=0.01)
+    assert 0 < last["vq_recon_error_per_boundary"][0] < 1 and 1 < last["vq_perplexity_per_boundary"][0] <= 16
+
+
+def test_neuron_groups_run_as_workers_of_their_own_and_compute_what_the_simulator_computes(tmp_path, fashion_subset):
+    """GN-DGL, K = 2 modules x G = 2 groups: 4 workers, each training its group's branch and
+    head; a module's groups exchange outputs and logits, the next module's gather the groups'
+    channels. The same numbers as the simulator's single process."""
+    cfg = config("gn_dgl", "sync", K=2, model={"groups": 2})
+    metrics, output = train(tmp_path, cfg, fashion_subset)
+    reference = simulated(cfg, fashion_subset)
+    for ours, theirs in zip(metrics["epochs"], reference["epochs"], strict=True):
+        assert ours["train_loss_per_module"] == pytest.approx(theirs["train_loss_per_module"], rel=1e-5)
+        assert ours["test_acc_per_module"] == pytest.approx(theirs["test_acc_per_module"], abs=1e-9)
+    last = metrics["epochs"][-1]
+    assert last["steps_per_module"] == [2000 // 50] * 2
+    assert metrics["compute"]["workers"] == 4 and len(metrics["compute"]["macs_per_worker"]) == 4
+    # each group of module 0 sends its 4 of 8 channels to both groups of module 1, and its
+    # outputs and logits to the other group of its module
+    own_channels, logits = 50 * 4 * 14 * 14 * 4, 50 * 10 * 4
+    assert last["bytes_sent_per_module"][0] >= 40 * (2 * 2 * own_channels + 2 * (own_channels + logits))
+    assert "epoch 2/2" in output
+
+
 def test_async_dgl_workers_make_equal_updates_and_the_slowed_one_finishes_last(tmp_path, fashion_subset):
     """async.budget updates (the default): every worker makes an epoch's steps per epoch, the
     slowed middle one at a third of the pace, so it finishes last; its neighbours go on

@@ -19,13 +19,13 @@ from decoupled.errors import UserError
 def test_a_misspelt_method_under_overrides_is_an_error_not_ignored(tmp_path):
     cfg = yaml.safe_load((REPO / "config/smoke.yaml").read_text())
     cfg["overrides"] = {"dgll": {"train": {"lr": 0.1}}}
-    with pytest.raises(UserError, match=r"^config key 'overrides.dgll': unknown method 'dgll' \(known: backprop, cdni, ddg, dgl, dni, fdg\)$"):
+    with pytest.raises(UserError, match=r"^config key 'overrides.dgll': unknown method 'dgll' \(known: backprop, cdni, ddg, dgl, dni, fdg, gn_dgl\)$"):
         grid.runs(config.validate(cfg))
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     result = subprocess.run([sys.executable, "-m", "decoupled", "train", "--config", "c.yaml", "--method", "dgl", "--K", "2", "--seed", "0",
                              "--data", "x.pt", "--out", "run"], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2
-    assert result.stderr.splitlines() == ["decoupled: error: config key 'overrides.dgll': unknown method 'dgll' (known: backprop, cdni, ddg, dgl, dni, fdg)"]
+    assert result.stderr.splitlines() == ["decoupled: error: config key 'overrides.dgll': unknown method 'dgll' (known: backprop, cdni, ddg, dgl, dni, fdg, gn_dgl)"]
     assert not (tmp_path / "run").exists()
 
 

@@ -154,7 +154,7 @@ def test_registry_lists_methods_and_rejects_unknown():
     assert {"backprop", "dgl"} <= set(grid.method_names())
     from decoupled.errors import UserError
 
-    with pytest.raises(UserError, match=r"unknown method 'nope' \(known: backprop, cdni, ddg, dgl, dni, fdg\)"):
+    with pytest.raises(UserError, match=r"unknown method 'nope' \(known: backprop, cdni, ddg, dgl, dni, fdg, gn_dgl\)"):
         methods.get("nope")
 
 

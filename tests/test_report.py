@@ -367,8 +367,9 @@ def _magic_ok(path: Path) -> bool:
 
 def test_build_report_writes_everything(run_dirs, tmp_path):
     paths = build_report(run_dirs, tmp_path / "out" / "tables", tmp_path / "out" / "figures")
+    # these runs sweep slowdown, buffer size and K, not groups nor quantization
     expected = ([f"{t}.{ext}" for t in TABLE_NAMES for ext in ("csv", "md", "tex")]
-                + [f"{f}.{ext}" for f in FIGURE_NAMES for ext in ("png", "pdf")])
+                + [f"{f.name}.{ext}" for f in figures_for({"slowdown", "buffer_size", "K"}) for ext in ("png", "pdf")])
     assert len(paths) == 18 and [p.name for p in paths] == expected
     assert "acc_vs_wall_time.png" in expected
     for path in paths:
@@ -691,3 +692,38 @@ def test_missing_eval_and_mismatched_variant_name_the_file(run_dirs):
     _edit(run_dirs[2] / "eval.json", lambda d: d.update(variant="S4m1_B10"))
     with pytest.raises(UserError, match=r"eval\.json: variant does not match"):
         load_runs(run_dirs[2:])
+
+
+def test_the_quantization_and_groups_figures_plot_their_runs(tmp_path, monkeypatch):
+    """acc_vs_bits: floats at 32 bits, each quantized variant at bits/dim and at its bytes per
+    image; acc_vs_worker_macs: one bubble per method, K and G at the largest per-worker MACs."""
+    from matplotlib.collections import PathCollection
+
+    seen, finish = {}, figures._finish
+
+    def spy(fig, ax, stem, legend_ax=None):
+        for a in fig.axes:  # keep what was drawn before the figure is closed
+            a._drawn = ([list(line.get_xdata()) for line in a.get_lines()], [c.get_offsets().tolist() for c in a.collections if isinstance(c, PathCollection)])
+        seen[stem.name + "_axes"] = [a._drawn for a in fig.axes]
+        return finish(fig, ax, stem, legend_ax)
+
+    monkeypatch.setattr(figures, "_finish", spy)
+    rows = []
+    for seed in (0, 1):
+        for bits, nbytes, acc, varied in ((None, 6000.0, 0.88, []), (0.5, 120.0, 0.80, ["quantize"]), (1.0, 220.0, 0.85, ["quantize"])):
+            rows.append({"method": "dgl", "mode": "sync", "K": 3, "seed": seed, "varied": varied, "test_acc": acc + 0.01 * seed,
+                         "quantize_bits_per_activation": bits, "bytes_per_image": nbytes, "groups": None, "max_worker_macs": 9e5, "workers": 3})
+        for G, macs, acc in ((1, 9e5, 0.87), (2, 5e5, 0.86), (4, 3e5, 0.84)):
+            rows.append({"method": "gn_dgl", "mode": "sync", "K": 3, "seed": seed, "varied": [] if G == 1 else ["groups"], "test_acc": acc,
+                         "quantize_bits_per_activation": None, "bytes_per_image": 6000.0, "groups": G, "max_worker_macs": macs, "workers": 3 * G})
+        rows.append({"method": "backprop", "mode": "sync", "K": 3, "seed": seed, "varied": [], "test_acc": 0.9,
+                     "quantize_bits_per_activation": None, "bytes_per_image": 0.0, "groups": None, "max_worker_macs": 2e6, "workers": 1})
+    runs_df = pd.DataFrame(rows)
+    figures.plot_accuracy_vs_bits(runs_df, tmp_path)
+    figures.plot_accuracy_vs_worker_macs(runs_df, tmp_path)
+    (bits_lines, _), (bytes_lines, _) = seen["acc_vs_bits_axes"]
+    assert bits_lines == [[0.5, 1.0, 32.0]] and bytes_lines == [[120.0, 220.0, 6000.0]]  # dgl only: gn_dgl has no quantized runs
+    (_, bubbles), = seen["acc_vs_worker_macs_axes"]
+    centres = sorted(tuple(p) for c in bubbles for p in c)
+    assert [x for x, _ in centres] == [3e5, 5e5, 9e5, 9e5, 2e6]
+    assert [y for _, y in centres] == pytest.approx([84.0, 86.0, 87.0, 88.5, 90.0])

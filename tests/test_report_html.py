@@ -24,6 +24,8 @@ CAPTIONS = {
     "acc_vs_slowdown": ("Figures", "Sweeps", "vs the slowdown factor S of one module"),
     "acc_vs_buffer_size": ("Figures", "Sweeps", "vs the buffer size between two modules"),
     "acc_vs_K": ("Figures", "Sweeps", "vs the number of modules K"),
+    "acc_vs_bits": ("Figures", "Sweeps", "against the bits sent per activation"),
+    "acc_vs_worker_macs": ("Figures", "Sweeps", "against the largest forward compute of one worker"),
 }
 MIME = {"png": "image/png", "pdf": "application/pdf", "csv": "text/csv", "md": "text/markdown", "tex": "text/x-tex"}
 
@@ -36,11 +38,13 @@ def test_every_table_and_figure_has_a_caption():
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-    """A finished run of a tiny grid (backprop and DGL, sync, one seed, one epoch): about a minute."""
+    """A finished run of a tiny grid (backprop, DGL and GN-DGL with 1 or 2 groups, each with floats or
+    4-bit codes between modules; sync, one seed, one epoch): about a minute."""
     workdir = copy_repo(tmp_path_factory.mktemp("report_html") / "repo")
     cfg = yaml.safe_load((REPO / "config/smoke.yaml").read_text())
     cfg["experiment"] = "report-html-test"
-    cfg["grid"].update(methods=["backprop", "dgl"], modes=["sync"], seeds=[0])
+    cfg["grid"].update(methods=["backprop", "dgl", "gn_dgl"], modes=["sync"], seeds=[0], groups=[1, 2], quantize=[None, {"bits": 4, "dim": 4}])
+    cfg["overrides"].pop("gn_dgl")
     cfg["train"]["epochs"] = 1
     cfg["report"] = {"target_accuracy": 0.42}  # shows in the captions, through Jinja
     configfile = workdir / "config/report_html.yaml"
@@ -81,7 +85,7 @@ def test_html_report_holds_every_result_with_its_caption(finished):
     results = _script_var(page, "results", "results")
     categories = _script_var(page, "categories", "categories")
     expected = {f"results/tables/{n}.{e}" for n in TABLE_NAMES for e in TABLE_FORMATS}
-    expected |= {f"results/figures/{f.name}.{e}" for f in figures_for(set()) for e in FIGURE_FORMATS}  # nothing swept: no sweep figures
+    expected |= {f"results/figures/{f.name}.{e}" for f in figures_for({"groups", "quantize"}) for e in FIGURE_FORMATS}  # the sweeps of these two only
     assert set(results) == expected
 
     filed = {path: (cat, sub) for cat, subs in categories.items() for sub, paths in subs.items() for path in paths}
@@ -105,7 +109,7 @@ def test_html_report_holds_every_result_with_its_caption(finished):
             assert "| backprop" in caption and "| dgl" in caption
 
     description = html.unescape(_script_var(page, "workflow-desc", "workflow_desc"))
-    assert "report-html-test" in description and "backprop, dgl" in description
+    assert "report-html-test" in description and "backprop, dgl, gn_dgl" in description
     assert "app.showCategory('Figures')" in description and "app.showCategory('Tables')" in description
 
 

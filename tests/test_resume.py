@@ -24,11 +24,11 @@ from decoupled.resume import RESUME_FILE, Terminated, load_resume
 from decoupled.train import fit
 
 
-def job(method, mode="sync", epochs=3, widths=(8, 16), budget="updates", K=2):
+def job(method, mode="sync", epochs=3, widths=(8, 16), budget="updates", K=2, model=None):
     cfg = config.validate(
         {
             "experiment": "resume-test",
-            "model": {"widths": list(widths), "aux_hidden": 32},
+            "model": {"widths": list(widths), "aux_hidden": 32, **(model or {})},
             "train": {"epochs": epochs, "batch_size": 50, "lr": 0.05},
             "async": {"buffer_size": 4, "budget": budget},
             "grid": {"methods": [method], "K": [K], "modes": [mode], "seeds": [0],
@@ -78,11 +78,13 @@ class StopAtCheck(StopRequest):
         return self.checks_left < 0
 
 
-@pytest.mark.parametrize("method, mode, budget", [("dgl", "sync", None), ("ddg", "sync", None), ("dni", "async", "updates"),
-                                                  ("dgl", "async", "updates"), ("dgl", "async", "time")])
-def test_a_stop_inside_an_epoch_checkpoints_that_step_and_resumes_from_it(fashion_subset, method, mode, budget):
+# the last: neuron groups, and a quantized boundary whose codebook, random stream and epoch tally resume too
+@pytest.mark.parametrize("method, mode, budget, model", [("dgl", "sync", None, None), ("ddg", "sync", None, None), ("dni", "async", "updates", None),
+                                                         ("dgl", "async", "updates", None), ("dgl", "async", "time", None),
+                                                         ("gn_dgl", "async", "updates", {"groups": 2, "quantize": {"bits": 4, "dim": 4}})])
+def test_a_stop_inside_an_epoch_checkpoints_that_step_and_resumes_from_it(fashion_subset, method, mode, budget, model):
     data = load_prepared(fashion_subset)
-    the_job = job(method, mode, budget=budget or "updates")
+    the_job = job(method, mode, budget=budget or "updates", model=model)
     saved = []
 
     def checkpoint(state):

@@ -55,10 +55,12 @@ def test_summary_table(smoke):
     assert "time_to_85pct_s_mean" in summary.columns  # the schema's default target
     # every method in sync mode; every method but backprop in async mode, with and without slowdown
     rows = set(zip(summary["method"], summary["mode"], summary["variant"]))
-    expected = {(m, "sync", "beta0.5" if m == "fdg" else "default") for m in METHODS}
+    # (FDG's beta and GN-DGL's groups and quantizer, from its overrides, name their variants)
+    own = {"fdg": "beta0.5", "gn_dgl": "G2_q4d4"}
+    expected = {(m, "sync", own.get(m, "default")) for m in METHODS}
     for m in set(METHODS) - {"backprop"}:
-        beta = "_beta0.5" if m == "fdg" else ""
-        expected |= {(m, "async", f"S1_B4{beta}"), (m, "async", f"S2m1_B4{beta}")}
+        suffix = f"_{own[m]}" if m in own else ""
+        expected |= {(m, "async", f"S1_B4{suffix}"), (m, "async", f"S2m1_B4{suffix}")}
     assert rows == expected
     assert (summary["seeds"] == 2).all() and (summary["K"] == 2).all()
     assert summary["test_acc_mean"].between(0, 1).all() and summary["test_acc_std"].notna().all()
@@ -71,7 +73,7 @@ def test_summary_table(smoke):
 def test_main_table(smoke):
     workdir, _ = smoke
     main = pd.read_csv(workdir / "results/tables/main.csv")
-    assert list(main["method"]) == ["backprop", "dgl", "dni", "cdni", "ddg", "fdg"]
+    assert list(main["method"]) == ["backprop", "dgl", "dni", "cdni", "ddg", "fdg", "gn_dgl"]
     assert main.set_index("method").loc["dgl", ["sync_mean", "async_mean"]].between(0, 1).all()
     assert pd.isna(main.set_index("method").loc["backprop", "async_mean"])  # no async backprop
     # the async cell is the no-slowdown run, read back from its eval.json files
@@ -97,7 +99,7 @@ def test_progress_lines_on_the_terminal(smoke):
     _, result = smoke
     out = result.stdout + result.stderr
     for method in METHODS:
-        name = f"{method}-sync-K2-beta0.5-seed0" if method == "fdg" else f"{method}-sync-K2-seed0"
+        name = {"fdg": "fdg-sync-K2-beta0.5-seed0", "gn_dgl": "gn_dgl-sync-K2-G2_q4d4-seed0"}.get(method, f"{method}-sync-K2-seed0")
         for epoch in (1, 2, 3):
             assert f"[{name}] epoch {epoch}/3" in out
 
@@ -200,13 +202,13 @@ def planned_jobs(workdir: Path, edited: str) -> tuple[set[tuple[str, str]], str]
 def test_a_code_change_reruns_exactly_the_jobs_that_run_that_code(smoke):
     workdir, _ = smoke
     # a method's file: that method's training jobs (both modes, every variant and seed), their
-    # evaluations and the report; FDG's file imports DDG's, so DDG's edit re-runs FDG too
+    # evaluations and the report; FDG's file imports DDG's, so DDG's edit re-runs FDG too (and DGL's GN-DGL)
     from decoupled import config, grid
 
     keys = grid.runs(config.load(REPO / "config/smoke.yaml"))
     wildcards = {key: f"method={key.method}, mode={key.mode}, K={key.K}, variant={key.variant}, seed={key.seed}" for key in keys}
     train = set(wildcards.values())
-    for edited, methods in (("src/decoupled/methods/dgl.py", {"dgl"}), ("src/decoupled/methods/ddg.py", {"ddg", "fdg"})):
+    for edited, methods in (("src/decoupled/methods/dgl.py", {"dgl", "gn_dgl"}), ("src/decoupled/methods/ddg.py", {"ddg", "fdg"})):
         jobs, out = planned_jobs(workdir, edited)
         expected = {wc for key, wc in wildcards.items() if key.method in methods}
         assert len(expected) == 2 * 3 * len(methods)  # seeds x (sync + 2 async variants) per method
@@ -272,7 +274,7 @@ def test_unknown_method_stops_before_any_job(tmp_path):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
     result = snakemake(tmp_path, configfile=tmp_path / "bad.yaml", snakefile=REPO / "Snakefile")
     assert result.returncode != 0
-    assert "unknown method 'dgll' (known: backprop, cdni, ddg, dgl, dni, fdg)" in result.stderr
+    assert "unknown method 'dgll' (known: backprop, cdni, ddg, dgl, dni, fdg, gn_dgl)" in result.stderr
     assert not (tmp_path / "results").exists()
 
 

@@ -69,13 +69,23 @@ def runs(config: dict[str, Any]) -> list[RunKey]:
         for mode in grid["modes"]:
             if mode == "async" and methods.traits(method).sync_only:
                 continue  # e.g. backprop: the locked baseline has no async form
-            for K, variant in _points(config, method, mode):
+            # the base of each swept setting is the method's own, after its overrides
+            for K, variant in _points(_with_overrides(config, method), method, mode):
                 keys += [RunKey(method, mode, K, seed, variant) for seed in grid["seeds"]]
     if not keys:
         raise UserError("config key 'grid': no job to run (every method listed is sync-only and modes has only async)")
     for key in keys:
         job_config(config, key)  # raises on the first job that cannot run
     return keys
+
+
+def _with_overrides(config: dict[str, Any], method: str) -> dict[str, Any]:
+    """The experiment config as ``method`` sees it: its overrides applied, defaults filled in."""
+    merged = config_lib.deep_merge(config, config.get("overrides", {}).get(method, {}))
+    try:
+        return config_lib.validate(merged)
+    except UserError as e:
+        raise UserError(f"{e} (after overrides.{method})") from None
 
 
 # Sections of an experiment config that are not settings of a training job (where files go,
@@ -96,6 +106,11 @@ def _axes(config: dict[str, Any], method: str, mode: str) -> list[tuple[Option, 
         axes.append(((f"B{size}", {"buffer_size": size}), [(f"B{b}", {"buffer_size": b}) for b in grid.get("buffer_size") or [size]]))
         budget = base_async["budget"]
         axes.append((_budget(budget), [_budget(b) for b in grid.get("budget") or [budget]]))
+    if "model.groups" in methods.traits(method).reads:
+        groups = config["model"]["groups"]
+        axes.append(((f"G{groups}", {"groups": groups}), [(f"G{g}", {"groups": g}) for g in grid.get("groups") or [groups]]))
+    quantize = config["model"]["quantize"]
+    axes.append((_quantize(quantize), [_quantize(q) for q in grid.get("quantize") or [quantize]]))
     if methods.traits(method).sweeps_beta:
         beta = config["train"]["beta"]
         axes.append(((f"beta{beta:g}", {"beta": beta}), [(f"beta{b:g}", {"beta": b}) for b in grid.get("beta") or [beta]]))
@@ -106,6 +121,20 @@ def _slowdown(slowdown: dict) -> Option:
     module = slowdown.get("module")
     name = f"S{slowdown['factor']:g}" + (f"m{module}" if module is not None else "")
     return name, {"slowdown_factor": slowdown["factor"], "slowed_module": module}
+
+
+def _quantize(setting: dict | list | None) -> Option:
+    """``model.quantize`` as a variant's part: "" (floats), "q4d4" (bits 4, dim 4; "q4d4r0.9" at
+    decay 0.9), or per boundary "q4d4-none"."""
+    def name(q: dict | None) -> str:
+        return "none" if q is None else f"q{q['bits']}d{q['dim']}" + (f"r{q['decay']:g}" if q["decay"] != DEFAULT_DECAY else "")
+
+    if isinstance(setting, list):
+        return "-".join(name(q) for q in setting), {"quantize": setting}
+    return ("" if setting is None else name(setting)), {"quantize": setting}
+
+
+DEFAULT_DECAY = 0.99  # the schema's quantize.decay
 
 
 def _budget(budget: str) -> Option:
@@ -170,13 +199,17 @@ def job_config(config: dict[str, Any], key: RunKey) -> dict[str, Any]:
     # Which swept settings differ from the config's base values: the report compares runs
     # along one axis at a time (e.g. accuracy vs slowdown with everything else at base).
     varied = ["K"] if grid.get("K") and key.K != grid["K"][0] else []
-    base = {**{n: job["async"][n] for n in ("slowdown_factor", "slowed_module", "buffer_size", "budget")}, "beta": job["train"]["beta"]}
+    base = {**{n: job["async"][n] for n in ("slowdown_factor", "slowed_module", "buffer_size", "budget")}, "beta": job["train"]["beta"],
+            "groups": job["model"]["groups"], "quantize": job["model"]["quantize"]}
     varied += sorted({"slowdown" if n.startswith("slow") else n for n, v in settings.items() if v != base[n]})
     for name in ("slowdown_factor", "slowed_module", "buffer_size", "budget"):
         if name in settings:
             job["async"][name] = settings[name]
     if "beta" in settings:
         job["train"]["beta"] = settings["beta"]
+    for name in ("groups", "quantize"):
+        if name in settings:
+            job["model"][name] = settings[name]
     if job["train"]["gradient_delay"] is None and traits.gradient_delay is not None:
         job["train"]["gradient_delay"] = traits.gradient_delay  # so that it is logged as used
     _check_run(job, key)
@@ -215,12 +248,42 @@ def _check_run(job: dict[str, Any], key: RunKey) -> None:
             f"config key 'model.split': {split} must list K={key.K} layer counts summing to {n_layers} (model.widths);"
             f" it lists {len(split)} summing to {sum(split)}"
         )
+    _check_groups_and_quantize(job, key)
     if key.mode == "async":
         factor, module = job["async"]["slowdown_factor"], job["async"]["slowed_module"]
         if module is not None and module >= key.K:
             raise UserError(f"job {key.name}: slowed module {module} does not exist with K={key.K} (modules 0..{key.K - 1})")
         if factor > 1 and module is None:
             raise UserError(f"job {key.name}: slowdown factor {factor:g} needs a slowed module")
+
+
+def _check_groups_and_quantize(job: dict[str, Any], key: RunKey) -> None:
+    model = job["model"]
+    widths = model["widths"]
+    grouped = "model.groups" in methods.traits(key.method).reads and model["groups"] > 1
+    if grouped and any(w % model["groups"] for w in widths):
+        raise UserError(f"config key 'model.groups': {model['groups']} groups must divide every width of model.widths {widths} (job {key.name})")
+    spec = engines.of(job)
+    if grouped and spec.processes == "per_module" and key.mode != spec.group_workers:
+        raise UserError(f"job {key.name}: engine '{job['engine']}' runs a module's neuron groups (model.groups) as workers of their own in {spec.group_workers} mode only")
+    if grouped and spec.processes == "per_module" and model["quantize"] is not None:
+        raise UserError(f"job {key.name}: engine '{job['engine']}' does not quantize (model.quantize) what neuron groups (model.groups) send")
+    quantize = model["quantize"]
+    if isinstance(quantize, list) and len(quantize) != key.K - 1:
+        raise UserError(f"config key 'model.quantize': {len(quantize)} entries, but K={key.K} modules have {key.K - 1} boundaries (job {key.name})")
+    # the widths at the boundaries (a balanced split is measured later: then any width may be one)
+    split = model["split"]
+    counts = split if isinstance(split, list) else None if split == "balanced" else _even(len(widths), key.K)
+    boundary_widths = [widths[sum(counts[: k + 1]) - 1] for k in range(key.K - 1)] if counts else widths[:-1]
+    for k, q in enumerate(quantize if isinstance(quantize, list) else [quantize] * (key.K - 1)):
+        width = boundary_widths[k] if counts else None
+        if q is not None and any(w % q["dim"] for w in ([width] if width else boundary_widths)):
+            raise UserError(f"config key 'model.quantize': dim {q['dim']} does not divide the {width or boundary_widths} channels at boundary {k} (job {key.name})")
+
+
+def _even(n_layers: int, K: int) -> list[int]:
+    base, extra = divmod(n_layers, K)
+    return [base + (1 if k >= K - extra else 0) for k in range(K)]
 
 
 def job_threads(job: dict[str, Any]) -> int:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from decoupled import engines
+from decoupled.compute import as_params
 from decoupled.data import load_prepared
 from decoupled.files import save_torch, write_json
 from decoupled.grid import RunKey
@@ -97,6 +98,7 @@ def _finish(job: dict, metrics: dict, out_dir: Path, run) -> None:
     if "imbalance" in metrics["split"]:  # a measured (balanced) split: how even it promised to be
         final["split_predicted_imbalance"] = metrics["split"]["imbalance"]
     run.log_metrics(final, step=job["train"]["epochs"])
+    run.log_params(as_params(metrics["compute"]))
     run.set_tag("split", "-".join(map(str, metrics["split"]["counts"])))
     run.log_artifact(out_dir / "metrics.json")
     run.log_artifact(out_dir / "config.json")

@@ -37,6 +37,8 @@ FIGURES = [
     Output("acc_vs_slowdown", "accuracy vs slowdown", "Sweeps", "plot_accuracy_vs_slowdown", sweeps="slowdown"),
     Output("acc_vs_buffer_size", "accuracy vs buffer size", "Sweeps", "plot_accuracy_vs_buffer_size", sweeps="buffer_size"),
     Output("acc_vs_K", "accuracy vs K", "Sweeps", "plot_accuracy_vs_K", sweeps="K"),
+    Output("acc_vs_bits", "accuracy vs bits per activation", "Sweeps", "plot_accuracy_vs_bits", sweeps="quantize"),
+    Output("acc_vs_worker_macs", "accuracy vs per-worker compute", "Sweeps", "plot_accuracy_vs_worker_macs", sweeps="groups"),
 ]
 TABLE_NAMES = [t.name for t in TABLES]
 FIGURE_NAMES = [f.name for f in FIGURES]

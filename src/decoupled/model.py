@@ -6,6 +6,13 @@ classifier; ``heads[K-1]`` is the network's final head, so in DGL the last modul
 *is* the output layer, as in the DGL paper. Every method trains the same SplitNet, built from
 the same seed, so methods differ only in how they update it.
 
+With ``model.groups`` G > 1 (GN-DGL), each module's width is split into G neuron groups: the
+module is G branches side by side (``GroupedModule``), branch g computing channels
+[g C/G, (g+1) C/G) of every layer from the module's whole input (so the first convolution after
+a boundary sees all groups' outputs) and then only from its own channels (a grouped
+convolution, as separate tensors so that each group has its own optimizer and worker), and
+``heads[k]`` holds one aux head per group (``GroupHeads``). G = 1 builds exactly the DGL network.
+
 Which layers go to which module is ``model.split``: ``"even"`` (``split_layers``), an explicit
 list of layer counts, or ``"balanced"``, whose counts come from timing the layers
 (``decoupled.profile.resolve_split``) and so must be handed to ``build``.
@@ -71,29 +78,84 @@ def split_layers(n_layers: int, K: int) -> list[int]:
     return [base + (1 if k >= K - extra else 0) for k in range(K)]
 
 
+class GroupedModule(nn.Module):
+    """A module of G neuron groups: branch g's output is channels [g C/G, (g+1) C/G) of the module's."""
+
+    def __init__(self, branches: list[nn.Module]):
+        super().__init__()
+        self.branches = nn.ModuleList(branches)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([branch(x) for branch in self.branches], 1)
+
+
+class GroupHeads(nn.Module):
+    """GN-DGL's G aux heads of one module, head g trained by group g's loss.
+
+    ``detach`` (the GN-DGL code's ``--detach``, which all its experiments use): head g reads
+    the module's whole output with the other groups' channels detached, so its loss reaches
+    only group g's weights; otherwise it reads only group g's channels. As a classifier
+    (``forward``, for evaluation) the module predicts the mean of its heads' softmaxes (the
+    code's ensemble within a module), or, for the last module, with ``final``, the network's
+    classifier, which is trained on the detached output (the code's final ``head``).
+    """
+
+    def __init__(self, heads: list[nn.Module], detach: bool, final: nn.Module | None = None):
+        super().__init__()
+        self.group_heads = nn.ModuleList(heads)
+        self.detach = detach
+        self.final = final
+
+    def group_logits(self, x: torch.Tensor) -> list[torch.Tensor]:
+        G = len(self.group_heads)
+        width = x.shape[1] // G
+        logits = []
+        for g, head in enumerate(self.group_heads):
+            own = x[:, g * width : (g + 1) * width]
+            seen = torch.cat([x[:, : g * width].detach(), own, x[:, (g + 1) * width :].detach()], 1) if self.detach else own
+            logits.append(head(seen))
+        return logits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.final is not None:
+            return self.final(x)
+        probs = torch.stack([torch.softmax(z, 1) for z in self.group_logits(x)]).mean(0)
+        return probs.clamp_min(1e-30).log()
+
+
 class SplitNet(nn.Module):
-    def __init__(self, blocks: list[nn.Module], heads: list[nn.Module]):
+    def __init__(self, blocks: list[nn.Module], heads: list[nn.Module], quantizers: list[nn.Module] | None = None):
         super().__init__()
         assert len(blocks) == len(heads)
         self.blocks = nn.ModuleList(blocks)
         self.heads = nn.ModuleList(heads)
+        self.groups = len(blocks[0].branches) if isinstance(blocks[0], GroupedModule) else 1
+        # boundary k's quantizer (``decoupled.quantize``: what module k+1 receives), or Identity
+        self.quantizers = nn.ModuleList(quantizers if quantizers is not None else [nn.Identity() for _ in blocks[1:]])
 
     @property
     def K(self) -> int:
         return len(self.blocks)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x)
-        return self.heads[-1](x)
+    def quantizer(self, k: int):
+        """Boundary k's ``Quantizer`` (between modules k and k+1), or None if it sends floats."""
+        q = self.quantizers[k] if k < self.K - 1 else None
+        return None if isinstance(q, nn.Identity) else q
 
-    def forward_all_heads(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Logits of every head, module by module (for layer-wise evaluation)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_all_heads(x, heads=False)
+
+    def forward_all_heads(self, x: torch.Tensor, heads: bool = True) -> list[torch.Tensor]:
+        """Logits of every head, module by module (for layer-wise evaluation); each head reads
+        its module's output, the next module what crosses the boundary."""
         logits = []
-        for block, head in zip(self.blocks, self.heads):
+        for k, block in enumerate(self.blocks):
             x = block(x)
-            logits.append(head(x))
-        return logits
+            if heads or k == self.K - 1:
+                logits.append(self.heads[k](x))
+            if k < self.K - 1:
+                x = self.quantizers[k](x)
+        return logits if heads else logits[-1]
 
 
 def configured_counts(model_cfg: dict, K: int) -> list[int]:
@@ -117,10 +179,19 @@ def build(model_cfg: dict, K: int, in_channels: int, num_classes: int, counts: l
     """The CNN of ``model_cfg`` cut into K modules; parameters drawn from torch's global RNG.
 
     ``counts``: layers per module; None = as ``model.split`` says (see ``configured_counts``).
-    The conv layers' parameters do not depend on the counts; the heads' do (one per module, on its last width).
+    The conv layers' parameters do not depend on the counts; the heads' do (one per module, on
+    its last width). Quantizers (``model.quantize``) draw their seeds last, so a quantized net
+    starts from the same weights as the same net unquantized.
     """
     widths = model_cfg["widths"]
     counts = configured_counts(model_cfg, K) if counts is None else check_counts(counts, len(widths), K)
+    G = model_cfg.get("groups", 1)
+    blocks, heads = _grouped(model_cfg, counts, in_channels, num_classes, G) if G > 1 else _plain(model_cfg, counts, in_channels, num_classes)
+    return SplitNet(blocks, heads, _quantizers(model_cfg, counts))
+
+
+def _plain(model_cfg: dict, counts: list[int], in_channels: int, num_classes: int) -> tuple[list, list]:
+    widths, K = model_cfg["widths"], len(counts)
     pools = model_cfg.get("pools") or [None] * len(widths)
     layers, channels = [], in_channels
     for width, pool in zip(widths, pools):
@@ -130,8 +201,59 @@ def build(model_cfg: dict, K: int, in_channels: int, num_classes: int, counts: l
     for k, count in enumerate(counts):
         blocks.append(nn.Sequential(*layers[start : start + count]))
         start += count
-        if k < K - 1 and model_cfg.get("aux_head", "mlp") == "cnn":
-            heads.append(ConvAuxHead(widths[start - 1], num_classes, model_cfg.get("kernel_size", 3)))
+        heads.append(_head(model_cfg, widths[start - 1], num_classes, last=k == K - 1))
+    return blocks, heads
+
+
+def _head(model_cfg: dict, channels: int, num_classes: int, last: bool, hidden: int | None = None) -> nn.Module:
+    if not last and model_cfg.get("aux_head", "mlp") == "cnn":
+        return ConvAuxHead(channels, num_classes, model_cfg.get("kernel_size", 3))
+    return AuxHead(channels, num_classes, model_cfg["aux_pool"], model_cfg["aux_hidden"] if hidden is None else hidden)
+
+
+def _grouped(model_cfg: dict, counts: list[int], in_channels: int, num_classes: int, G: int) -> tuple[list, list]:
+    """GN-DGL's modules: G branches each, one aux head per group (see the module docstring)."""
+    widths, K = model_cfg["widths"], len(counts)
+    if any(w % G for w in widths):
+        raise ValueError(f"model.groups {G} does not divide every width of model.widths {widths}")
+    pools = model_cfg.get("pools") or [None] * len(widths)
+    kernel, detach = model_cfg.get("kernel_size", 3), model_cfg.get("group_detach", True)
+    blocks, heads, start, channels = [], [], 0, in_channels
+    for k, count in enumerate(counts):
+        mine = range(start, start + count)
+        branches = []
+        for _ in range(G):
+            layers, seen = [], channels  # the module's first conv sees every group's output
+            for i in mine:
+                layers.append(conv_layer(seen, widths[i] // G, kernel, pools[i]))
+                seen = widths[i] // G
+            branches.append(nn.Sequential(*layers))
+        blocks.append(GroupedModule(branches))
+        channels = widths[start + count - 1]
+        start += count
+        # detached: head g reads the whole width (the code's 128 features); else its channels (128/G)
+        hidden = model_cfg["aux_hidden"] if detach else model_cfg["aux_hidden"] // G
+        group_heads = [_head(model_cfg, channels if detach else channels // G, num_classes, last=False, hidden=hidden) for _ in range(G)]
+        final = _head(model_cfg, channels, num_classes, last=True) if k == K - 1 else None
+        heads.append(GroupHeads(group_heads, detach, final))
+    return blocks, heads
+
+
+def quantize_settings(model_cfg: dict, K: int) -> list[dict | None]:
+    """``model.quantize`` per boundary: None (floats) or {bits, dim, decay}."""
+    setting = model_cfg.get("quantize")
+    return list(setting) if isinstance(setting, list) else [setting] * (K - 1)
+
+
+def _quantizers(model_cfg: dict, counts: list[int]) -> list[nn.Module]:
+    from decoupled.quantize import Quantizer
+
+    widths, quantizers, end = model_cfg["widths"], [], 0
+    for k, setting in enumerate(quantize_settings(model_cfg, len(counts))):
+        end += counts[k]
+        if setting is None:
+            quantizers.append(nn.Identity())
         else:
-            heads.append(AuxHead(widths[start - 1], num_classes, model_cfg["aux_pool"], model_cfg["aux_hidden"]))
-    return SplitNet(blocks, heads)
+            seed = int(torch.randint(2**62, ()))
+            quantizers.append(Quantizer(widths[end - 1], setting["bits"], setting["dim"], setting["decay"], seed))
+    return quantizers

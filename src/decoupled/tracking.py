@@ -365,7 +365,7 @@ def _stored_run(client, experiment: dict[str, str], run_id: str):
 # An epoch record (train.fit's) as MLflow metrics, logged once per epoch (step = epoch).
 def epoch_metrics(record: dict) -> dict[str, float]:
     """The flat per-epoch metrics of an epoch record: per-module lists become ``name_m{k}``."""
-    flat = {k: record[k] for k in ("train_loss", "test_acc", "epoch_time_s", "wall_time_s", "images_per_s", "sim_time_s") if record.get(k) is not None}
+    flat = {k: record[k] for k in ("train_loss", "test_acc", "epoch_time_s", "wall_time_s", "images_per_s", "sim_time_s", "bytes_per_image") if record.get(k) is not None}
     for k, loss in enumerate(record["train_loss_per_module"]):
         if loss is not None:
             flat[f"train_loss_m{k}"] = loss
@@ -374,6 +374,10 @@ def epoch_metrics(record: dict) -> dict[str, float]:
     for name, short in PER_WORKER_METRICS.items():
         for k, value in enumerate(record.get(name, [])):
             flat[f"{short}_m{k}"] = value
+    for name in ("vq_recon_error", "vq_perplexity"):  # per quantized boundary b (between modules b and b+1)
+        for b, value in enumerate(record.get(f"{name}_per_boundary", [])):
+            if value is not None:
+                flat[f"{name}_b{b}"] = value
     for kind in ("input", "grad"):
         for k, summary in enumerate(record.get(f"{kind}_staleness", [])):
             if summary["mean"] is not None:
@@ -448,6 +452,9 @@ class ChildRun:
 
     def log_epoch(self, record: dict) -> None:
         self.log_metrics(epoch_metrics(record), step=record["epoch"])
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        _log_params(self.client, self.run_id, params)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric

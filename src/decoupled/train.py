@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from decoupled import engines, methods, model, progress
+from decoupled import compute, engines, methods, model, progress
 from decoupled.data import Dataset
 from decoupled.engines.base import EpochInterrupted, StopRequest
 from decoupled.errors import UserError
@@ -35,7 +35,14 @@ def run_settings(job: dict) -> dict:
         **{name: job["async"][name] if asynchronous else None for name in ("slowdown_factor", "slowed_module", "buffer_size", "schedule", "budget")},
         "beta": job["train"]["beta"] if traits.sweeps_beta else None,
         "gradient_delay": job["train"]["gradient_delay"] if traits.gradient_delay is not None and not asynchronous else None,
+        "groups": job["model"]["groups"] if "model.groups" in traits.reads else None,
+        # bits per activation of a quantizer used at every boundary alike (None: floats, or mixed)
+        "quantize_bits_per_activation": _bits_per_activation(job["model"]["quantize"]),
     }
+
+
+def _bits_per_activation(quantize: dict | list | None) -> float | None:
+    return quantize["bits"] / quantize["dim"] if isinstance(quantize, dict) else None
 
 
 def build(job: dict, data: Dataset, split: dict | None = None):
@@ -99,6 +106,7 @@ def fit(job: dict, data: Dataset, checkpoint: Callable[[dict], None] | None = No
         torch.set_rng_state(resume["torch_rng"])
         epochs, wall = list(resume["epochs"]), resume["wall_time_s"]
     engine.stop = stop
+    counts = compute.count(net, tuple(data.train_x.shape[1:]), method.traits.sync_only)
     if engine.is_main:
         _announce(key, split, resume, job["train"]["epochs"])
 
@@ -132,10 +140,10 @@ def fit(job: dict, data: Dataset, checkpoint: Callable[[dict], None] | None = No
         if stop is not None and stop.is_set():  # asked after the last step had looked
             raise Terminated(f"stopped by SIGTERM after epoch {epoch}")
     engine.close()
-    return _metrics(job, split, data.name, epochs, wall)
+    return _metrics(job, split, data.name, epochs, wall, counts)
 
 
-def _metrics(job: dict, split: dict, dataset: str, epochs: list[dict], wall: float) -> dict:
+def _metrics(job: dict, split: dict, dataset: str, epochs: list[dict], wall: float, counts: dict) -> dict:
     """What a finished job's metrics.json holds: the run, its settings and split, every epoch."""
     return {
         **{k: job["run"][k] for k in ("method", "mode", "K", "variant", "seed")},
@@ -143,6 +151,7 @@ def _metrics(job: dict, split: dict, dataset: str, epochs: list[dict], wall: flo
         "settings": run_settings(job),
         "engine": job["engine"],
         "split": split,
+        "compute": counts,  # parameters and MACs per module and per worker (decoupled.compute)
         "dataset": dataset,
         "epochs": epochs,
         "train_time_s": wall,

@@ -40,11 +40,14 @@ class EngineSpec:
     # own) or "wall clock" (real workers)
     clock: str = "simulated parallel"
     runs_locked: bool = True  # runs a sync-only method (backprop: its modules wait for one backward pass)
+    # with one process per module: the mode in which each neuron group of a module (GN-DGL's
+    # model.groups > 1) gets a process of its own, K x G in all (None: no such engine)
+    group_workers: str | None = None
     classes: dict[str, str] = field(default_factory=dict)  # mode -> "module:Class" in this folder
 
     def process_count(self, job: dict[str, Any]) -> int:
-        """Processes a job runs: 1, or one per module."""
-        return job["run"]["K"] if self.processes == "per_module" else 1
+        """Processes a job runs: 1, or one per module (per neuron group of each module)."""
+        return job["run"]["K"] * job["model"].get("groups", 1) if self.processes == "per_module" else 1
 
     def gpus(self, job: dict[str, Any]) -> int:
         """GPUs a job uses: one per process on cuda."""

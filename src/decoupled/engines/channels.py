@@ -159,3 +159,57 @@ class Inbox:
 def first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
+
+
+class Fanout:
+    """The outboxes to every neuron group of the next module (one, without groups): each message
+    goes to each of them."""
+
+    def __init__(self, outboxes: list[Outbox]):
+        self.outboxes = outboxes
+
+    def send(self, kind: int, step: int, tensors: list[torch.Tensor] = ()) -> None:
+        for outbox in self.outboxes:
+            outbox.send(kind, step, tensors)
+
+    def flush(self) -> None:
+        for outbox in self.outboxes:
+            outbox.flush()
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(o.bytes_sent for o in self.outboxes)
+
+    @property
+    def sent(self) -> int:
+        return self.outboxes[0].sent
+
+    @property
+    def wait_s(self) -> float:
+        return sum(o.wait_s for o in self.outboxes)
+
+
+class Gather:
+    """The inboxes from every neuron group of the previous module (one, without groups): a message
+    is one from each, the groups' activations (their first tensors) joined along the channels in
+    group order, the rest (the labels) from the first."""
+
+    def __init__(self, inboxes: list[Inbox]):
+        self.inboxes = inboxes
+
+    def get(self, block: bool = True, wait_s: float | None = None) -> Message | None:
+        first = self.inboxes[0].get(block, wait_s)
+        if first is None or len(self.inboxes) == 1:
+            return first
+        rest = [inbox.get() for inbox in self.inboxes[1:]]  # the same message from each group: here or on its way
+        if first.kind != DATA:
+            return first
+        joined = torch.cat([first.tensors[0], *(m.tensors[0] for m in rest)], 1)
+        return Message(first.kind, first.step, [joined, *first.tensors[1:]])
+
+    def __len__(self) -> int:
+        return min(len(inbox) for inbox in self.inboxes)
+
+    def join(self) -> None:
+        for inbox in self.inboxes:
+            inbox.join()

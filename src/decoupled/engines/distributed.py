@@ -24,6 +24,15 @@ because a gradient comes back for it). gloo on CPU, NCCL on GPU.
   Methods with queues make one step per activation, so every worker makes worker 0's steps
   under either budget.
 
+* **neuron groups** (GN-DGL, ``model.groups`` G > 1; sync mode): K x G workers, worker
+  (k, g) = rank k G + g training group g of module k (``method.group_step``). A module's groups
+  exchange their outputs and their heads' logits at every step (an all-gather among them);
+  each sends its channels of the module's output to every group of the next module, which
+  joins them (``channels.Gather``). Per-module numbers are then those of its groups together.
+
+What crosses a boundary is ``boundary.payload``: the activations, or with ``model.quantize``
+their packed codes and the codebook, rebuilt by the receiver (``boundary.received``).
+
 An epoch is one pass of worker 0 over the data; an END_EPOCH message follows it down the
 pipeline. Then the workers share their modules' weights (each broadcasts its own), so every
 process holds the whole network; evaluation is split over the workers; per-worker numbers
@@ -42,10 +51,11 @@ import time
 import torch
 import torch.distributed as dist
 
+from decoupled.engines import boundary
 from decoupled.engines.base import Engine
 from decoupled.engines.batches import BatchStream
 from decoupled.engines.buffers import Entry, ReplayBuffer
-from decoupled.engines.channels import DATA, END_EPOCH, STOP, Inbox, Message, Outbox, PeerLost, TensorSpec, first_line
+from decoupled.engines.channels import DATA, END_EPOCH, STOP, Fanout, Gather, Inbox, Message, Outbox, PeerLost, TensorSpec, first_line
 from decoupled.engines.losses import LossTally
 from decoupled.engines.staleness import staleness_summary
 from decoupled.errors import UserError
@@ -55,11 +65,12 @@ from decoupled.methods.base import Method
 
 # One process per module, started by torchrun; real workers' wall clock. A locked method
 # (backprop) has no such form: its modules wait for one backward pass.
+# With neuron groups (GN-DGL's model.groups G > 1): one process per group, K x G, in sync mode.
 SPEC = {"name": "distributed", "processes": "per_module", "launcher": "torchrun", "section": "distributed", "clock": "wall clock",
-        "runs_locked": False, "classes": {"sync": "distributed:DistributedEngine", "async": "distributed:DistributedEngine"}}
+        "runs_locked": False, "group_workers": "sync", "classes": {"sync": "distributed:DistributedEngine", "async": "distributed:DistributedEngine"}}
 
 
-def join_workers(K: int, device: str, timeout_s: float, pin_cores: bool = False, threads: int = 1) -> torch.device:
+def join_workers(workers: int, device: str, timeout_s: float, pin_cores: bool = False, threads: int = 1) -> torch.device:
     """Join the process group torchrun set up; returns this worker's device.
 
     With ``pin_cores`` a CPU worker first binds itself to cores of its own (``worker_cores``),
@@ -69,8 +80,8 @@ def join_workers(K: int, device: str, timeout_s: float, pin_cores: bool = False,
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise UserError("engine 'distributed' runs one process per module: launch with torchrun --nproc-per-node K (the workflow and `decoupled train` do)")
     world = int(os.environ["WORLD_SIZE"])
-    if world != K:
-        raise UserError(f"engine 'distributed' needs one process per module: K={K} but torchrun started {world}")
+    if world != workers:
+        raise UserError(f"engine 'distributed' needs one process per module (per neuron group): {workers} workers, but torchrun started {world}")
     if pin_cores and device == "cpu" and hasattr(os, "sched_setaffinity"):
         local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         cores = worker_cores(sorted(os.sched_getaffinity(0)), local_rank, local_world, threads)
@@ -112,7 +123,7 @@ class DistributedEngine(Engine):
     def setup(cls, job):
         """Join the K workers (torchrun started them); this worker's device."""
         train = job["train"]
-        return join_workers(job["run"]["K"], train["device"], job["distributed"]["timeout_s"], job["distributed"]["pin_cores"], train["threads"])
+        return join_workers(job["run"]["K"] * job["model"].get("groups", 1), train["device"], job["distributed"]["timeout_s"], job["distributed"]["pin_cores"], train["threads"])
 
     @classmethod
     def agreed(cls, compute):
@@ -128,9 +139,11 @@ class DistributedEngine(Engine):
 
     def __init__(self, method: Method, train_x: torch.Tensor, train_y: torch.Tensor, batch_size: int, seed: int, async_cfg: dict, augment: str = "none", *, asynchronous: bool, distributed_cfg: dict, device: torch.device):
         net = method.net
-        K = net.K
-        self.method, self.K, self.k = method, K, dist.get_rank()
-        self.is_main = self.k == 0
+        K, G = net.K, net.groups
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.method, self.K, self.G = method, K, G
+        self.k, self.g = divmod(self.rank, G)  # worker (k, g): group g of module k (g = 0 without groups)
+        self.is_main = self.rank == 0
         self.asynchronous, self.device = asynchronous, device
         self.batch_size = batch_size
         self.batches = BatchStream(train_x, train_y, batch_size, seed, augment)
@@ -141,13 +154,28 @@ class DistributedEngine(Engine):
         # every process creates every group, in the same order (new_group is collective)
         limit = datetime.timedelta(seconds=timeout)
         self.everyone = dist.new_group(timeout=limit)  # the end-of-epoch collectives
-        forward = [dist.new_group([b, b + 1], timeout=limit) for b in range(K - 1)]
+        # a group of module b sends to each group of module b+1 (its own part of the module's output)
+        rank = lambda b, g: b * G + g  # noqa: E731
+        forward = {(b, g, h): dist.new_group([rank(b, g), rank(b + 1, h)], timeout=limit) for b in range(K - 1) for g in range(G) for h in range(G)}
         backward = [dist.new_group([b, b + 1], timeout=limit) for b in range(K - 1)] if self.gradients_travel else []
+        # a module's groups exchange their outputs and heads' logits at every step
+        modules = [dist.new_group([rank(b, g) for g in range(G)], timeout=limit) for b in range(K)] if G > 1 else []
+        self.module_group = modules[self.k] if G > 1 else None
         act_specs = _boundary_specs(net, train_x, batch_size, device)
         label_spec = TensorSpec((batch_size,), train_y.dtype)
-        k = self.k
-        self.to_next = Outbox(k + 1, forward[k], in_flight, timeout, device, f"module {k} -> {k + 1}") if k < K - 1 else None
-        self.from_prev = Inbox(k - 1, forward[k - 1], [act_specs[k - 1], label_spec], in_flight, timeout, device, f"module {k - 1} -> {k}") if k > 0 else None
+        k, g = self.k, self.g
+        self.to_next = Fanout([Outbox(rank(k + 1, h), forward[k, g, h], in_flight, timeout, device, f"module {k} -> {k + 1}" + (f", group {g} -> {h}" if G > 1 else ""))
+                               for h in range(G)]) if k < K - 1 else None
+        self.act_specs = act_specs
+        self.exchanged_bytes = 0  # sent to the other groups of this module
+        if k > 0:
+            shape = list(act_specs[k - 1].shape)
+            shape[1] //= G  # each group of module k-1 sends its channels
+            payload_specs = [TensorSpec(*spec) for spec in boundary.payload_specs(net, k - 1, tuple(shape), act_specs[k - 1].dtype)]
+            self.from_prev = Gather([Inbox(rank(k - 1, h), forward[k - 1, h, g], [*payload_specs, label_spec], in_flight, timeout, device,
+                                           f"module {k - 1} -> {k}" + (f", group {h} -> {g}" if G > 1 else "")) for h in range(G)])
+        else:
+            self.from_prev = None
         self.to_prev = Outbox(k - 1, backward[k - 1], in_flight, timeout, device, f"gradients {k} -> {k - 1}") if k > 0 and self.gradients_travel else None
         # unbounded: gradients only come back for batches this worker sent, a bounded number
         self.from_next = Inbox(k + 1, backward[k], [act_specs[k]], 0, timeout, device, f"gradients {k + 1} -> {k}") if k < K - 1 and self.gradients_travel else None
@@ -194,12 +222,15 @@ class DistributedEngine(Engine):
             "finish_time_s": self.seconds_before + max(self.last_step_end - start, 0.0),
             "cores": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
             "bytes_sent": self._bytes_sent() - bytes_before,
+            "quantizer": q.take_stats() if (q := self.method.net.quantizer(self.k)) is not None and self.g == 0 else None,
             "input_staleness": staleness_summary(self.input_staleness),
             "grad_staleness": staleness_summary(self.grad_staleness),
         }
-        workers = [None] * self.K
+        workers = [None] * self.world
         self._together("gathering the workers' numbers", dist.all_gather_object, workers, local, group=self.everyone)
         seconds = max(w["loop_s"] for w in workers)
+        workers = _per_module(workers, self.G)
+        traffic = boundary.epoch_stats([w["bytes_sent"] for w in workers], workers[0]["steps"] * self.batch_size, [w["quantizer"] for w in workers[:-1]])
         self.epochs_done, self.seconds_before = self.epochs_done + 1, self.seconds_before + seconds
         stats = {
             "train_loss_per_module": [w["loss"] for w in workers],
@@ -211,7 +242,7 @@ class DistributedEngine(Engine):
             "idle_s_per_module": [w["idle_s"] for w in workers],
             "busy_frac_per_module": [w["busy_s"] / seconds for w in workers],
             "queue_depth_per_module": [w["queue_depth"] for w in workers],
-            "bytes_sent_per_module": [w["bytes_sent"] for w in workers],
+            **traffic,
             "cores_per_module": [w["cores"] for w in workers],  # the CPUs each worker may run on
             "finish_time_s_per_module": [w["finish_time_s"] for w in workers],  # seconds of training when each ended its last step
         }
@@ -283,9 +314,10 @@ class DistributedEngine(Engine):
             return
         start = time.perf_counter()
         outputs = self.method.frozen_forward(self.k, inputs.to(self.device, non_blocking=True))
+        sent = boundary.payload(self.method.net, self.k, outputs, learn=False)
         self._slow_down(start)
         # made by the final weights: as fresh as the output of the worker's newest step
-        self.to_next.send(DATA, self.steps - 1, [outputs, labels.to(self.device, non_blocking=True)])
+        self.to_next.send(DATA, self.steps - 1, [*sent, labels.to(self.device, non_blocking=True)])
 
     def _async_epoch(self) -> None:
         k, fed = self.k, 0
@@ -332,11 +364,15 @@ class DistributedEngine(Engine):
             self.queue_depths.append(len(self.from_prev) + (len(self.buffer) if self.buffer is not None else 0))
         inputs, labels = inputs.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
         start = time.perf_counter()
-        outputs, loss, input_grad = self.method.module_step(k, inputs, labels)
+        if self.G > 1:  # this worker's group of module k; it sends its channels of the module's output
+            outputs, loss, input_grad = self.method.group_step(k, self.g, inputs, labels, self._exchange)
+        else:
+            outputs, loss, input_grad = self.method.module_step(k, inputs, labels)
+        sent = boundary.payload(self.method.net, k, outputs) if self.to_next is not None else None
         self.last_step_end = self._slow_down(start)
         self.losses.add(k, loss)
         if self.to_next is not None:
-            self.to_next.send(DATA, self.steps, [outputs, labels])
+            self.to_next.send(DATA, self.steps, [*sent, labels])
             if self.gradients_travel:
                 self.forwarded_at.append(self.steps)
         if input_grad is not None and self.to_prev is not None:
@@ -344,6 +380,13 @@ class DistributedEngine(Engine):
         self.steps += 1
         if self.progress is not None:  # the main worker's (module 0's) steps
             self.progress(self.steps - self.epoch_first_step, self.steps_per_epoch)
+
+    def _exchange(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Every group of this module's ``tensor``, in group order (an all-gather among them)."""
+        parts = [torch.empty_like(tensor) for _ in range(self.G)]
+        self._together("exchanging within a module", dist.all_gather, parts, tensor.contiguous(), group=self.module_group)
+        self.exchanged_bytes += (self.G - 1) * tensor.numel() * tensor.element_size()
+        return parts
 
     def _slow_down(self, start: float) -> float:
         """Close a piece of work begun at ``start``: a slowed worker's work takes S times as long.
@@ -370,13 +413,16 @@ class DistributedEngine(Engine):
         self.receive_wait_s += time.perf_counter() - start
         if message is not None and inbox is self.from_prev and message.kind == DATA:
             self.newest_input = max(self.newest_input, message.step)
+            *sent, labels = message.tensors
+            inputs = boundary.received(self.method.net, self.k - 1, sent, self.act_specs[self.k - 1].shape)
+            message = Message(message.kind, message.step, [inputs, labels])
         return message
 
     def _outbox_wait(self) -> float:
         return sum(o.wait_s for o in (self.to_next, self.to_prev) if o is not None)
 
     def _bytes_sent(self) -> int:
-        return sum(o.bytes_sent for o in (self.to_next, self.to_prev) if o is not None)
+        return self.exchanged_bytes + sum(o.bytes_sent for o in (self.to_next, self.to_prev) if o is not None)
 
     # --- the whole network, evaluation, checkpoints --------------------------------------------
 
@@ -388,16 +434,25 @@ class DistributedEngine(Engine):
             raise PeerLost(f"end of epoch, {what}: a worker did not answer within {self.timeout_s:g} s, or died ({first_line(e)})") from None
 
     def _share_modules(self) -> None:
-        """Every worker broadcasts its module and head, so each process holds the whole network."""
+        """Every worker broadcasts its module and head (its group's), so each process holds the whole network."""
+        for rank in range(self.world):
+            for part in self._owned(*divmod(rank, self.G)):
+                for tensor in part.state_dict().values():
+                    self._together("sharing the modules", dist.broadcast, tensor, src=rank, group=self.everyone)
+
+    def _owned(self, k: int, g: int) -> list[torch.nn.Module]:
+        """What worker (k, g) trains: module k, its head and quantizer; with groups, group g's
+        branch and head (and the network's classifier on the last module's first group)."""
         net = self.method.net
-        for k in range(self.K):
-            for tensor in [*net.blocks[k].state_dict().values(), *net.heads[k].state_dict().values()]:
-                self._together("sharing the modules", dist.broadcast, tensor, src=k, group=self.everyone)
+        if self.G == 1:
+            return [net.blocks[k], net.heads[k]] + ([net.quantizers[k]] if k < self.K - 1 else [])
+        heads = net.heads[k]
+        return [net.blocks[k].branches[g], heads.group_heads[g]] + ([heads.final] if heads.final is not None and g == 0 else [])
 
     def evaluate(self, net, x, y, batch_size) -> dict:
-        """Each worker evaluates every K-th test image; the counts are summed."""
-        part = evaluate(net, x[self.k :: self.K], y[self.k :: self.K], batch_size)
-        parts = [None] * self.K
+        """Each worker evaluates every (K x G)-th test image; the counts are summed."""
+        part = evaluate(net, x[self.rank :: self.world], y[self.rank :: self.world], batch_size)
+        parts = [None] * self.world
         self._together("gathering the evaluation", dist.all_gather_object, parts, part, group=self.everyone)
         n = sum(p["n_test"] for p in parts)
         per_module = [sum(round(p["test_acc_per_module"][m] * p["n_test"]) for p in parts) / n for m in range(net.K)]
@@ -413,18 +468,18 @@ class DistributedEngine(Engine):
         if self.gradients_travel:
             if self.to_prev is not None:
                 self.to_prev.flush()
-            sent = [None] * self.K
+            sent = [None] * self.world
             self._together("counting the messages in flight", dist.all_gather_object, sent, self.to_prev.sent if self.to_prev else 0, group=self.everyone)
             if self.from_next is not None:
                 self.from_next.settle(sent[self.k + 1])
         local = {"method": self.method.state_dict(), "engine": self.state_dict()}
-        workers = [None] * self.K if self.is_main else None
+        workers = [None] * self.world if self.is_main else None
         self._together("gathering the checkpoint", dist.gather_object, local, workers, dst=0, group=self.everyone)
         return {"workers": workers}
 
     def load_checkpoint_state(self, state: dict) -> None:
         """Every worker reads the same checkpoint and takes its own module's part."""
-        super().load_checkpoint_state(state["workers"][self.k])
+        super().load_checkpoint_state(state["workers"][self.rank])
 
     def state_dict(self) -> dict:
         return {
@@ -465,6 +520,27 @@ class DistributedEngine(Engine):
                 inbox.join()
         self._together("leaving", dist.barrier, group=self.everyone)
         dist.destroy_process_group()
+
+
+def _per_module(workers: list[dict], G: int) -> list[dict]:
+    """The numbers of a module's G group workers as the module's: losses (each group's part of
+    the module's loss) and bytes summed, the slowest one's seconds, the first one's steps and
+    quantizer (their steps are equal: they exchange at every one), their cores together."""
+    if G == 1:
+        return workers
+    modules = []
+    for k in range(len(workers) // G):
+        mine = workers[k * G : (k + 1) * G]
+        losses = [w["loss"] for w in mine]
+        modules.append({
+            **mine[0],
+            "loss": None if any(v is None for v in losses) else sum(losses),
+            "bytes_sent": sum(w["bytes_sent"] for w in mine),
+            "cores": sorted({c for w in mine for c in (w["cores"] or [])}) or None,
+            "queue_depth": sum(w["queue_depth"] for w in mine) / G,
+            **{name: max(w[name] for w in mine) for name in ("busy_s", "idle_s", "loop_s", "finish_time_s")},
+        })
+    return modules
 
 
 def _boundary_specs(net, train_x: torch.Tensor, batch_size: int, device: torch.device) -> list[TensorSpec]:

@@ -7,8 +7,10 @@ import time
 
 import torch
 
+from decoupled.engines import boundary
 from decoupled.engines.base import Engine, EpochInterrupted
 from decoupled.engines.batches import BatchStream
+from decoupled.engines.boundary import Traffic
 from decoupled.engines.clock import ParallelClock
 from decoupled.engines.losses import LossTally
 from decoupled.engines.staleness import staleness_summary
@@ -39,6 +41,7 @@ class SimulatedEngine(Engine):
         self.locked = method.traits.sync_only
         self.clock = ParallelClock([1.0] * K)
         self.grad_staleness = [collections.Counter() for _ in range(K)]
+        self.traffic = Traffic(method.net)
 
     def run_epoch(self) -> dict:
         """One pass over the training set; returns mean losses per module, images seen and seconds."""
@@ -59,6 +62,9 @@ class SimulatedEngine(Engine):
                 for k in range(K):
                     began = time.perf_counter()
                     h, loss, input_grad = self.method.module_step(k, h, labels)
+                    if k < K - 1:
+                        self.traffic.forward(k, h, labels)
+                        h = boundary.cross(self.method.net, k, h)
                     _, ready = self.clock.run(k, time.perf_counter() - began, ready)
                     losses.add(k, loss)
                     if input_grad is not None and k > 0:
@@ -72,6 +78,7 @@ class SimulatedEngine(Engine):
             "train_loss_per_module": losses.means(),
             "images": self.steps_per_epoch * self.batches.batch_size,
             "seconds": seconds,
+            **self.traffic.epoch_stats(self.steps_per_epoch * self.batches.batch_size),
             "steps_per_module": [self.steps_per_epoch] * K,
             "sim_time_s": self.clock.now(),
             "finish_time_s_per_module": list(self.clock.free_at),
@@ -79,6 +86,7 @@ class SimulatedEngine(Engine):
         }
 
     def _send_gradient(self, k: int, batch: int, grad: torch.Tensor, sent_at: float) -> None:
+        self.traffic.backward(k + 1, grad)
         self.in_flight[k].append((batch + self.method.gradient_delay(k), batch, sent_at, grad))
 
     def _deliver_gradients(self) -> None:
@@ -97,7 +105,8 @@ class SimulatedEngine(Engine):
 
     def state_dict(self) -> dict:
         return {"batches": self.batches.state_dict(), "step": self.step, "in_flight": [list(q) for q in self.in_flight], "partial": self.partial,
-                "clock": self.clock.state_dict(), "grad_staleness": [dict(c) for c in self.grad_staleness]}
+                "clock": self.clock.state_dict(), "grad_staleness": [dict(c) for c in self.grad_staleness],
+                "traffic": self.traffic.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.batches.load_state_dict(state["batches"])
@@ -106,4 +115,5 @@ class SimulatedEngine(Engine):
         self.partial = state["partial"]
         self.clock.load_state_dict(state["clock"])
         self.grad_staleness = [collections.Counter(c) for c in state["grad_staleness"]]
+        self.traffic.load_state_dict(state["traffic"])
 

@@ -32,6 +32,7 @@ import time
 
 import torch
 
+from decoupled.engines import boundary
 from decoupled.engines.base import Engine, EpochInterrupted
 from decoupled.engines.batches import BatchStream
 from decoupled.engines.buffers import Entry, FifoQueue, ReplayBuffer
@@ -66,6 +67,8 @@ class AsyncSimulator(Engine):
         self.clock = ParallelClock(step_durations)
         self.input_staleness = [collections.Counter() for _ in range(K)]
         self.grad_staleness = [collections.Counter() for _ in range(K)]
+        self.traffic = boundary.Traffic(method.net)
+        self.images_read = 0  # by module 0, this epoch
 
     def run_epoch(self) -> dict:
         K = self.method.net.K
@@ -97,12 +100,14 @@ class AsyncSimulator(Engine):
                 if self.progress is not None:  # ticks, or the slowest module's updates
                     self.progress(*((i, len(ticks)) if ticks is not None else (min(self.steps) - min(steps_before), target - min(steps_before))))
         self.epochs_done += 1
+        self.images_read, images_read = 0, self.images_read
         seconds = seconds_before + time.perf_counter() - start
         steps = [a - b for a, b in zip(self.steps, steps_before)]
         return {
             "train_loss_per_module": losses.means(),
             "images": steps[-1] * self.batches.batch_size,  # what reached the network's output
             "seconds": seconds,
+            **self.traffic.epoch_stats(images_read),
             "steps_per_module": steps,
             "idle_per_module": [a - b for a, b in zip(self.idle, idle_before)],
             "sim_time_s": self.clock.now(),
@@ -126,6 +131,7 @@ class AsyncSimulator(Engine):
             ready = self.buffers[k + 1].slot_free_at()
         if k == 0:
             inputs, labels = self.batches.next()
+            self.images_read += len(labels)
         else:
             entry = self.buffers[k].take()
             if entry is None:
@@ -139,8 +145,10 @@ class AsyncSimulator(Engine):
         if k > 0 and isinstance(self.buffers[k], FifoQueue):
             self.buffers[k].take_times.append(started)
         if input_grad is not None and k > 0:
-            self.inbox[k - 1].append((input_grad, done))
+            self._send_gradient(k, input_grad, done)
         if k < K - 1:
+            self.traffic.forward(k, outputs, labels)
+            outputs = boundary.cross(self.method.net, k, outputs)
             self.buffers[k + 1].put(Entry(outputs, labels, self.steps[k], ready_at=done))
             if not self.replay:
                 self.forwarded_at[k].append(self.steps[k])
@@ -154,6 +162,7 @@ class AsyncSimulator(Engine):
             return
         if k == 0:
             (inputs, labels), ready = self.batches.next(), 0.0
+            self.images_read += len(labels)
         else:
             entry = self.buffers[k].take()
             if entry is None:
@@ -161,6 +170,8 @@ class AsyncSimulator(Engine):
             inputs, labels, ready = entry.inputs, entry.labels, entry.ready_at
         began = time.perf_counter()
         outputs = self.method.frozen_forward(k, inputs)
+        self.traffic.forward(k, outputs, labels)
+        outputs = boundary.cross(self.method.net, k, outputs, learn=False)
         _, done = self.clock.run(k, time.perf_counter() - began, ready)
         # made by the producer's final weights: as fresh as its newest step's output
         self.buffers[k + 1].put(Entry(outputs, labels, self.steps[k] - 1, ready_at=done))
@@ -173,7 +184,12 @@ class AsyncSimulator(Engine):
             passed_down = self.method.receive_gradient(k, grad)
             _, done = self.clock.run(k, time.perf_counter() - began, sent_at)
             if passed_down is not None and k > 0:
-                self.inbox[k - 1].append((passed_down, done))
+                self._send_gradient(k, passed_down, done)
+
+    def _send_gradient(self, k: int, grad: torch.Tensor, sent_at: float) -> None:
+        """Module k sends d loss / d inputs down to module k-1."""
+        self.traffic.backward(k, grad)
+        self.inbox[k - 1].append((grad, sent_at))
 
     def state_dict(self) -> dict:
         return {
@@ -190,6 +206,8 @@ class AsyncSimulator(Engine):
             "input_staleness": [dict(c) for c in self.input_staleness],
             "grad_staleness": [dict(c) for c in self.grad_staleness],
             "partial": self.partial,
+            "traffic": self.traffic.state_dict(),
+            "images_read": self.images_read,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -207,3 +225,5 @@ class AsyncSimulator(Engine):
         self.input_staleness = [collections.Counter(c) for c in state["input_staleness"]]
         self.grad_staleness = [collections.Counter(c) for c in state["grad_staleness"]]
         self.partial = state["partial"]
+        self.traffic.load_state_dict(state["traffic"])
+        self.images_read = state["images_read"]

@@ -37,7 +37,7 @@ __all__ = ["load_runs", "build_report", "add_time_to_accuracy", "time_to_accurac
 METHOD_ORDER = methods.report_order()
 MODE_ORDER = ["sync", "async"]
 # The swept axes a run may differ on (its ``varied`` list is a subset).
-AXES = ["K", "slowdown", "buffer_size", "budget", "beta"]
+AXES = ["K", "slowdown", "buffer_size", "budget", "beta", "groups", "quantize"]
 # The schema's default for ``report.target_accuracy``, for callers without a config (a test
 # checks that the two agree).
 DEFAULT_TARGET_ACCURACY = 0.85
@@ -127,7 +127,9 @@ def load_runs(run_dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
     test_acc_per_module (list), train_time_s (the process's seconds), clock (what ``time_s``
     measures: "simulated parallel", "wall clock" or "one process"), time_s (at the end of
     training, on that clock), epochs (count), images_per_s (mean over epochs), slowdown_factor,
-    slowed_module, buffer_size, budget, beta, gradient_delay (missing where they do not apply),
+    slowed_module, buffer_size, budget, beta, gradient_delay, groups, quantize_bits_per_activation
+    (missing where they do not apply), bytes_per_image (the last epoch's), max_worker_macs and
+    workers (``decoupled.compute``; missing in runs from before they were counted),
     steps_per_module (list, summed over epochs; None where metrics.json lacks it),
     finish_time_s_per_module (when each module made its last step, on the run's clock; None
     where absent), and for async runs (None otherwise) input_staleness_mean /
@@ -152,9 +154,9 @@ def load_runs(run_dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
         epoch_rows.extend(epochs)
     runs_df = pd.DataFrame(run_rows)
     # Integers that may be missing: nullable, so 1 stays "1" rather than becoming "1.0".
-    for col in ("slowed_module", "buffer_size", "gradient_delay"):
+    for col in ("slowed_module", "buffer_size", "gradient_delay", "groups", "workers"):
         runs_df[col] = runs_df[col].astype("Int64")
-    for col in ("slowdown_factor", "beta"):
+    for col in ("slowdown_factor", "beta", "quantize_bits_per_activation", "bytes_per_image", "max_worker_macs"):
         runs_df[col] = runs_df[col].astype(float)
     return runs_df, pd.DataFrame(epoch_rows)
 
@@ -195,6 +197,11 @@ def _load_run(run_dir: Path) -> tuple[dict, list[dict]]:
         **settings,
         "steps_per_module": steps,
         "finish_time_s_per_module": None if finish is None else [float(t) for t in finish],
+        # what every module sent per image read, forward and back (None: not counted)
+        "bytes_per_image": epochs[-1].get("bytes_per_image"),
+        # the largest forward MACs per image of one worker, and how many workers (decoupled.compute)
+        "max_worker_macs": metrics.get("compute", {}).get("max_worker_macs"),
+        "workers": metrics.get("compute", {}).get("workers"),
     }
     for kind in _STALENESS:
         # Cumulative since the start of the run, so the last epoch holds the whole run.
@@ -262,8 +269,9 @@ def _epoch_rows(epochs: list, common: dict, clock: str, is_async: bool, metrics_
 
 def _settings(settings: dict, is_async: bool, where: Path) -> dict:
     """The swept settings the report uses, each a value or None (null: does not apply)."""
-    kinds = {"slowdown_factor": float, "slowed_module": int, "buffer_size": int, "beta": float, "budget": str, "gradient_delay": int}
-    optional = ("budget", "gradient_delay")  # absent from runs written before they existed
+    kinds = {"slowdown_factor": float, "slowed_module": int, "buffer_size": int, "beta": float, "budget": str, "gradient_delay": int,
+             "groups": int, "quantize_bits_per_activation": float}
+    optional = ("budget", "gradient_delay", "groups", "quantize_bits_per_activation")  # absent from runs written before they existed
     out = {}
     for key, kind in kinds.items():
         if key not in settings and key not in optional:

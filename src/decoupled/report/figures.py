@@ -1,5 +1,7 @@
 """Figures of the report: learning curves (vs epoch and vs training time), the DGL paper's
-layer-wise accuracy plot and the accuracy of the sweeps (vs slowdown, buffer size and K).
+layer-wise accuracy plot, the accuracy of the sweeps (vs slowdown, buffer size and K), of
+quantized boundaries (vs bits per activation and bytes per image) and GN-DGL's bubble plot
+(accuracy vs the largest per-worker compute).
 
 Each figure is saved as PNG (for quick viewing) and PDF (for the paper). The report draws a
 sweep figure only when some run varies its axis (``decoupled.layout``); called without such
@@ -22,6 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (must follow the backend choice)
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator, NullLocator  # noqa: E402
 
+from decoupled import methods  # noqa: E402
 from decoupled.files import atomic_path  # noqa: E402
 from decoupled.report import METHOD_ORDER, method_rank, mode_rank  # noqa: E402
 
@@ -197,6 +200,72 @@ def plot_accuracy_vs_K(runs_df: pd.DataFrame, figures_dir: Path) -> list[Path]:
     return _finish(fig, ax, Path(figures_dir) / "acc_vs_K")
 
 
+FLOATS_BITS = 32  # where unquantized runs sit on the bits axis
+
+
+def plot_accuracy_vs_bits(runs_df: pd.DataFrame, figures_dir: Path) -> list[Path]:
+    """Test accuracy vs bits per activation sent between modules (left) and vs bytes per image
+    (right), one line per method × mode, floats at 32 bits; bands = std over seeds."""
+    runs = _select(runs_df, {"quantize"})
+    if len(runs):
+        runs = runs[runs["quantize_bits_per_activation"].notna() | ~runs["varied"].map(bool)]
+        runs = runs.assign(bits=runs["quantize_bits_per_activation"].astype(float).fillna(FLOATS_BITS).to_numpy())
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    if _varies(runs, "quantize"):
+        for (method, mode), rows in _groups(runs, ["method", "mode"]):
+            if rows["bits"].nunique() < 2:
+                continue
+            for ax, x in zip(axes, ("bits", "bytes_per_image")):
+                _band(ax, rows, x, f"{method} / {mode}", **_style(method, mode), marker="o")
+        for ax in axes:
+            ax.set_xscale("log", base=2)
+        ticks = sorted(set(runs["bits"]))
+        axes[0].set_xticks(ticks, labels=[f"{t:g}" + (" (floats)" if t == FLOATS_BITS else "") for t in ticks])
+        axes[0].xaxis.set_minor_locator(NullLocator())
+    else:
+        _note(axes[0], "no runs vary model.quantize")
+    axes[0].set_xlabel("Bits per activation sent to the next module (log scale)")
+    axes[1].set_xlabel("Bytes sent per image, all boundaries (log scale)")
+    axes[0].set_ylabel("Test accuracy (%)")
+    fig.suptitle("Test accuracy vs quantization of the activations between modules (mean over seeds, bands = std)", fontsize=10)
+    axes[1].grid(True, alpha=0.3)
+    return _finish(fig, axes[0], Path(figures_dir) / "acc_vs_bits", legend_ax=axes[1])
+
+
+def plot_accuracy_vs_worker_macs(runs_df: pd.DataFrame, figures_dir: Path) -> list[Path]:
+    """GN-DGL's plot: test accuracy vs the largest forward MACs per image of one worker, one
+    bubble per (method, K, groups), its area the number of workers; bars = std over seeds."""
+    runs = _select(runs_df, {"groups", "K"})
+    if len(runs):
+        runs = runs[runs["max_worker_macs"].notna() & (runs["mode"] == "sync")]
+        runs = runs.assign(G=runs["groups"].fillna(1).astype(int).to_numpy())
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    if _varies(runs, "groups"):
+        for (method, K, G), rows in _groups(runs, ["method", "K", "G"]):
+            acc, macs = 100 * rows["test_acc"], rows["max_worker_macs"].astype(float)
+            workers = int(rows["workers"].iloc[0])
+            name = f"K{K}" + (f"G{G}" if "model.groups" in methods.traits(method).reads else "")
+            ax.errorbar(macs.mean(), acc.mean(), yerr=acc.std() if len(rows) > 1 else None, color=_color(method), capsize=3, zorder=1)
+            ax.scatter(macs.mean(), acc.mean(), s=40 * workers, color=_color(method), alpha=0.5, edgecolors="black", zorder=2,
+                       label=f"{method} {name} ({workers} worker{'s' if workers > 1 else ''}, {len(rows)} seeds)")
+            ax.annotate(name, (macs.mean(), acc.mean()), fontsize=7, ha="center", va="center")
+        ax.set_xscale("log")
+    else:
+        _note(ax, "no runs vary model.groups")
+    ax.set_xlabel("Largest forward MACs per image of one worker (log scale)")
+    ax.set_ylabel("Test accuracy (%)")
+    ax.set_title("Test accuracy vs per-worker compute (bubble area = workers)")
+    return _finish(fig, ax, Path(figures_dir) / "acc_vs_worker_macs")
+
+
+def _band(ax, rows: pd.DataFrame, x: str, label: str, **style) -> None:
+    """Mean test accuracy over seeds at each value of ``x``, a band of ± std."""
+    stats = rows.groupby(x)["test_acc"].agg(["mean", "std", "size"]).sort_index()
+    xs, mean, std = stats.index.to_numpy(dtype=float), 100 * stats["mean"], 100 * stats["std"].fillna(0)
+    ax.plot(xs, mean, label=f"{label} ({stats['size'].max()} seeds)", **style)
+    ax.fill_between(xs, mean - std, mean + std, color=style.get("color"), alpha=0.2)
+
+
 def _draw(ax, series: list[tuple[str, pd.DataFrame, dict]], x: str, log2: bool = True) -> None:
     """Draw the (label, runs, style) series of a sweep figure, with a tick at each x value.
 
@@ -277,11 +346,11 @@ def _note(ax, text: str) -> None:
     ax.set_yticks([])
 
 
-def _finish(fig, ax, stem: Path) -> list[Path]:
-    """Add the legend, save PNG and PDF atomically, and free the figure."""
+def _finish(fig, ax, stem: Path, legend_ax=None) -> list[Path]:
+    """Add the legend (of ``ax``, beside ``legend_ax`` if given), save PNG and PDF atomically, and free the figure."""
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:  # an empty figure has nothing to list
-        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8)
+        (legend_ax or ax).legend(*ax.get_legend_handles_labels(), loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8)
     stem.parent.mkdir(parents=True, exist_ok=True)
     try:
         return [_save_atomic(fig, stem.with_suffix(ext)) for ext in (".png", ".pdf")]

@@ -1,0 +1,168 @@
+"""GN-DGL: modules split width-wise into neuron groups, each with its own loss and optimizer."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from decoupled import config, grid, methods, model
+from decoupled.engines.simulated import SimulatedEngine
+from decoupled.errors import UserError
+from decoupled.methods.gn_dgl import diversity
+
+MODEL = {"widths": [8, 16, 16], "aux_pool": 2, "aux_hidden": 16}
+
+
+def make(method, G=1, K=3, detach=True, seed=0, **train):
+    cfg = config.validate({"experiment": "g", "model": {**MODEL, "groups": G, "group_detach": detach}, "train": train, "grid": {"methods": [method]}})
+    torch.manual_seed(seed)
+    net = model.build(cfg["model"] if method == "gn_dgl" else {**cfg["model"], "groups": 1}, K, 1, 10)
+    return net, methods.get(method)(net, cfg["train"], total_steps=20)
+
+
+def data(n=16 * 12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 2, (n,), generator=g)
+    return torch.randn(n, 1, 28, 28, generator=g) + (y[:, None, None, None] - 0.5), y
+
+
+def train(net, method, epochs=1):
+    x, y = data()
+    engine = SimulatedEngine(method, x, y, batch_size=16, seed=0)
+    for _ in range(epochs):
+        stats = engine.run_epoch()
+    return engine, stats
+
+
+def test_with_one_group_gn_dgl_is_dgl():
+    a, dgl = make("dgl")
+    b, gn = make("gn_dgl", G=1)
+    train(a, dgl)
+    train(b, gn)
+    assert a.state_dict().keys() == b.state_dict().keys()
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_a_groups_weights_move_only_its_own_channels_and_the_next_module_sees_all():
+    """K = 2: module 1 has two conv layers, the second one grouped."""
+    net, _ = make("gn_dgl", G=2, K=2)
+    net.eval()
+    x, _ = data(8)
+    before = [h.detach() for h in outputs_per_module(net, x)]
+    with torch.no_grad():
+        for p in net.blocks[1].branches[1].parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    after = outputs_per_module(net, x)
+    assert torch.equal(before[0], after[0])
+    moved = (after[1] - before[1]).abs().amax((0, 2, 3)) > 0
+    assert moved.tolist() == [False] * 8 + [True] * 8  # group 1's channels of module 1, only
+    net, _ = make("gn_dgl", G=2, K=2)
+    net.eval()
+    after = outputs_per_module(net, x)
+    with torch.no_grad():
+        for p in net.blocks[0].branches[0].parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    again = outputs_per_module(net, x)
+    assert ((again[0] - after[0]).abs().amax((0, 2, 3)) > 0).tolist() == [True] * 4 + [False] * 4
+    assert ((again[1] - after[1]).abs().amax((0, 2, 3)) > 0).all()  # module 1's first conv sees every group
+
+
+def outputs_per_module(net, x):
+    outs = []
+    for block in net.blocks:
+        x = block(x)
+        outs.append(x)
+    return outs
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_a_groups_loss_reaches_only_its_own_weights(detach):
+    net, _ = make("gn_dgl", G=2, detach=detach)
+    x, y = data(8)
+    h = net.blocks[0](x)
+    heads = net.heads[0]
+    assert heads.group_heads[0][2].in_features == (8 if detach else 4) * 2 * 2  # the whole width, or its own channels
+    logits = heads.group_logits(h)
+    F.cross_entropy(logits[0], y).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.blocks[0].branches[0].parameters() if p.requires_grad)
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in net.blocks[0].branches[1].parameters())
+    assert all(p.grad is None for p in heads.group_heads[1].parameters())
+
+
+def test_the_diversity_penalty_is_the_mean_cosine_of_the_heads_wrong_class_softmaxes():
+    g = torch.Generator().manual_seed(0)
+    logits = [torch.randn(5, 4, generator=g) for _ in range(3)]
+    labels = torch.tensor([0, 1, 2, 3, 0])
+    expected = 0.0
+    for i, (k, l) in itertools.product(range(5), itertools.permutations(range(3), 2)):
+        p, q = (F.softmax(z[i] / 3.0, 0) for z in (logits[k], logits[l]))
+        p, q = (v * (torch.arange(4) != labels[i]) for v in (p, q))
+        expected += float(F.cosine_similarity(p, q, dim=0)) / (5 * 3 * 2)
+    assert float(diversity(logits, labels, 3.0)) == pytest.approx(expected, rel=1e-5)
+    assert float(diversity([logits[0]] * 2, labels, 3.0)) == pytest.approx(1.0, rel=1e-5)  # identical heads
+    assert float(diversity(logits[:1], labels, 3.0)) == 0.0
+
+
+def test_the_diversity_weight_changes_what_groups_learn():
+    a, with_penalty = make("gn_dgl", G=2, div_weight=0.5)
+    b, without = make("gn_dgl", G=2, div_weight=0.0)
+    _, stats_a = train(a, with_penalty)
+    _, stats_b = train(b, without)
+    assert not torch.equal(a.blocks[0].branches[0][0][0].weight, b.blocks[0].branches[0][0][0].weight)
+    assert stats_a["train_loss_per_module"] != stats_b["train_loss_per_module"]
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_gn_dgl_learns_with_groups_each_on_its_own_optimizer(detach):
+    net, method = make("gn_dgl", G=4, detach=detach, lr=0.05)
+    assert len(method.optimizers) == 3 * 4 + 1  # K modules x G groups, and the network's classifier
+    engine, _ = train(net, method, epochs=2)
+    x, y = data()
+    accuracy = engine.evaluate(net, x, y, 1000)
+    assert accuracy["test_acc"] > 0.75 and min(accuracy["test_acc_per_module"]) > 0.75  # chance: 0.5
+
+
+def test_groups_are_a_gn_dgl_setting_and_a_grid_axis():
+    cfg = {"experiment": "g", "model": MODEL, "grid": {"methods": ["gn_dgl", "dgl"], "groups": [1, 2, 4]}}
+    assert sorted(k.variant for k in grid.runs(cfg) if k.method == "gn_dgl") == ["G1", "G2", "G4"]
+    assert [k.variant for k in grid.runs(cfg) if k.method == "dgl"] == ["default"]
+    job = grid.job_config(config.validate(cfg), grid.RunKey("gn_dgl", "sync", 3, 0, "G4"))
+    assert job["model"]["groups"] == 4 and job["run"]["varied"] == ["groups"]
+    assert "groups" not in grid.job_config(config.validate(cfg), grid.RunKey("dgl", "sync", 3, 0))["model"]
+    with pytest.raises(UserError, match=r"model.groups': 3 groups must divide every width of model.widths \[8, 16, 16\]"):
+        grid.runs({**cfg, "grid": {"methods": ["gn_dgl"], "groups": [3]}})
+
+
+def test_macs_and_parameters_are_counted_per_module_and_per_worker():
+    from decoupled import compute
+
+    cfg = {"widths": [16, 32], "aux_pool": 2, "aux_hidden": 128}
+    conv0, head0 = 28 * 28 * 16 * 9, 16 * 4 * 128 + 128 * 10  # 3x3 conv 1 -> 16 at 28x28; pool 2x2, MLP
+    plain = compute.count(model.build(cfg, 2, 1, 10), (1, 28, 28), locked=False)
+    assert plain["macs_per_module"][0] == conv0 + head0 and plain["workers"] == 2
+    assert plain["params_per_module"][0] == 16 * 9 + 2 * 16 + (16 * 4 * 128 + 128) + (128 * 10 + 10)
+    locked = compute.count(model.build(cfg, 2, 1, 10), (1, 28, 28), locked=True)
+    assert locked["macs_per_worker"] == [sum(plain["macs_per_module"])] and locked["max_worker_macs"] == sum(plain["macs_per_module"])
+    grouped = compute.count(model.build({**cfg, "groups": 2}, 2, 1, 10), (1, 28, 28), locked=False)
+    assert grouped["workers"] == 4
+    assert grouped["macs_per_worker"][:2] == [conv0 // 2 + head0] * 2  # half the channels; a head on the whole width
+    conv1 = 14 * 14 * 16 * 16 * 9  # each group: 16 -> 16 of the 32 channels at 14x14 (from all 16 input channels)
+    final = 32 * 4 * 128 + 128 * 10
+    assert grouped["macs_per_worker"][2] == conv1 + final + final and grouped["macs_per_worker"][3] == conv1 + final  # the classifier on worker (1, 0)
+    assert compute.as_params(grouped)["max_worker_macs"] == grouped["macs_per_worker"][2]
+
+
+def test_the_distributed_engine_runs_groups_as_workers_in_sync_mode_only():
+    cfg = {"experiment": "g", "engine": "distributed", "model": {**MODEL, "groups": 2}, "grid": {"methods": ["gn_dgl"], "modes": ["async"]}}
+    with pytest.raises(UserError, match=r"engine 'distributed' runs a module's neuron groups \(model.groups\) as workers of their own in sync mode only"):
+        grid.runs(cfg)
+    cfg["grid"]["modes"], cfg["model"]["quantize"] = ["sync"], {"bits": 4}
+    with pytest.raises(UserError, match=r"does not quantize \(model.quantize\) what neuron groups"):
+        grid.runs(cfg)
+    from decoupled import engines
+
+    del cfg["model"]["quantize"]
+    (key,) = grid.runs(cfg)
+    assert engines.of(cfg).process_count(grid.job_config(config.validate(cfg), key)) == 3 * 2
