@@ -24,6 +24,7 @@ import pytest
 from conftest import FASHION_DIR
 
 from decoupled import config, grid
+from decoupled.compute import as_params
 from decoupled.config import flatten
 from decoupled.files import read_json
 
@@ -157,7 +158,8 @@ def check_runs(experiment: dict, run_dirs: dict[str, Path]) -> list:
         assert run.info.experiment_id == experiment["experiment_id"], where
         assert run.data.tags["mlflow.parentRunId"] == experiment["parent_run_id"], where
         assert run.data.tags["decoupled.role"] == "child", where
-        assert run.data.params == {k: str(v) for k, v in flatten(job).items()}, where
+        # the job's settings, and its parameter and MAC counts (decoupled.compute)
+        assert run.data.params == {k: str(v) for k, v in {**flatten(job), **as_params(metrics["compute"])}.items()}, where
         expected: dict[str, dict[int, float]] = {}
         for record in metrics["epochs"]:
             for key, value in epoch_metrics(record).items():

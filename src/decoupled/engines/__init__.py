@@ -47,7 +47,7 @@ class EngineSpec:
 
     def process_count(self, job: dict[str, Any]) -> int:
         """Processes a job runs: 1, or one per module (per neuron group of each module)."""
-        return job["run"]["K"] * job["model"].get("groups", 1) if self.processes == "per_module" else 1
+        return job["run"]["K"] * job.get("model", {}).get("groups", 1) if self.processes == "per_module" else 1
 
     def gpus(self, job: dict[str, Any]) -> int:
         """GPUs a job uses: one per process on cuda."""
