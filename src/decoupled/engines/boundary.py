@@ -9,6 +9,8 @@ bytes the distributed engine would send (``message_bytes``).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from decoupled.model import SplitNet
@@ -63,20 +65,13 @@ def cross(net: SplitNet, k: int, outputs: torch.Tensor, learn: bool = True) -> t
 
 def message_bytes(net: SplitNet, k: int, shape: tuple[int, ...], dtype: torch.dtype, labels: torch.Tensor) -> int:
     """Bytes of one forward message across boundary k: header, payload, labels (as channels sends them)."""
-    data = sum(_numel(s) * torch.empty((), dtype=d).element_size() for s, d in payload_specs(net, k, shape, dtype))
+    data = sum(math.prod(s) * torch.empty((), dtype=d).element_size() for s, d in payload_specs(net, k, shape, dtype))
     return HEADER_BYTES + data + labels.numel() * labels.element_size()
 
 
 def gradient_bytes(grad: torch.Tensor) -> int:
     """Bytes of one gradient message sent back across a boundary."""
     return HEADER_BYTES + grad.numel() * grad.element_size()
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 class Traffic:
