@@ -1,6 +1,8 @@
 """Do K worker processes train faster than backprop? Images/s of each way to run one network.
 
-On the same network, split the same way, with the same data, batch size and numerics (fp32):
+On the same network, split the same way, with the same data, batch size and numerics (fp32 and
+contiguous unless ``--precision bf16`` / ``--memory-format channels_last``: every variant, backprop
+and GPipe included, then runs in them):
 
 * ``backprop_1thread``: end-to-end backprop in one process with one intra-op thread;
 * ``backprop_Kthreads``: the same with K threads (the cores the workers get);
@@ -42,9 +44,11 @@ measured with gloo feed ``decoupled.scaling`` (a discrete-event pipeline) for K 
 deep network (K = 2, 3 on the default one), beside the measured K=2 points of the same networks.
 
     python benchmarks/parallel_speedup.py [--K 2] [--steps 40] [--repeats 3] [--sizes default,wide,deep] [--batch-size 128] [--split-trial 2]
+                                          [--precision fp32|bf16] [--memory-format contiguous|channels_last]
 
 Writes results/benchmarks/parallel_speedup.json and parallel_speedup.{png,pdf} (with
-``--batch-size`` other than 128: parallel_speedup_batch{N}.*); ``--replot``
+``--batch-size`` other than 128: parallel_speedup_batch{N}.*; with other numerics, a suffix
+naming them, e.g. parallel_speedup_bf16_channels_last.*); ``--replot``
 redraws the figure from the JSON without measuring again.
 """
 
@@ -86,6 +90,7 @@ SIZES = {
 DECOUPLED = [("dgl", "sync"), ("dgl", "async"), ("dni", "async"), ("fdg", "sync"), ("fdg", "async")]
 BATCH = 128
 IMAGE = (1, 28, 28)
+NUMERICS = {"precision": "fp32", "memory_format": "contiguous"}  # every variant's (--precision, --memory-format)
 
 
 def experiment(network: dict, split: list[int], method: str, mode: str, engine: str, threads: int, epochs: int) -> dict:
@@ -93,7 +98,7 @@ def experiment(network: dict, split: list[int], method: str, mode: str, engine: 
         "experiment": "parallel-speedup",
         "engine": engine,
         "model": {**network, "split": split},
-        "train": {"epochs": epochs, "batch_size": BATCH, "threads": threads, "lr": 0.01, "eval_batch_size": 256},
+        "train": {"epochs": epochs, "batch_size": BATCH, "threads": threads, "lr": 0.01, "eval_batch_size": 256, **NUMERICS},
         # an epoch is worker 0's pass over the data, as when the measurements in the README were
         # taken: equal-update epochs would add each epoch's wait for the last worker
         "async": {"budget": "time"},
@@ -173,7 +178,8 @@ def torchrun(K: int) -> list[str]:
 
 def worker_args(job_path: Path, steps: int, out: Path) -> list[str]:
     """This script's arguments to train ``job_path`` in a measured process."""
-    return [__file__, "--worker", str(job_path), "--steps", str(steps), "--batch-size", str(BATCH), "--out", str(out)]
+    return [__file__, "--worker", str(job_path), "--steps", str(steps), "--batch-size", str(BATCH), "--out", str(out),
+            "--precision", NUMERICS["precision"], "--memory-format", NUMERICS["memory_format"]]
 
 
 def measure_ours(tmp: Path, name: str, job: dict, steps: int) -> dict:
@@ -223,7 +229,7 @@ def measure_gpipe(tmp: Path, name: str, network: dict, split: list[int], steps: 
     if network.get("pools"):
         shape += ["--pools", ",".join(network["pools"])]
     run([*torchrun(len(split)), str(REPO / "benchmarks" / "gpipe.py"), *shape, "--batch-size", str(BATCH), "--microbatches", "4",
-         "--steps", str(steps), "--warmup", "5", "--threads", "1", "--isolated-reps", "0", "--out", str(out)], name)
+         "--steps", str(steps), "--warmup", "5", "--threads", "1", "--isolated-reps", "0", "--out", str(out), "--dtype", _gpipe_dtype()], name)
     report = json.loads(out.read_text())
     return {
         "images_per_s": report["overall"]["images_per_s"],
@@ -232,6 +238,11 @@ def measure_gpipe(tmp: Path, name: str, network: dict, split: list[int], steps: 
         "bytes_per_image": report["overall"]["bytes_sent_per_image"],
         "microbatches": 4,
     }
+
+
+def _gpipe_dtype() -> str:
+    """benchmarks/gpipe.py's --dtype for NUMERICS: it has fp32 (contiguous) and bf16 (autocast with channels_last)."""
+    return {("fp32", "contiguous"): "fp32", ("bf16", "channels_last"): "bf16"}[NUMERICS["precision"], NUMERICS["memory_format"]]
 
 
 def measure_size(tmp: Path, network: dict, K: int, steps: int, repeats: int, trial_rounds: int) -> dict:
@@ -422,17 +433,24 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=BATCH, help="the smaller, the worse intra-op threads scale")
     parser.add_argument("--split-trial", type=int, default=2, metavar="ROUNDS",
                         help="rounds of training the profiled cut and its neighbours to pick the fastest (0: keep the profiled cut)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="every variant's train.precision")
+    parser.add_argument("--memory-format", choices=["contiguous", "channels_last"], default="contiguous", help="every variant's train.memory_format")
     parser.add_argument("--replot", action="store_true", help="redraw the figure from the JSON of the last run")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--probe-link", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     BATCH = args.batch_size
+    NUMERICS.update(precision=args.precision, memory_format=args.memory_format)
+    if not args.worker and not args.probe_link and (args.precision, args.memory_format) in (("bf16", "contiguous"), ("fp32", "channels_last")):
+        parser.error("the GPipe variant (benchmarks/gpipe.py) runs fp32 contiguous or bf16 channels_last: give both or neither")
     if args.worker:
         return worker(args.worker, args.steps, args.out)
     if args.probe_link:
         return probe_link(args.out)
     stem = OUT_DIR / ("parallel_speedup" if BATCH == 128 else f"parallel_speedup_batch{BATCH}")
+    if NUMERICS != {"precision": "fp32", "memory_format": "contiguous"}:
+        stem = stem.with_name(f"{stem.name}_{args.precision}_{args.memory_format}")
     if args.replot:
         return plot(json.loads(stem.with_suffix(".json").read_text()), stem)
     OUT_DIR.mkdir(parents=True, exist_ok=True)
@@ -445,7 +463,7 @@ def main() -> None:
         "benchmark": "parallel_speedup",
         "K": args.K,
         "batch_size": BATCH,
-        "numerics": "fp32",
+        "numerics": dict(NUMERICS),
         "steps_timed": args.steps,
         "repeats": args.repeats,
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__},

@@ -24,12 +24,12 @@ from decoupled.resume import RESUME_FILE, Terminated, load_resume
 from decoupled.train import fit
 
 
-def job(method, mode="sync", epochs=3, widths=(8, 16), budget="updates", K=2, model=None):
+def job(method, mode="sync", epochs=3, widths=(8, 16), budget="updates", K=2, model=None, train=None):
     cfg = config.validate(
         {
             "experiment": "resume-test",
             "model": {"widths": list(widths), "aux_hidden": 32, **(model or {})},
-            "train": {"epochs": epochs, "batch_size": 50, "lr": 0.05},
+            "train": {"epochs": epochs, "batch_size": 50, "lr": 0.05, **(train or {})},
             "async": {"buffer_size": 4, "budget": budget},
             "grid": {"methods": [method], "K": [K], "modes": [mode], "seeds": [0],
                      "slowdown": [{"factor": 2, "module": 1}] if mode == "async" else [{"factor": 1}]},
@@ -43,14 +43,20 @@ def numbers(metrics):
     return [{k: v for k, v in e.items() if "time" not in k and "per_s" not in k} for e in metrics["epochs"]]
 
 
+BF16 = {"precision": "bf16", "memory_format": "channels_last"}
+
+
 @pytest.mark.parametrize(
-    "method, mode",
-    [("backprop", "sync"), ("dgl", "sync"), ("dgl", "async"), ("dni", "sync"), ("cdni", "async"), ("ddg", "sync"), ("ddg", "async"), ("fdg", "sync")],
+    "method, mode, numerics",
+    [("backprop", "sync", None), ("dgl", "sync", None), ("dgl", "async", None), ("dni", "sync", None), ("cdni", "async", None),
+     ("ddg", "sync", None), ("ddg", "async", None), ("fdg", "sync", None),
+     # bf16 autocast, channels_last: DNI's synthesizers and DDG's stored graphs in bf16 too
+     ("dni", "sync", BF16), ("ddg", "async", BF16)],
 )
-def test_resuming_from_any_epoch_gives_the_uninterrupted_numbers(fashion_subset, method, mode):
+def test_resuming_from_any_epoch_gives_the_uninterrupted_numbers(fashion_subset, method, mode, numerics):
     data = load_prepared(fashion_subset)
     # K = 3 where gradients travel: a middle module's stored inputs must come back needing grad
-    the_job = job(method, mode, K=3, widths=(8, 16, 16)) if method in ("ddg", "fdg", "dni") else job(method, mode)
+    the_job = job(method, mode, K=3, widths=(8, 16, 16), train=numerics) if method in ("ddg", "fdg", "dni") else job(method, mode, train=numerics)
     saved = {}
 
     def checkpoint(state):  # through bytes, as on disk, and with weights_only as train.py loads it

@@ -145,32 +145,47 @@ def _launch_workers(job: dict) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from decoupled import model
+    """Every run's final checkpoint on the test set, in one process (one start-up for all of
+    them: the workflow evaluates an experiment's runs in one job). Every result is computed
+    before any is written or logged, so a bad checkpoint leaves no output."""
+    if len(args.out) != len(args.run):
+        raise UserError(f"evaluate: {len(args.run)} --run directories but {len(args.out)} --out files")
     from decoupled.data import load_prepared
-    from decoupled.evaluate import evaluate
-    from decoupled.files import write_json
-    from decoupled.resume import load_checkpoint
 
-    checkpoint = load_checkpoint(Path(args.run) / "checkpoint.pt")
-    job = checkpoint["job"]
     data = load_prepared(args.data)
+    results = [(Path(run), out, *_evaluate_run(Path(run), data)) for run, out in zip(args.run, args.out)]
+    from decoupled.files import write_json
+
+    experiment = _tracking(args.tracking)
+    for run_dir, out, result, checkpoint in results:
+        write_json(out, result)
+        if experiment is not None:
+            from decoupled.tracking import ChildRun
+
+            run = ChildRun.attach(experiment, checkpoint["mlflow_run_id"])
+            final = {"final_test_acc": result["test_acc"], "final_test_loss": result["test_loss"]}
+            final.update({f"final_test_acc_m{k}": a for k, a in enumerate(result["test_acc_per_module"])})
+            run.log_metrics(final, step=checkpoint["epoch"])
+            run.log_artifact(out)
+        print(f"[{run_dir}] final test accuracy {100 * result['test_acc']:.2f}%", file=sys.stderr)
+
+
+def _evaluate_run(run_dir: Path, data) -> tuple[dict, dict]:
+    """A run's eval.json contents, from its checkpoint, and the checkpoint."""
     import torch
 
-    torch.set_num_threads(job["train"]["threads"])
-    net = model.build(job["model"], job["run"]["K"], data.in_channels, data.num_classes, checkpoint["split"])
-    net.load_state_dict(checkpoint["net"])
-    result = {**job["run"], **evaluate(net, data.test_x, data.test_y, job["train"]["eval_batch_size"])}
-    write_json(args.out, result)
-    experiment = _tracking(args.tracking)
-    if experiment is not None:
-        from decoupled.tracking import ChildRun
+    from decoupled import model, numerics
+    from decoupled.evaluate import evaluate
+    from decoupled.resume import load_checkpoint
 
-        run = ChildRun.attach(experiment, checkpoint["mlflow_run_id"])
-        final = {"final_test_acc": result["test_acc"], "final_test_loss": result["test_loss"]}
-        final.update({f"final_test_acc_m{k}": a for k, a in enumerate(result["test_acc_per_module"])})
-        run.log_metrics(final, step=checkpoint["epoch"])
-        run.log_artifact(args.out)
-    print(f"[{Path(args.run)}] final test accuracy {100 * result['test_acc']:.2f}%", file=sys.stderr)
+    checkpoint = load_checkpoint(run_dir / "checkpoint.pt")
+    job = checkpoint["job"]
+    torch.set_num_threads(job["train"]["threads"])
+    net = numerics.place(model.build(job["model"], job["run"]["K"], data.in_channels, data.num_classes, checkpoint["split"]), job["train"])
+    net.load_state_dict(checkpoint["net"])
+    with numerics.autocast(job["train"], "cpu"):  # the numerics it was trained (and evaluated per epoch) in
+        result = {**job["run"], **evaluate(net, data.test_x, data.test_y, job["train"]["eval_batch_size"])}
+    return result, {"mlflow_run_id": checkpoint["mlflow_run_id"], "epoch": checkpoint["epoch"]}
 
 
 def cmd_report(args) -> None:
@@ -308,11 +323,11 @@ def _train_command(sub) -> None:
 
 
 def _evaluate_command(sub) -> None:
-    sp = sub.add_parser("evaluate", help="test accuracy of every head of a trained run")
-    sp.add_argument("--run", required=True, help="run directory holding checkpoint.pt")
+    sp = sub.add_parser("evaluate", help="test accuracy of every head of trained runs")
+    sp.add_argument("--run", required=True, nargs="+", help="run directories holding checkpoint.pt")
     sp.add_argument("--data", required=True, help="prepared dataset file")
-    sp.add_argument("--out", required=True, help="JSON file to write")
-    sp.add_argument("--tracking", help="JSON written by init-tracking; logs the results to the run")
+    sp.add_argument("--out", required=True, nargs="+", help="JSON file to write per run, in the order of --run")
+    sp.add_argument("--tracking", help="JSON written by init-tracking; logs the results to each run")
     sp.set_defaults(func=cmd_evaluate)
 
 

@@ -14,9 +14,14 @@ The bubble plot of the groups sweep and the scaling model read these.
 from __future__ import annotations
 
 import torch
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
+from decoupled.eager import prebuild_guards
 from decoupled.model import GroupHeads, SplitNet
+
+# FlopCounterMode's dispatch mode: its __torch_dispatch__ would import torch._dynamo (decoupled.eager)
+prebuild_guards(flop_counter._FlopCounterMode)
 
 
 def count(net: SplitNet, image_shape: tuple[int, ...], locked: bool) -> dict:

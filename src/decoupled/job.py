@@ -8,6 +8,7 @@ attempt left one; on failure it leaves no output and no RUNNING run.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -33,24 +34,28 @@ def run_job(job: dict, data_path: str | Path, out_dir: str | Path, experiment: d
         # another process of the job (a distributed worker k > 0): it trains its module; the
         # main one logs, checkpoints and writes the outputs
         return fit(job, data, checkpoint=lambda state: None, resume=resume)
-    run = _child_run(job, data.name, out_dir, experiment, tags, resume, abandoned)
+    run = PendingRun(lambda: _child_run(job, data.name, out_dir, experiment, tags, resume, abandoned))
     resume_path = out_dir / RESUME_FILE
     logged_through = resume["epoch"] if resume is not None else 0
 
     def checkpoint(state: dict) -> None:
         nonlocal logged_through
+        # The first checkpoint, before any step, does not wait for the run: a job stopped before
+        # its second checkpoint resumes into a new run (and fail_orphans closes the old one).
+        first = state["epoch"] == 0 and not state["stopped_inside_epoch"]
+        run_id = run.ready_id() if first else run.get().run_id
         # saved before it is logged: a job killed in between logs the epoch when it resumes
-        save_torch({**state, "job": job, "mlflow_run_id": run.run_id}, resume_path)
+        save_torch({**state, "job": job, "mlflow_run_id": run_id}, resume_path)
         if state["epochs"] and state["epochs"][-1]["epoch"] > logged_through:
             logged_through = state["epochs"][-1]["epoch"]
-            run.log_epoch(state["epochs"][-1])
+            run.get().log_epoch(state["epochs"][-1])
 
     with sigterm_stops() as stop:
         try:
             started = time.time()
             metrics = fit(job, data, checkpoint, resume, stop)
-            metrics.update(mlflow_run_id=run.run_id, started_at=started)
-            _finish(job, metrics, out_dir, run)
+            metrics.update(mlflow_run_id=run.get().run_id, started_at=started, startup_s=_since_process_start(metrics.pop("first_epoch_at")))
+            _finish(job, metrics, out_dir, run.get())
         except BaseException as e:
             ignore_sigterm()
             for name in OUTPUTS:
@@ -59,9 +64,54 @@ def run_job(job: dict, data_path: str | Path, out_dir: str | Path, experiment: d
                 resume_path.unlink(missing_ok=True)
             elif isinstance(e, Terminated) and resume_path.exists():
                 e.args = (f"{RunKey.of(job['run']).name}: {e}; a rerun resumes from {resume_path}",)
-            run.fail("interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}")
+            made = run.made()
+            if made is not None:  # else making the run failed: that is the error raised
+                made.fail("interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}")
             raise
     return metrics
+
+
+class PendingRun:
+    """The job's MLflow run, made by a thread of its own while training starts: importing
+    MLflow and opening its store take seconds (see benchmarks/pipeline_wall.py) that the first
+    steps need not wait for. ``get()`` waits for it (and raises what making it raised)."""
+
+    def __init__(self, make):
+        self._run, self._error = None, None
+        self._thread = threading.Thread(target=self._make, args=(make,), name="mlflow-run", daemon=True)
+        self._thread.start()
+
+    def _make(self, make) -> None:
+        try:
+            self._run = make()
+        except BaseException as e:  # raised again in the main thread, by get()
+            self._error = e
+
+    def get(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._run
+
+    def ready_id(self) -> str | None:
+        """The run's id if it is made by now, else None (without waiting)."""
+        return self._run.run_id if self._run is not None else None
+
+    def made(self):
+        """The run once its thread has ended, or None if making it failed."""
+        self._thread.join()
+        return self._run
+
+
+def _since_process_start(moment: float) -> float | None:
+    """Seconds from this process's start to ``moment`` (a ``time.time()``); None where /proc is missing."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except OSError:
+        return None
+    started = time.time() - (uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"))  # field 22: start time, in ticks after boot
+    return moment - started
 
 
 def _child_run(job: dict, dataset: str, out_dir: Path, experiment: dict | None, tags: dict[str, str], resume: dict | None, abandoned: list[str]):
@@ -75,7 +125,8 @@ def _child_run(job: dict, dataset: str, out_dir: Path, experiment: dict | None, 
         experiment = init_experiment(job)
     for run_id in abandoned:  # its run would stay RUNNING for ever
         ChildRun.abandon(experiment, run_id, f"abandoned: {key.name} was run again with another configuration, in a new run")
-    run = ChildRun.reopen(experiment, resume["mlflow_run_id"], resume["epoch"]) if resume is not None else None
+    # (no id: the attempt stopped before its run was made)
+    run = ChildRun.reopen(experiment, resume["mlflow_run_id"], resume["epoch"]) if resume is not None and resume["mlflow_run_id"] else None
     # an attempt that died before it could close its run or write resume.pt (a full disk, say)
     fail_orphans(experiment, out_dir, f"abandoned: the process training {out_dir} ended without closing this run; a later attempt did not resume it",
                  keep=run.run_id if run is not None else None)

@@ -7,13 +7,19 @@ from collections.abc import Iterable
 
 import torch
 
+from decoupled import eager
+
+
+SGD = eager.optimizer(torch.optim.SGD)
+Adam = eager.optimizer(torch.optim.Adam)
+
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], train_cfg: dict, total_steps: int):
     """SGD with momentum (or Adam) and weight decay, plus a per-step learning-rate schedule."""
     if train_cfg.get("optimizer", "sgd") == "adam":
-        optimizer = torch.optim.Adam(params, lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"])
+        optimizer = Adam(params, lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"])
     else:
-        optimizer = torch.optim.SGD(params, lr=train_cfg["lr"], momentum=train_cfg["momentum"], weight_decay=train_cfg["weight_decay"])
+        optimizer = SGD(params, lr=train_cfg["lr"], momentum=train_cfg["momentum"], weight_decay=train_cfg["weight_decay"])
     if train_cfg["lr_schedule"] == "cosine":
         factor = lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))  # noqa: E731
     else:

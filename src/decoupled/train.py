@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from collections.abc import Callable
 
 import torch
 
-from decoupled import compute, engines, methods, model, progress
+from decoupled import compute, engines, methods, model, numerics, progress
 from decoupled.data import Dataset
 from decoupled.engines.base import EpochInterrupted, StopRequest
 from decoupled.errors import UserError
@@ -59,7 +60,7 @@ def build(job: dict, data: Dataset, split: dict | None = None):
     device = engine_class.setup(job)  # with several processes, this one first joins the others
     counts, split_info = (split["counts"], split) if split is not None else _split(job, data, key.K, engine_class)
     torch.manual_seed(key.seed)
-    net = model.build(job["model"], key.K, data.in_channels, data.num_classes, counts).to(device)
+    net = numerics.place(model.build(job["model"], key.K, data.in_channels, data.num_classes, counts).to(device), train_cfg)
     method = methods.get(key.method)(net, train_cfg, train_cfg["epochs"] * steps_per_epoch)
     # the job was checked by decoupled.grid (e.g. that a slowed module exists)
     engine = engine_class.for_job(method, data, job, device)
@@ -95,8 +96,14 @@ def fit(job: dict, data: Dataset, checkpoint: Callable[[dict], None] | None = No
     after a last checkpoint: between two steps (simulated engines) or after the epoch.
     With the distributed engine every worker calls this; they return the same metrics, and
     ``checkpoint`` is called on every worker (collecting the state takes all of them).
+    Everything runs in the job's numerics (``decoupled.numerics``).
     """
     torch.set_num_threads(job["train"]["threads"])
+    with numerics.autocast(job["train"], job["train"]["device"]):
+        return _fit(job, data, checkpoint, resume, stop)
+
+
+def _fit(job: dict, data: Dataset, checkpoint, resume: dict | None, stop: StopRequest | None) -> dict:
     key = run_key(job)
     net, method, engine, split = build(job, data, resume["split_info"] if resume else None)
     epochs, wall = [], 0.0
@@ -120,6 +127,7 @@ def fit(job: dict, data: Dataset, checkpoint: Callable[[dict], None] | None = No
     if resume is None:
         save(0)  # so that a job stopped in its first epoch, too, resumes into its MLflow run
     bar_stream = progress.terminal() if engine.is_main else None
+    first_epoch_at = time.time()  # the end of this process's start-up (benchmarks/pipeline_wall.py)
     for epoch in range(len(epochs) + 1, job["train"]["epochs"] + 1):
         engine.progress = progress.EpochBar(key.name, epoch, job["train"]["epochs"], engine.steps_per_epoch, bar_stream) if bar_stream else None
         try:
@@ -140,7 +148,7 @@ def fit(job: dict, data: Dataset, checkpoint: Callable[[dict], None] | None = No
         if stop is not None and stop.is_set():  # asked after the last step had looked
             raise Terminated(f"stopped by SIGTERM after epoch {epoch}")
     engine.close()
-    return _metrics(job, split, data.name, epochs, wall, counts)
+    return {**_metrics(job, split, data.name, epochs, wall, counts), "first_epoch_at": first_epoch_at}
 
 
 def _metrics(job: dict, split: dict, dataset: str, epochs: list[dict], wall: float, counts: dict) -> dict:

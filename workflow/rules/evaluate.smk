@@ -1,16 +1,18 @@
+# Every run's final checkpoint on the test set, in one job for the whole experiment: a process
+# start (torch, MLflow) costs more than evaluating a run, so one start serves them all.
 rule evaluate:
     input:
         data=PREPARED,
         tracking=TRACKING,
-        checkpoint=f"{RUN_DIR}/checkpoint.pt",
+        checkpoints=expand("{run}/checkpoint.pt", run=run_dirs()),
     output:
-        f"{RUN_DIR}/eval.json",
+        expand("{run}/eval.json", run=run_dirs()),
     log:
-        f"{RESULTS}/logs/evaluate/{{method}}_{{mode}}_K{{K}}_{{variant}}_seed{{seed}}.log",
+        f"{RESULTS}/logs/evaluate.log",
     conda:
         "../../envs/train.yaml"
     params:
-        run_dir=lambda wildcards, input: Path(input.checkpoint).parent,
+        runs=run_dirs(),
     shell:
-        "DECOUPLED_JOB_LOG={log:q} python -m decoupled evaluate --run {params.run_dir} --data {input.data} --tracking {input.tracking}"
+        "DECOUPLED_JOB_LOG={log:q} python -m decoupled evaluate --run {params.runs} --data {input.data} --tracking {input.tracking}"
         " --out {output} 2>&1 | tee -a {log}"

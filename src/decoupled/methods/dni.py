@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from decoupled.methods.base import Method, ModuleStep
+from decoupled import optim
 from decoupled.optim import make_optimizer
 
 TRAITS = {"sends_gradients": True, "reads": ["train.probe_heads", "train.synth_hidden", "train.synth_lr", "train.synth_layers", "train.synth_kernel", "train.synth_batchnorm", "train.synth_target", "train.synth_zero_bias"], "report_order": 2}
@@ -82,7 +83,7 @@ class DNI(Method):
         shape = {k: train_cfg[f"synth_{k}"] for k in ("layers", "kernel", "batchnorm", "zero_bias")}
         self.per_sample = train_cfg["synth_target"] == "per_sample"
         self.synthesizers = nn.ModuleList(Synthesizer(c, train_cfg["synth_hidden"], **shape, **label) for c in channels)
-        self.synth_optimizers = [torch.optim.Adam(s.parameters(), lr=train_cfg["synth_lr"]) for s in self.synthesizers]
+        self.synth_optimizers = [optim.Adam(s.parameters(), lr=train_cfg["synth_lr"]) for s in self.synthesizers]
         # activations (and labels) of module k waiting for their true gradient, oldest first
         self.waiting: list[collections.deque] = [collections.deque() for _ in channels]
         # when each loss first went NaN or infinite: each module's (at its step), the synthesizers'
