@@ -35,6 +35,11 @@ def run_job(job: dict, data_path: str | Path, out_dir: str | Path, experiment: d
         # main one logs, checkpoints and writes the outputs
         return fit(job, data, checkpoint=lambda state: None, resume=resume)
     run = PendingRun(lambda: _child_run(job, data.name, out_dir, experiment, tags, resume, abandoned))
+    if engines.of(job).process_count(job) > 1:
+        # the other workers would wait for this one's epoch-end checkpoint, and a store that
+        # takes longer than distributed.timeout_s to open would end the job: wait now, while
+        # they wait to join
+        run.get()
     resume_path = out_dir / RESUME_FILE
     logged_through = resume["epoch"] if resume is not None else 0
 
