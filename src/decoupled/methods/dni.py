@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from decoupled.methods.base import Method, ModuleStep
 from decoupled import optim
+from decoupled.methods.base import Method, ModuleStep
 from decoupled.optim import make_optimizer
 
 TRAITS = {"sends_gradients": True, "reads": ["train.probe_heads", "train.synth_hidden", "train.synth_lr", "train.synth_layers", "train.synth_kernel", "train.synth_batchnorm", "train.synth_target", "train.synth_zero_bias"], "report_order": 2}
