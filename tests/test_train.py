@@ -1,6 +1,7 @@
 """Short trainings on real Fashion-MNIST images: they learn, and a seed fixes every number."""
 
 import pytest
+import torch
 
 from decoupled import config, grid
 from decoupled.data import load_prepared
@@ -75,3 +76,16 @@ def test_a_module_done_before_an_epoch_has_no_loss_in_it(fashion_subset):
     epochs = fit(the_job, load_prepared(fashion_subset))["epochs"]
     assert [e["steps_per_module"] for e in epochs] == [[40, 80], [40, 0]]
     assert epochs[1]["train_loss"] is None and epochs[1]["train_loss_per_module"][0] is not None
+
+
+def test_the_multistep_schedule_divides_the_lr_at_each_milestone_epoch():
+    from decoupled.optim import make_optimizer
+
+    cfg = {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0, "lr_schedule": "multistep", "lr_milestones": [2, 3], "lr_gamma": 0.1, "epochs": 4}
+    optimizer, scheduler = make_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg, total_steps=40)  # 10 steps per epoch
+    lrs = []
+    for _ in range(40):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:20] == pytest.approx([0.1] * 20) and lrs[20:30] == pytest.approx([0.01] * 10) and lrs[30:] == pytest.approx([0.001] * 10)

@@ -192,7 +192,8 @@ def cmd_report(args) -> None:
     from decoupled.report import DEFAULT_TARGET_ACCURACY, build_report
 
     target = DEFAULT_TARGET_ACCURACY if args.target_accuracy is None else args.target_accuracy
-    written = build_report([Path(r) for r in args.runs], Path(args.tables), Path(args.figures), target)
+    report_cfg = json.loads(args.config_json).get("report") if args.config_json is not None else None
+    written = build_report([Path(r) for r in args.runs], Path(args.tables), Path(args.figures), target, report_cfg)
     experiment = _tracking(args.tracking)
     if experiment is not None:
         from decoupled.files import read_json

@@ -21,6 +21,7 @@ from typing import Any
 from decoupled import config as config_lib
 from decoupled import engines, methods
 from decoupled.errors import UserError
+from decoupled.networks import shapes
 
 
 def method_names() -> list[str]:
@@ -236,16 +237,18 @@ def _check_run(job: dict[str, Any], key: RunKey) -> None:
             f"config key 'engine': method '{key.method}' has no {job['engine']} form (its modules wait for one backward pass;"
             f" benchmarks/parallel_speedup.py runs it as a GPipe pipeline): add overrides: {{{key.method}: {{engine: simulated}}}}"
         )
-    n_layers = len(job["model"]["widths"])
+    widths = _layer_channels(job["model"])
+    n_layers, arch = len(widths), job["model"]["arch"]
+    layers_of = "model.widths" if arch == "cnn" else f"model.arch {arch}"
     pools = job["model"]["pools"]
-    if pools is not None and len(pools) != n_layers:
+    if arch == "cnn" and pools is not None and len(pools) != n_layers:
         raise UserError(f"config key 'model.pools': {len(pools)} entries for {n_layers} layers (model.widths)")
     if key.K > n_layers:
-        raise UserError(f"config key 'grid.K': K={key.K} modules need at least {key.K} layers, model.widths has {n_layers}")
+        raise UserError(f"config key 'grid.K': K={key.K} modules need at least {key.K} layers, {layers_of} has {n_layers}")
     split = job["model"]["split"]
     if isinstance(split, list) and (len(split) != key.K or sum(split) != n_layers):
         raise UserError(
-            f"config key 'model.split': {split} must list K={key.K} layer counts summing to {n_layers} (model.widths);"
+            f"config key 'model.split': {split} must list K={key.K} layer counts summing to {n_layers} ({layers_of});"
             f" it lists {len(split)} summing to {sum(split)}"
         )
     _check_groups_and_quantize(job, key)
@@ -259,8 +262,10 @@ def _check_run(job: dict[str, Any], key: RunKey) -> None:
 
 def _check_groups_and_quantize(job: dict[str, Any], key: RunKey) -> None:
     model = job["model"]
-    widths = model["widths"]
+    widths = _layer_channels(model)
     grouped = "model.groups" in methods.traits(key.method).reads and model["groups"] > 1
+    if grouped and model["arch"] != "cnn":
+        raise UserError(f"config key 'model.groups': neuron groups are built for model.arch cnn only, not {model['arch']} (job {key.name})")
     if grouped and any(w % model["groups"] for w in widths):
         raise UserError(f"config key 'model.groups': {model['groups']} groups must divide every width of model.widths {widths} (job {key.name})")
     spec = engines.of(job)
@@ -279,6 +284,13 @@ def _check_groups_and_quantize(job: dict[str, Any], key: RunKey) -> None:
         width = boundary_widths[k] if counts else None
         if q is not None and any(w % q["dim"] for w in ([width] if width else boundary_widths)):
             raise UserError(f"config key 'model.quantize': dim {q['dim']} does not divide the {width or boundary_widths} channels at boundary {k} (job {key.name})")
+
+
+def _layer_channels(model_cfg: dict[str, Any]) -> list[int]:
+    try:
+        return shapes.channels(model_cfg)
+    except ValueError as e:
+        raise UserError(f"config key 'model.arch': {e}") from None
 
 
 def _even(n_layers: int, K: int) -> list[int]:

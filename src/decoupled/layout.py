@@ -24,11 +24,13 @@ class Output(NamedTuple):
     subcategory: str  # its group under "Tables" or "Figures" in the report
     writer: str | None = None  # a figure's plot function (decoupled.report.figures)
     sweeps: str | None = None  # a figure's swept axis: written only when some run varies it
+    published: bool = False  # a table written only when the config lists published numbers (report.published)
 
 
 TABLES = [
     Output("summary", "summary", "Summary table"),
     Output("main", "main", "Main table"),
+    Output("paper_vs_ours", "paper vs ours", "Reproduction", published=True),
 ]
 FIGURES = [
     Output("test_acc_vs_epoch", "test accuracy vs epoch", "Learning curves", "plot_accuracy_vs_epoch"),
@@ -45,6 +47,11 @@ FIGURE_NAMES = [f.name for f in FIGURES]
 # Every table is written as .csv, .md and .tex; every figure as .png and .pdf.
 TABLE_FORMATS = ["csv", "md", "tex"]
 FIGURE_FORMATS = ["png", "pdf"]
+
+
+def tables_for(published: bool) -> list[Output]:
+    """The tables of an experiment: the reproduction table only with published numbers to compare."""
+    return [t for t in TABLES if published or not t.published]
 
 
 def figures_for(swept: Iterable[str]) -> list[Output]:

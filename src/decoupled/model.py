@@ -23,51 +23,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-def conv_layer(in_channels: int, out_channels: int, kernel_size: int = 3, pool: str | None = None) -> nn.Sequential:
-    """conv - BN - ReLU - pool.
-
-    ``pool`` None: max-pool 2, rounding odd sizes up (28 -> 14 -> 7 -> 4), so no border pixel is
-    lost; else e.g. "avg3": that pooling with PyTorch's usual rounding down, as papers' code has it.
-    """
-    if pool is None:
-        pooling = nn.MaxPool2d(2, ceil_mode=True)
-    else:
-        kind, size = pool[:3], int(pool[3:])
-        pooling = nn.MaxPool2d(size) if kind == "max" else nn.AvgPool2d(size)
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
-        nn.BatchNorm2d(out_channels),
-        nn.ReLU(inplace=True),
-        pooling,
-    )
-
-
-class AuxHead(nn.Sequential):
-    """Spatial pooling, a small MLP, then a linear layer to the classes (as the DGL code's aux nets)."""
-
-    def __init__(self, channels: int, num_classes: int, pool: int, hidden: int):
-        features = channels * pool * pool
-        mlp = [nn.Linear(features, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes)] if hidden else [nn.Linear(features, num_classes)]
-        super().__init__(nn.AdaptiveAvgPool2d(pool), nn.Flatten(), *mlp)
-
-
-class ConvAuxHead(nn.Module):
-    """The DGL code's aux head of its DNI comparison (``dni_comparisons/cifar_dgl.py``): three
-    convolutions at the module's width and resolution, BatchNorm and ReLU after the first two,
-    the last one's weights zero at the start; then global average pooling and a linear layer.
-    """
-
-    def __init__(self, channels: int, num_classes: int, kernel_size: int):
-        super().__init__()
-        conv = lambda: nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2)  # noqa: E731
-        self.convs = nn.Sequential(conv(), nn.BatchNorm2d(channels), nn.ReLU(inplace=True),
-                                   conv(), nn.BatchNorm2d(channels), nn.ReLU(inplace=True), conv())
-        nn.init.zeros_(self.convs[-1].weight)  # only the weights, as theirs
-        self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.convs(x))
+from decoupled.networks import archs, shapes
+from decoupled.networks.cnn import conv_layer
+from decoupled.networks.heads import AuxHead, ConvAuxHead, DGLAuxHead
 
 
 def split_layers(n_layers: int, K: int) -> list[int]:
@@ -162,10 +120,19 @@ def configured_counts(model_cfg: dict, K: int) -> list[int]:
     """Layers per module as ``model.split`` fixes them without measuring: "even" or an explicit list."""
     split = model_cfg.get("split", "even")
     if split == "even":
-        return split_layers(len(model_cfg["widths"]), K)
+        return split_layers(n_layers(model_cfg), K)
     if split == "balanced":
         raise ValueError("model.split 'balanced' needs measured counts: pass build(..., counts=profile.resolve_split(...)[0])")
-    return check_counts(split, len(model_cfg["widths"]), K)
+    return check_counts(split, n_layers(model_cfg), K)
+
+
+def layer_channels(model_cfg: dict) -> list[int]:
+    """Output channels of each layer of ``model.arch`` (``decoupled.networks``), the units a split counts."""
+    return shapes.channels(model_cfg)
+
+
+def n_layers(model_cfg: dict) -> int:
+    return len(layer_channels(model_cfg))
 
 
 def check_counts(counts: list[int], n_layers: int, K: int) -> list[int]:
@@ -176,38 +143,40 @@ def check_counts(counts: list[int], n_layers: int, K: int) -> list[int]:
 
 
 def build(model_cfg: dict, K: int, in_channels: int, num_classes: int, counts: list[int] | None = None) -> SplitNet:
-    """The CNN of ``model_cfg`` cut into K modules; parameters drawn from torch's global RNG.
+    """The network of ``model_cfg`` (``model.arch``) cut into K modules; parameters drawn from torch's global RNG.
 
     ``counts``: layers per module; None = as ``model.split`` says (see ``configured_counts``).
-    The conv layers' parameters do not depend on the counts; the heads' do (one per module, on
+    The layers' parameters do not depend on the counts; the heads' do (one per module, on
     its last width). Quantizers (``model.quantize``) draw their seeds last, so a quantized net
     starts from the same weights as the same net unquantized.
     """
-    widths = model_cfg["widths"]
-    counts = configured_counts(model_cfg, K) if counts is None else check_counts(counts, len(widths), K)
+    counts = configured_counts(model_cfg, K) if counts is None else check_counts(counts, n_layers(model_cfg), K)
     G = model_cfg.get("groups", 1)
+    if G > 1 and model_cfg.get("arch", "cnn") != "cnn":
+        raise ValueError(f"model.groups {G}: neuron groups are built for model.arch cnn only, not {model_cfg['arch']!r}")
     blocks, heads = _grouped(model_cfg, counts, in_channels, num_classes, G) if G > 1 else _plain(model_cfg, counts, in_channels, num_classes)
     return SplitNet(blocks, heads, _quantizers(model_cfg, counts))
 
 
 def _plain(model_cfg: dict, counts: list[int], in_channels: int, num_classes: int) -> tuple[list, list]:
-    widths, K = model_cfg["widths"], len(counts)
-    pools = model_cfg.get("pools") or [None] * len(widths)
-    layers, channels = [], in_channels
-    for width, pool in zip(widths, pools):
-        layers.append(conv_layer(channels, width, model_cfg.get("kernel_size", 3), pool))
-        channels = width
+    arch, K = archs.of(model_cfg), len(counts)
+    widths, layers = layer_channels(model_cfg), arch.layers(in_channels)
     blocks, heads, start = [], [], 0
     for k, count in enumerate(counts):
         blocks.append(nn.Sequential(*layers[start : start + count]))
         start += count
-        heads.append(_head(model_cfg, widths[start - 1], num_classes, last=k == K - 1))
+        last = k == K - 1
+        heads.append(arch.classifier(widths[start - 1], num_classes) if last else _head(model_cfg, widths[start - 1], num_classes, last=False))
     return blocks, heads
 
 
 def _head(model_cfg: dict, channels: int, num_classes: int, last: bool, hidden: int | None = None) -> nn.Module:
-    if not last and model_cfg.get("aux_head", "mlp") == "cnn":
+    """Module k's aux head (``model.aux_head``); ``last``: the CNN's classifier."""
+    kind = "mlp" if last else model_cfg.get("aux_head", "mlp")
+    if kind == "cnn":
         return ConvAuxHead(channels, num_classes, model_cfg.get("kernel_size", 3))
+    if kind == "dgl":
+        return DGLAuxHead(channels, num_classes, model_cfg.get("aux_nlin", 3), model_cfg.get("aux_mlp_layers", 3))
     return AuxHead(channels, num_classes, model_cfg["aux_pool"], model_cfg["aux_hidden"] if hidden is None else hidden)
 
 
@@ -248,7 +217,7 @@ def quantize_settings(model_cfg: dict, K: int) -> list[dict | None]:
 def _quantizers(model_cfg: dict, counts: list[int]) -> list[nn.Module]:
     from decoupled.quantize import Quantizer
 
-    widths, quantizers, end = model_cfg["widths"], [], 0
+    widths, quantizers, end = layer_channels(model_cfg), [], 0
     for k, setting in enumerate(quantize_settings(model_cfg, len(counts))):
         end += counts[k]
         if setting is None:

@@ -19,9 +19,14 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], train_cfg: dict, total_
     if train_cfg.get("optimizer", "sgd") == "adam":
         optimizer = Adam(params, lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"])
     else:
-        optimizer = SGD(params, lr=train_cfg["lr"], momentum=train_cfg["momentum"], weight_decay=train_cfg["weight_decay"])
+        optimizer = SGD(params, lr=train_cfg["lr"], momentum=train_cfg["momentum"], weight_decay=train_cfg["weight_decay"],
+                        nesterov=train_cfg.get("nesterov", False))
     if train_cfg["lr_schedule"] == "cosine":
         factor = lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))  # noqa: E731
+    elif train_cfg["lr_schedule"] == "multistep":
+        steps_per_epoch = total_steps // train_cfg["epochs"]
+        milestones = [epoch * steps_per_epoch for epoch in train_cfg["lr_milestones"]]
+        factor = lambda step: train_cfg["lr_gamma"] ** sum(step >= m for m in milestones)  # noqa: E731
     else:
         factor = lambda step: 1.0  # noqa: E731
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

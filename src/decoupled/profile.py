@@ -53,7 +53,7 @@ def layer_costs(
     less than predicted. Compute runs in float32; ``activation_dtype`` only sets ``out_bytes``.
     Neither torch's global RNG nor its thread count is changed on return.
     """
-    n_layers = len(model_cfg["widths"])
+    n_layers = model.n_layers(model_cfg)
     with torch.random.fork_rng(devices=[]):
         # one module per layer: block i is layer i and head i the head a module ending there gets
         net = model.build(model_cfg, n_layers, in_channels, num_classes, counts=[1] * n_layers)

@@ -21,7 +21,7 @@ from decoupled import grid as decoupled_grid  # noqa: E402
 from decoupled.code_version import training_code_hash  # noqa: E402
 from decoupled.config import describe  # noqa: E402
 from decoupled.errors import UserError  # noqa: E402
-from decoupled.layout import FIGURE_FORMATS, FIGURES, TABLE_FORMATS, TABLE_NAMES, TABLES, figures_for  # noqa: E402
+from decoupled.layout import FIGURE_FORMATS, FIGURES, TABLE_FORMATS, TABLES, figures_for, tables_for  # noqa: E402
 from decoupled.slurm import patch_status_query  # noqa: E402
 
 # Under the SLURM executor (workflow/profiles/slurm): a scancel-ed job fails the workflow
@@ -134,7 +134,8 @@ def run_dirs():
 
 
 def report_tables():
-    return [f"{RESULTS}/tables/{name}.{ext}" for name in TABLE_NAMES for ext in TABLE_FORMATS]
+    tables = tables_for(bool(config["report"]["published"]))
+    return [f"{RESULTS}/tables/{table.name}.{ext}" for table in tables for ext in TABLE_FORMATS]
 
 
 def report_figures():

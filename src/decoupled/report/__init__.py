@@ -56,12 +56,13 @@ _STALENESS = ["input_staleness", "grad_staleness"]
 
 
 def build_report(run_dirs: Iterable[Path], tables_dir: Path, figures_dir: Path,
-                 target_accuracy: float = DEFAULT_TARGET_ACCURACY) -> list[Path]:
+                 target_accuracy: float = DEFAULT_TARGET_ACCURACY, report_cfg: dict | None = None) -> list[Path]:
     """Load the runs, write every table and the figures they have data for (``layout``: a
     sweep figure only when some run varies its axis); return every path written.
 
     ``target_accuracy`` (a fraction) is the test accuracy whose time to reach the tables give
-    and the wall-time figure marks.
+    and the wall-time figure marks. ``report_cfg`` (the config's ``report``): with
+    ``published`` numbers, the reproduction table ``paper_vs_ours`` too.
     """
     # Imported here so that loading runs (e.g. from a notebook) never touches matplotlib or
     # switches its backend.
@@ -74,6 +75,9 @@ def build_report(run_dirs: Iterable[Path], tables_dir: Path, figures_dir: Path,
     tables_dir, figures_dir = Path(tables_dir), Path(figures_dir)
     written = tables.write_summary(tables.summary(runs_df), tables_dir)
     written += tables.write_main(tables.main_table(runs_df), tables_dir)
+    if report_cfg and report_cfg.get("published"):
+        reproduction = tables.paper_vs_ours(runs_df, report_cfg["published"], report_cfg.get("reduced_run", False))
+        written += tables.write_paper_vs_ours(reproduction, tables_dir)
     # each plot function takes what it needs of these, by name
     given = {"runs_df": runs_df, "epochs_df": epochs_df, "figures_dir": figures_dir, "target_accuracy": target_accuracy}
     for figure in figures_for(swept_axes(runs_df)):

@@ -270,3 +270,51 @@ def _module_cells(df: pd.DataFrame, prefix: str, number: str) -> list[str]:
 
 def _latex_escape(text: str) -> str:
     return "".join(_LATEX_SPECIALS.get(ch, ch) for ch in text)
+
+
+# what each published metric reads of a run (eval.json's test accuracy, a fraction; seconds on its clock)
+_METRICS = {
+    "test_error_pct": lambda runs: 100 * (1 - runs["test_acc"]),
+    "test_acc_pct": lambda runs: 100 * runs["test_acc"],
+    "s_per_epoch": lambda runs: runs["time_s"] / runs["epochs"],
+}
+
+
+def paper_vs_ours(runs_df: pd.DataFrame, published: list[dict], reduced_run: bool) -> pd.DataFrame:
+    """One row per published number (``report.published``): paper, table, setting, method, K,
+    metric, published, then ours over the runs of that method and K that vary no other axis (ours_mean,
+    ours_std, seeds; NaN and 0 seeds where none ran), gap (ours_mean - published) and run
+    ("reduced run" for a ``*_cpu.yaml`` config, else "full")."""
+    # A published number names its K, so runs swept over K count; any other swept axis does not.
+    ref = runs_df[runs_df["varied"].map(lambda varied: set(varied) <= {"K"})] if len(runs_df) else runs_df
+    rows = []
+    for entry in published:
+        runs = ref[(ref["method"] == entry["method"]) & (ref["K"] == entry["K"])] if len(ref) else ref
+        values = _METRICS[entry["metric"]](runs) if len(runs) else pd.Series([], dtype=float)
+        mean = float(values.mean()) if len(values) else math.nan
+        rows.append({
+            "paper": entry["paper"], "table": entry["table"], "setting": entry.get("setting", ""),
+            "method": entry["method"], "K": entry["K"], "metric": entry["metric"], "published": entry["value"],
+            "ours_mean": mean, "ours_std": float(values.std()) if len(values) > 1 else math.nan, "seeds": len(values),
+            "gap": mean - entry["value"], "run": "reduced run" if reduced_run else "full",
+        })
+    return pd.DataFrame(rows, columns=["paper", "table", "setting", "method", "K", "metric", "published", "ours_mean", "ours_std", "seeds", "gap", "run"])
+
+
+def write_paper_vs_ours(df: pd.DataFrame, tables_dir: Path) -> list[Path]:
+    """Write ``paper_vs_ours.csv``, ``.md`` and ``.tex``: "not yet run" where no run exists."""
+    def ours(mean: float, std: float) -> str:
+        if math.isnan(mean):
+            return "not yet run"
+        return f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f}{_PM}{std:.2f}"
+
+    display = pd.DataFrame({
+        "paper": df["paper"].astype(str), "table": df["table"].astype(str), "setting": df["setting"].astype(str),
+        "method": df["method"].astype(str), "K": df["K"].map(str), "metric": df["metric"].astype(str),
+        "published": df["published"].map("{:g}".format),
+        "ours": [ours(m, s) for m, s in zip(df["ours_mean"], df["ours_std"])],
+        "seeds": df["seeds"].map(str),
+        "gap": df["gap"].map(lambda g: _NA if math.isnan(g) else f"{g:+.2f}"),
+        "run": df["run"].astype(str),
+    })
+    return _write("paper_vs_ours", df, display, ["paper", "table", "setting", "method", "metric", "run"], tables_dir)

@@ -1,0 +1,83 @@
+"""CIFAR ResNets (He et al. 2016, section 4.2), as the FDG and DDG code builds them.
+
+Depth 6n+2: a 3x3 stem conv (16 channels, BN, ReLU), then three stages of n basic blocks at
+16, 32 and 64 channels (``model.base_width`` scales them), the first block of stages 2 and 3
+halving the resolution; then the classifier (average pooling, linear). Shortcuts are option A:
+identity, or subsampling by 2 and zero-padding the new channels, so the network has no
+parameters outside its convolutions, BNs and classifier (ResNet-56: 0.85 M). The layers the
+split counts are the 3n blocks, the stem going with the first: the FDG code's cuts (ResNet-56
+K=2: stem and 13 blocks | 14 blocks) are then ``model.split: even`` or an explicit list.
+Parameters keep PyTorch's default initialization, as the FDG code (its ``_weights_init`` is
+commented out); ``model.init: he_fan_out`` draws the convs from N(0, 2 / (9 x out channels)) and
+sets BN to 1 and 0, as the DDG code (and the DGL code's ``ddg_comparison/``), classifier untouched.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from decoupled.networks.heads import PoolLinear
+from decoupled.networks.shapes import stage_widths
+
+
+class PadShortcut(nn.Module):
+    """Option A: take every other pixel and zero-pad the channels, from ``in_channels`` to ``out_channels``."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.extra = out_channels - in_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut = PadShortcut(in_channels, out_channels) if stride != 1 or in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def stem(in_channels: int, width: int, bias: bool = False, bn_relu: bool = True) -> nn.Sequential:
+    conv = nn.Conv2d(in_channels, width, 3, 1, 1, bias=bias)
+    return nn.Sequential(conv, nn.BatchNorm2d(width), nn.ReLU()) if bn_relu else nn.Sequential(conv)
+
+
+class ResNet:
+    def __init__(self, model_cfg: dict):
+        self.cfg = model_cfg
+        _, self.widths, self.n = stage_widths(model_cfg)
+
+    def layers(self, in_channels: int) -> list[nn.Module]:
+        first = stem(in_channels, self.widths[0])
+        layers, channels = [], self.widths[0]
+        for stage, width in enumerate(self.widths):
+            for i in range(self.n):
+                layers.append(BasicBlock(channels, width, 2 if stage > 0 and i == 0 else 1))
+                channels = width
+        layers[0] = nn.Sequential(first, layers[0])
+        if self.cfg.get("init", "pytorch") == "he_fan_out":
+            for layer in layers:
+                he_fan_out(layer)
+        return layers
+
+    def classifier(self, channels: int, num_classes: int) -> nn.Module:
+        return PoolLinear(channels, num_classes, self.cfg.get("classifier_pool"))
+
+
+def he_fan_out(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
