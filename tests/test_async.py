@@ -185,27 +185,36 @@ def test_gradients_are_as_stale_as_the_schedule_makes_them(method):
     assert all(torch.isfinite(p).all() for p in m.net.parameters())
 
 
-def test_crop_flip_shifts_by_every_offset_and_flips_half_the_images():
-    from decoupled.engines.batches import crop_flip
+@pytest.mark.parametrize("augment", ["crop_flip", "crop_flip_reflect"])
+def test_crop_flip_shifts_by_every_offset_and_flips_half_the_images(augment):
+    from decoupled.engines.batches import BatchStream, crop_flip
 
     n, size, padding = 600, 8, 4  # the default padding
     x = torch.arange(n * size * size, dtype=torch.float32).reshape(n, 1, size, size) + 1  # every pixel distinct, none 0
-    out = crop_flip(x, torch.Generator().manual_seed(0))
+    mode = {"crop_flip": "constant", "crop_flip_reflect": "reflect"}[augment]
+    out = crop_flip(x, torch.Generator().manual_seed(0), mode=mode)
     assert out.shape == x.shape
+    # reflected padding brings in no zeros; the stream's augment picks the padding
+    assert (out == 0).any() == (mode == "constant")
+    stream = BatchStream(x, torch.zeros(n), n, seed=0, augment=augment)
+    assert (stream.next()[0] == 0).any() == (mode == "constant")
     offsets, flips = [], []
-    for i in range(n):  # each image is a window of its zero-padded self, maybe mirrored
-        padded = torch.nn.functional.pad(x[i], (padding,) * 4)
+    for i in range(n):  # each image is a window of its padded self, maybe mirrored
+        padded = torch.nn.functional.pad(x[i], (padding,) * 4, mode=mode)
         found = [(t, l, f) for t in range(2 * padding + 1) for l in range(2 * padding + 1) for f in (False, True)
                  if torch.equal(out[i], padded[:, t : t + size, l : l + size].flip(2) if f else padded[:, t : t + size, l : l + size])]
-        assert len(found) == 1, i
-        offsets.append(found[0][:2])
-        flips.append(found[0][2])
+        # a reflected window at the edge can equal the mirror of its neighbour: count the unambiguous ones
+        assert len(found) == 1 or (mode == "reflect" and found), i
+        if len(found) == 1:
+            offsets.append(found[0][:2])
+            flips.append(found[0][2])
     tops, lefts = {t for t, _ in offsets}, {l for _, l in offsets}
-    assert tops == lefts == set(range(2 * padding + 1))  # every shift, independently drawn
-    assert len(set(offsets)) > 60
-    assert 0.4 < sum(flips) / n < 0.6
-    assert torch.equal(crop_flip(x, torch.Generator().manual_seed(0)), out)  # seeded...
-    assert not torch.equal(crop_flip(x, torch.Generator().manual_seed(1)), out)  # ...by its generator alone
+    assert tops == set(range(2 * padding + 1))  # every shift, independently drawn
+    assert lefts == set(range(2 * padding + 1)) or (mode == "reflect" and lefts >= set(range(2, 2 * padding - 1)))  # (edge ones ambiguous)
+    assert len(set(offsets)) > (60 if mode == "constant" else 40)
+    assert len(flips) > n * 0.4 and 0.4 < sum(flips) / len(flips) < 0.6
+    assert torch.equal(crop_flip(x, torch.Generator().manual_seed(0), mode=mode), out)  # seeded...
+    assert not torch.equal(crop_flip(x, torch.Generator().manual_seed(1), mode=mode), out)  # ...by its generator alone
 
 
 class FakeTime:

@@ -69,7 +69,7 @@ def test_bad_report_settings_name_the_key(report, culprit):
 
 
 def test_report_target_accuracy_has_a_default():
-    assert config.validate(base())["report"] == {"target_accuracy": 0.85}
+    assert config.validate(base())["report"] == {"target_accuracy": 0.85, "reduced_run": False, "published": []}
 
 
 def test_unknown_method_and_too_many_modules():

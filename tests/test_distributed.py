@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, needs_fashion_mnist
+from conftest import REPO, free_port, needs_fashion_mnist
 
 from decoupled import grid
 from decoupled.errors import UserError
@@ -166,6 +166,34 @@ def test_async_workers_under_the_time_budget_learn_at_their_own_pace(tmp_path, f
     else:  # each activation once, and a true gradient back for each
         assert steps_above == steps_below
         assert last["grad_staleness"][0]["mean"] is not None
+
+
+def test_two_launchers_meeting_at_a_rendezvous_train_what_one_launcher_trains(tmp_path, fashion_subset):
+    """The multi-node recipe of docs/cluster.md on one machine: two torchrun launchers, one
+    worker each, meet at a c10d rendezvous on localhost (as srun starts one per node) and train
+    the DGL job that a single launcher trains, to the same numbers."""
+    cfg = config("dgl", "sync", distributed={"pin_cores": False})  # the two "nodes" share these cores
+    (key,) = grid.runs(cfg)
+    job = json.dumps(grid.job_config(cfg, key))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "PYTHONPATH": str(REPO / "src")}
+    train_args = ["-m", "decoupled", "train", "--job-json", job, "--data", str(fashion_subset)]
+
+    single = subprocess.run([sys.executable, *train_args, "--out", str(tmp_path / "single")], env=env, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stdout[-2000:] + single.stderr[-2000:]
+
+    rendezvous = ["--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{free_port()}", "--rdzv-id=two-launchers"]
+    launchers = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *rendezvous, *train_args, "--out", str(tmp_path / "nodes")],
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [launcher.communicate(timeout=300)[0] for launcher in launchers]
+    assert [launcher.returncode for launcher in launchers] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+
+    ours, theirs = (json.loads((tmp_path / out / "metrics.json").read_text()) for out in ("nodes", "single"))
+    assert ours["engine"] == "distributed" and len(ours["epochs"]) == 2
+    for a, b in zip(ours["epochs"], theirs["epochs"], strict=True):
+        assert a["train_loss_per_module"] == pytest.approx(b["train_loss_per_module"], rel=1e-6)
+        assert a["test_acc_per_module"] == b["test_acc_per_module"]
+        assert a["steps_per_module"] == b["steps_per_module"] == [2000 // 50] * 2
+    assert sum("epoch 2/2" in output for output in outputs) == 1  # the rank-0 worker reports, wherever it ran
 
 
 def worker_pid(out_dir: Path, rank: int) -> int | None:

@@ -22,7 +22,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ import urllib.request
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, free_port
 from decoupled import config, grid
 from decoupled.tracking import EXPERIMENT_TAGS, runs_page
 
@@ -52,12 +51,6 @@ def _chromium() -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _make_experiment(client, name: str, tags: dict) -> str:
     experiment_id = client.create_experiment(name, tags=tags)
     parent = client.create_run(experiment_id, run_name=PARENT).info.run_id
@@ -73,7 +66,7 @@ def _make_experiment(client, name: str, tags: dict) -> str:
 def serve_ui(uri: str, folder):
     """An ``mlflow ui`` on the store ``uri``, its log in ``folder``: its URL while the block runs.
     Stopped (its process group, by id) when the block ends."""
-    port = _free_port()
+    port = free_port()
     log = open(folder / "server.log", "w")
     # One worker, not the default 4: it starts in half the time.
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]

@@ -53,6 +53,41 @@ def test_resnet_cuts_fall_where_the_authors_code_cuts():
     assert net.blocks[0](x).shape == (2, 32, 16, 16)
 
 
+def test_an_own_stem_is_a_layer_of_its_own_and_infopro_cuts_are_even():
+    # InfoPro's ResNet-32 (its configs.py): the stem, then 15 blocks; K=16 is the stem alone, then a
+    # block per module; K=2, 4, 8 are 8, 4, 2 of those 16 layers per module
+    cfg = {"arch": "resnet32", "stem": "own", **BASE}
+    assert model.n_layers(cfg) == 16 and model.n_layers({"arch": "resnet32"}) == 15
+    for K in (2, 4, 8, 16):
+        assert [len(b) for b in model.build(cfg, K, 3, 10).blocks] == [16 // K] * K
+    stem = model.build(cfg, 16, 3, 10).blocks[0]
+    assert [type(m).__name__ for m in stem[0].modules() if not isinstance(m, torch.nn.Sequential)] == ["Conv2d", "BatchNorm2d", "ReLU"]
+    assert stem(torch.randn(2, 3, 32, 32)).shape == (2, 16, 32, 32)
+
+
+@pytest.mark.parametrize("arch, K", [("resnet8", 4), ("resnet20", 3)])
+def test_own_stem_and_projection_shortcuts_cut_to_the_whole_network(arch, K):
+    cfg = {"arch": arch, "stem": "own", "shortcut": "B", "base_width": 8, **BASE}
+    torch.manual_seed(0)
+    whole = model.build(cfg, 1, 3, 10)
+    torch.manual_seed(0)
+    cut = model.build(cfg, K, 3, 10)
+    cut.heads[-1].load_state_dict(whole.heads[0].state_dict())
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(cut.eval()(x), whole.eval()(x), rtol=0, atol=1e-6)
+
+
+def test_option_b_shortcuts_are_strided_projections():
+    # ResNet-32 with option B: option A's parameters plus two 1x1 conv + BN projections (16->32, 32->64)
+    a = params(model.build({"arch": "resnet32", **BASE}, 1, 3, 10))
+    net = model.build({"arch": "resnet32", "shortcut": "B", **BASE}, 1, 3, 10)
+    assert params(net) - a == (16 * 32 + 2 * 32) + (32 * 64 + 2 * 64)
+    projections = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1)]
+    assert [(c.in_channels, c.out_channels, c.stride) for c in projections] == [(16, 32, (2, 2)), (32, 64, (2, 2))]
+    assert not any(isinstance(m, PadShortcut) for m in net.modules())
+
+
 def test_option_a_shortcut_subsamples_and_zero_pads():
     x = torch.randn(2, 16, 8, 8)
     out = PadShortcut(16, 32)(x)

@@ -20,8 +20,8 @@ import pytest
 
 from decoupled import config
 from decoupled.errors import UserError
-from decoupled.layout import figures_for
-from decoupled.report import (DEFAULT_TARGET_ACCURACY, FIGURE_NAMES, TABLE_NAMES, add_time_to_accuracy,
+from decoupled.layout import figures_for, tables_for
+from decoupled.report import (DEFAULT_TARGET_ACCURACY, FIGURE_NAMES, add_time_to_accuracy,
                               build_report, figures, load_runs)
 from decoupled.report.tables import main_table, summary, write_main, write_summary
 
@@ -368,7 +368,8 @@ def _magic_ok(path: Path) -> bool:
 def test_build_report_writes_everything(run_dirs, tmp_path):
     paths = build_report(run_dirs, tmp_path / "out" / "tables", tmp_path / "out" / "figures")
     # these runs sweep slowdown, buffer size and K, not groups nor quantization
-    expected = ([f"{t}.{ext}" for t in TABLE_NAMES for ext in ("csv", "md", "tex")]
+    # no published numbers given, so no reproduction table
+    expected = ([f"{t.name}.{ext}" for t in tables_for(published=False) for ext in ("csv", "md", "tex")]
                 + [f"{f.name}.{ext}" for f in figures_for({"slowdown", "buffer_size", "K"}) for ext in ("png", "pdf")])
     assert len(paths) == 18 and [p.name for p in paths] == expected
     assert "acc_vs_wall_time.png" in expected
@@ -522,7 +523,7 @@ def test_target_accuracy_must_be_a_fraction(tmp_path, target):
 
 def test_default_target_accuracy_is_the_schema_default():
     cfg = config.validate({"experiment": "x", "grid": {"methods": ["dgl"]}})
-    assert cfg["report"] == {"target_accuracy": DEFAULT_TARGET_ACCURACY}
+    assert cfg["report"] == {"target_accuracy": DEFAULT_TARGET_ACCURACY, "reduced_run": False, "published": []}
 
 
 def test_time_to_accuracy_in_the_tables(tmp_path):

@@ -7,7 +7,6 @@ stopped by PID at the end of each test.
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 from mlflow_check import check_runs, init_tracking, jobs, run_concurrently, tiny_data  # noqa: F401 (a fixture)
 
-from conftest import REPO
+from conftest import REPO, free_port
 
 SCRIPT = REPO / "scripts/postgres-mlflow.sh"
 N_JOBS = 8
@@ -53,12 +52,6 @@ _WHY_NOT = _why_postgres_cannot_run()
 pytestmark = pytest.mark.skipif(_WHY_NOT is not None, reason=str(_WHY_NOT))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -77,7 +70,7 @@ def services():
     env = {**os.environ, "PYTHON": sys.executable, "MLFLOW_DISABLE_TELEMETRY": "true"}
 
     def start(*options: str) -> tuple[Path, dict[str, str]]:
-        result = subprocess.run([str(SCRIPT), "start", str(folder), "--pg-port", str(_free_port()), *options],
+        result = subprocess.run([str(SCRIPT), "start", str(folder), "--pg-port", str(free_port()), *options],
                                 env=env, capture_output=True, text=True, timeout=240)  # fmt: skip
         logs = "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in [*folder.glob("*.log"), *folder.glob("postgres/*.log")] if p.is_file())
         assert result.returncode == 0, f"{result.stderr}\n{logs}"
@@ -138,7 +131,7 @@ def test_concurrent_jobs_log_through_an_mlflow_server_on_postgresql(services, ti
     import mlflow.artifacts
     from mlflow.tracking import MlflowClient
 
-    port = _free_port()
+    port = free_port()
     folder, env = services("--port", str(port), "--workers", "2")
     uri = env["MLFLOW_TRACKING_URI"]
     assert uri == f"http://127.0.0.1:{port}"

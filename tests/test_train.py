@@ -1,5 +1,7 @@
 """Short trainings on real Fashion-MNIST images: they learn, and a seed fixes every number."""
 
+import math
+
 import pytest
 import torch
 
@@ -76,6 +78,24 @@ def test_a_module_done_before_an_epoch_has_no_loss_in_it(fashion_subset):
     epochs = fit(the_job, load_prepared(fashion_subset))["epochs"]
     assert [e["steps_per_module"] for e in epochs] == [[40, 80], [40, 0]]
     assert epochs[1]["train_loss"] is None and epochs[1]["train_loss_per_module"][0] is not None
+
+
+def test_the_warm_up_blends_a_small_lr_into_the_schedule():
+    from decoupled.optim import make_optimizer
+
+    # InfoPro's --cos_lr: over 10 of 160 epochs, lr = w * cosine + (1 - w) * 0.01, w rising 0 -> 1
+    cfg = {"lr": 0.8, "momentum": 0.9, "weight_decay": 0.0, "lr_schedule": "cosine", "epochs": 160, "lr_warmup_epochs": 10, "lr_warmup_start": 0.01}
+    optimizer, scheduler = make_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg, total_steps=1600)  # 10 steps per epoch
+    lrs = []
+    for _ in range(1600):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    cosine = [0.4 * (1 + math.cos(math.pi * step / 1600)) for step in range(1600)]
+    assert lrs[0] == pytest.approx(0.01)
+    assert lrs[50] == pytest.approx(0.5 * cosine[50] + 0.5 * 0.01)
+    assert lrs[100:] == pytest.approx(cosine[100:])
+    assert all(a < b for a, b in zip(lrs[:100], lrs[1:101]))  # rising, from 0.01 to the cosine's 0.8
 
 
 def test_the_multistep_schedule_divides_the_lr_at_each_milestone_epoch():

@@ -29,4 +29,9 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], train_cfg: dict, total_
         factor = lambda step: train_cfg["lr_gamma"] ** sum(step >= m for m in milestones)  # noqa: E731
     else:
         factor = lambda step: 1.0  # noqa: E731
+    warmup_steps = train_cfg.get("lr_warmup_epochs", 0) * (total_steps // train_cfg["epochs"])
+    if warmup_steps:
+        # InfoPro's warm-up: a linear blend of a small constant lr into the schedule's, not a ramp from 0
+        start, schedule = train_cfg.get("lr_warmup_start", 0.01) / train_cfg["lr"], factor
+        factor = lambda step: schedule(step) if step >= warmup_steps else (step / warmup_steps) * schedule(step) + (1 - step / warmup_steps) * start  # noqa: E731
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 
+# train.augment: the padding of crop_flip's crops (zeros, as the FDG/DDG/DGL code; reflected, as the InfoPro code)
+PADDING_MODES = {"crop_flip": "constant", "crop_flip_reflect": "reflect"}
+
 
 class BatchStream:
     """Endless shuffled mini-batches; each pass over the data uses a new permutation.
@@ -16,8 +19,8 @@ class BatchStream:
         self.x, self.y = x, y
         self.batch_size = batch_size
         self.rng = torch.Generator().manual_seed(seed)
-        if augment not in ("none", "crop_flip"):
-            raise ValueError(f"unknown augment {augment!r}: none or crop_flip")
+        if augment != "none" and augment not in PADDING_MODES:
+            raise ValueError(f"unknown augment {augment!r}: none, {', '.join(PADDING_MODES)}")
         self.augment = augment
         self.augment_rng = torch.Generator().manual_seed(seed + 2)  # apart from the order's stream
         self.order: torch.Tensor | None = None
@@ -34,7 +37,9 @@ class BatchStream:
         idx = self.order[self.position * self.batch_size : (self.position + 1) * self.batch_size]
         self.position += 1
         x = self.x[idx]
-        return (crop_flip(x, self.augment_rng) if self.augment == "crop_flip" else x), self.y[idx]
+        if self.augment != "none":
+            x = crop_flip(x, self.augment_rng, mode=PADDING_MODES[self.augment])
+        return x, self.y[idx]
 
     def state_dict(self) -> dict:
         return {"rng": self.rng.get_state(), "augment_rng": self.augment_rng.get_state(), "order": self.order, "position": self.position}
@@ -45,10 +50,10 @@ class BatchStream:
         self.order, self.position = state["order"], state["position"]
 
 
-def crop_flip(x: torch.Tensor, rng: torch.Generator, padding: int = 4) -> torch.Tensor:
-    """Random crops of zero-padded images and random horizontal flips, for a whole batch at once."""
+def crop_flip(x: torch.Tensor, rng: torch.Generator, padding: int = 4, mode: str = "constant") -> torch.Tensor:
+    """Random crops of padded images (zeros, or ``mode="reflect"``) and random horizontal flips, for a whole batch at once."""
     n, c, h, w = x.shape
-    padded = torch.nn.functional.pad(x, (padding,) * 4)
+    padded = torch.nn.functional.pad(x, (padding,) * 4, mode=mode)
     top = torch.randint(0, 2 * padding + 1, (n,), generator=rng)
     left = torch.randint(0, 2 * padding + 1, (n,), generator=rng)
     rows = (top[:, None] + torch.arange(h))[:, None, :, None]

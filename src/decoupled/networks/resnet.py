@@ -4,9 +4,12 @@ Depth 6n+2: a 3x3 stem conv (16 channels, BN, ReLU), then three stages of n basi
 16, 32 and 64 channels (``model.base_width`` scales them), the first block of stages 2 and 3
 halving the resolution; then the classifier (average pooling, linear). Shortcuts are option A:
 identity, or subsampling by 2 and zero-padding the new channels, so the network has no
-parameters outside its convolutions, BNs and classifier (ResNet-56: 0.85 M). The layers the
+parameters outside its convolutions, BNs and classifier (ResNet-56: 0.85 M); ``model.shortcut:
+B`` projects instead (1x1 conv with stride, BN), as the InfoPro and GN-DGL code. The layers the
 split counts are the 3n blocks, the stem going with the first: the FDG code's cuts (ResNet-56
-K=2: stem and 13 blocks | 14 blocks) are then ``model.split: even`` or an explicit list.
+K=2: stem and 13 blocks | 14 blocks) are then ``model.split: even`` or an explicit list. With
+``model.stem: own`` the stem is a layer of its own (3n + 1): InfoPro's cuts of ResNet-32
+(K=16: the stem alone, then a block per module) are then ``even``.
 Parameters keep PyTorch's default initialization, as the FDG code (its ``_weights_init`` is
 commented out); ``model.init: he_fan_out`` draws the convs from N(0, 2 / (9 x out channels)) and
 sets BN to 1 and 0, as the DDG code (and the DGL code's ``ddg_comparison/``), classifier untouched.
@@ -33,14 +36,22 @@ class PadShortcut(nn.Module):
         return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
 
 
+def projection(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
+    """Option B: a strided 1x1 conv and BN."""
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels))
+
+
 class BasicBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, stride: int):
+    def __init__(self, in_channels: int, out_channels: int, stride: int, shortcut: str = "A"):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels)
-        self.shortcut = PadShortcut(in_channels, out_channels) if stride != 1 or in_channels != out_channels else nn.Identity()
+        if stride == 1 and in_channels == out_channels:
+            self.shortcut = nn.Identity()
+        else:
+            self.shortcut = PadShortcut(in_channels, out_channels) if shortcut == "A" else projection(in_channels, out_channels, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -62,9 +73,9 @@ class ResNet:
         layers, channels = [], self.widths[0]
         for stage, width in enumerate(self.widths):
             for i in range(self.n):
-                layers.append(BasicBlock(channels, width, 2 if stage > 0 and i == 0 else 1))
+                layers.append(BasicBlock(channels, width, 2 if stage > 0 and i == 0 else 1, self.cfg.get("shortcut", "A")))
                 channels = width
-        layers[0] = nn.Sequential(first, layers[0])
+        layers = with_stem(first, layers, self.cfg)
         if self.cfg.get("init", "pytorch") == "he_fan_out":
             for layer in layers:
                 he_fan_out(layer)
@@ -72,6 +83,13 @@ class ResNet:
 
     def classifier(self, channels: int, num_classes: int) -> nn.Module:
         return PoolLinear(channels, num_classes, self.cfg.get("classifier_pool"))
+
+
+def with_stem(first: nn.Module, blocks: list[nn.Module], model_cfg: dict) -> list[nn.Module]:
+    """The layers a split counts: the stem fused into the first block, or (``model.stem: own``) a layer of its own."""
+    if model_cfg.get("stem", "with_first") == "own":
+        return [first, *blocks]
+    return [nn.Sequential(first, blocks[0]), *blocks[1:]]
 
 
 def he_fan_out(module: nn.Module) -> None:

@@ -58,5 +58,6 @@ def channels(model_cfg: dict) -> list[int]:
         return list(model_cfg["widths"])
     if family == "vgg":
         return [v for v in vgg_config(model_cfg) if v != "M"]
-    _, widths, n = stage_widths(model_cfg)
-    return [w for w in widths for _ in range(n)]
+    base, widths, n = stage_widths(model_cfg)
+    stem = [base] if model_cfg.get("stem", "with_first") == "own" else []
+    return stem + [w for w in widths for _ in range(n)]

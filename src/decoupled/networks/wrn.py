@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from decoupled.networks.heads import PoolLinear
-from decoupled.networks.resnet import stem
+from decoupled.networks.resnet import stem, with_stem
 from decoupled.networks.shapes import stage_widths
 
 
@@ -48,8 +48,7 @@ class WideResNet:
             for i in range(self.n):
                 layers.append(WideBlock(channels, width, 2 if stage > 0 and i == 0 else 1, self.cfg.get("dropout", 0.0)))
                 channels = width
-        layers[0] = nn.Sequential(first, layers[0])
-        return layers
+        return with_stem(first, layers, self.cfg)
 
     def classifier(self, channels: int, num_classes: int) -> nn.Module:
         bn = nn.BatchNorm2d(channels, momentum=self.cfg.get("wrn_final_bn_momentum", 0.9))
