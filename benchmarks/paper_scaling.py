@@ -3,7 +3,7 @@
 For each network (CIFAR-shaped input, 3x32x32, 10 classes) the forward+backward seconds of
 every layer and of the aux head a module ending there gets are measured on one thread
 (``profile.layer_costs``, fp32); ``scaling.estimate_speedup`` then cuts it into K balanced
-modules and simulates the pipeline for K = 2..16, with the boundaries' activations crossing a
+modules and simulates the pipeline for K = 2..16 (at most one block per module), with the boundaries' activations crossing a
 link of ``--bandwidth`` bytes/s and ``--latency`` s, and again over a free link (compute only:
 what the cut alone allows). Speedups are over backprop on one worker; the model is DGL's
 pipeline (forward activations only), aux heads as ``--aux-head``.
@@ -39,6 +39,7 @@ def estimate(arch: str, batch_size: int, aux_head: str, Ks: list[int], bandwidth
     started = time.perf_counter()
     costs = profile.layer_costs(network, IMAGE[0], IMAGE[1], 10, batch_size, repeats=repeats, warmup=1)
     measured_s = time.perf_counter() - started
+    Ks = [K for K in Ks if K <= len(costs.layer_s)]  # WRN-28-10 has 12 blocks
     links = {"link": (bandwidth, latency), "free_link": (float("inf"), 0.0)}
     result = {
         "batch_size": batch_size,

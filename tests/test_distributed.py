@@ -118,12 +118,15 @@ def test_neuron_groups_run_as_workers_of_their_own_and_compute_what_the_simulato
     """GN-DGL, K = 2 modules x G = 2 groups: 4 workers, each training its group's branch and
     head; a module's groups exchange outputs and logits, the next module's gather the groups'
     channels. The same numbers as the simulator's single process."""
-    cfg = config("gn_dgl", "sync", K=2, model={"groups": 2})
+    cfg = config("gn_dgl", "sync", K=2, model={"groups": 2, "eval_ensemble": "layerwise"})
     metrics, output = train(tmp_path, cfg, fashion_subset)
     reference = simulated(cfg, fashion_subset)
     for ours, theirs in zip(metrics["epochs"], reference["epochs"], strict=True):
         assert ours["train_loss_per_module"] == pytest.approx(theirs["train_loss_per_module"], rel=1e-5)
         assert ours["test_acc_per_module"] == pytest.approx(theirs["test_acc_per_module"], abs=1e-9)
+        # the GN-DGL code's layerwise ensemble, gathered from the workers' shares of the test set
+        assert ours["test_acc"] == pytest.approx(theirs["test_acc"], abs=1e-9)
+        assert ours["test_acc_classifier"] == ours["test_acc_per_module"][-1] != ours["test_acc"]
     last = metrics["epochs"][-1]
     assert last["steps_per_module"] == [2000 // 50] * 2
     assert metrics["compute"]["workers"] == 4 and len(metrics["compute"]["macs_per_worker"]) == 4

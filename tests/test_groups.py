@@ -1,6 +1,7 @@
 """GN-DGL: modules split width-wise into neuron groups, each with its own loss and optimizer."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -131,7 +132,7 @@ def test_groups_are_a_gn_dgl_setting_and_a_grid_axis():
     job = grid.job_config(config.validate(cfg), grid.RunKey("gn_dgl", "sync", 3, 0, "G4"))
     assert job["model"]["groups"] == 4 and job["run"]["varied"] == ["groups"]
     assert "groups" not in grid.job_config(config.validate(cfg), grid.RunKey("dgl", "sync", 3, 0))["model"]
-    with pytest.raises(UserError, match=r"model.groups': 3 groups must divide every width of model.widths \[8, 16, 16\]"):
+    with pytest.raises(UserError, match=r"model.groups': 3 groups must divide every layer's width \[8, 16, 16\]"):
         grid.runs({**cfg, "grid": {"methods": ["gn_dgl"], "groups": [3]}})
 
 
@@ -166,3 +167,103 @@ def test_the_distributed_engine_runs_groups_as_workers_in_sync_mode_only():
     del cfg["model"]["quantize"]
     (key,) = grid.runs(cfg)
     assert engines.of(cfg).process_count(grid.job_config(config.validate(cfg), key)) == 3 * 2
+
+
+RESNET = {"arch": "resnet32", "stem": "own", "shortcut": "B", "aux_head": "1c2f", "aux_pool": 2, "aux_hidden": 16}
+
+
+def test_a_grouped_resnet_is_the_gn_dgl_codes_grouped_resnet():
+    """ResNet-32 K=4 G=2 (GN-DGL's cuts: 4 of the stem + 15 blocks per module). Inside a module
+    every conv is 1/G wide on the group's own channels, but a module's first block reads the
+    whole input (dense conv1; its identity shortcut is the group's own channels); the
+    stage-changing projection is grouped inside a module."""
+    torch.manual_seed(0)
+    net = model.build({**RESNET, "groups": 2}, 4, 3, 10)
+    first, later = net.blocks[1].branches[1][0], net.blocks[1].branches[1][2]  # stage 1 block 3 | stage 2 block 0
+    assert (first.conv1.in_channels, first.conv1.out_channels) == (16, 8)
+    assert first.shortcut(torch.arange(16.0).view(1, 16, 1, 1)).flatten().tolist() == list(range(8, 16))
+    assert (later.conv1.in_channels, later.conv1.out_channels, later.conv1.stride) == (8, 16, (2, 2))
+    assert (later.shortcut[0].in_channels, later.shortcut[0].out_channels, later.shortcut[0].stride) == (8, 16, (2, 2))
+    stem = net.blocks[0].branches[0][0]
+    assert (stem[0].in_channels, stem[0].out_channels) == (3, 8)  # module 0's groups split the stem by channel
+    head = net.heads[1].group_heads[0]  # 1c2f on the whole 32 channels (detached others)
+    assert [(m.in_channels, m.out_channels, m.stride) for m in head.modules() if isinstance(m, torch.nn.Conv2d)] == [(32, 64, (2, 2))]
+    assert [(m.in_features, m.out_features) for m in head.modules() if isinstance(m, torch.nn.Linear)] == [(64, 16), (16, 10)]
+    assert isinstance(net.heads[-1].final[0], torch.nn.Conv2d)  # the classifier has the aux heads' form, as the code's head
+
+    net.eval()
+    x = torch.randn(2, 3, 32, 32)
+    before = [h.detach() for h in outputs_per_module(net, x)]
+    with torch.no_grad():
+        for p in net.blocks[1].branches[1].parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    after = outputs_per_module(net, x)
+    assert torch.equal(before[0], after[0])
+    assert ((after[1] - before[1]).abs().amax((0, 2, 3)) > 0).tolist() == [False] * 16 + [True] * 16
+    assert ((after[2] - before[2]).abs().amax((0, 2, 3)) > 0).all()  # module 2's first conv sees every group
+
+
+def test_a_grouped_resnets_group_loss_reaches_only_its_own_weights_and_it_learns():
+    cfg = config.validate({"experiment": "g", "model": {**RESNET, "arch": "resnet8", "base_width": 8, "groups": 2}, "train": {"lr": 0.05}, "grid": {"methods": ["gn_dgl"]}})
+    torch.manual_seed(0)
+    net = model.build(cfg["model"], 2, 1, 10)
+    x, y = data(8)
+    logits = net.heads[0].group_logits(net.blocks[0](x))
+    F.cross_entropy(logits[1], y).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.blocks[0].branches[1].parameters())
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in net.blocks[0].branches[0].parameters())
+    net.zero_grad(set_to_none=True)
+    method = methods.get("gn_dgl")(net, cfg["train"], total_steps=48)
+    engine, stats = train(net, method, epochs=4)
+    assert engine.evaluate(net, *data(160, seed=1), 80)["test_acc"] > 0.7  # two classes
+
+
+def test_groups_need_a_cnn_or_a_resnet_with_projections():
+    for arch, shortcut, message in (("vgg11", "A", "built for model.arch cnn and resnet only, not vgg11"), ("resnet20", "A", "set model.shortcut B")):
+        cfg = config.validate({"experiment": "e", "model": {"arch": arch, "shortcut": shortcut, "groups": 2}, "grid": {"methods": ["gn_dgl"], "K": [2]}})
+        with pytest.raises(UserError, match=f"config key 'model.groups': .*{message}"):
+            grid.job_config(cfg, grid.runs(cfg)[0])
+
+
+def _rig(head: torch.nn.Module, scores: list[float]) -> None:
+    """Make a head (its last layer a Linear) output ``scores`` whatever it reads."""
+    last = [m for m in head.modules() if isinstance(m, torch.nn.Linear)][-1]
+    torch.nn.init.zeros_(last.weight)
+    with torch.no_grad():
+        last.bias.copy_(torch.tensor(scores))
+
+
+def test_the_layerwise_ensemble_weighs_later_entries_double():
+    """K=2, G=2: the entries are module 0's group softmax mean, module 1's, then the classifier's,
+    weighted 1/7, 2/7, 4/7 (the GN-DGL code's --ensemble-type layerwise)."""
+    torch.manual_seed(0)
+    net = model.build({**RESNET, "arch": "resnet8", "base_width": 8, "groups": 2, "eval_ensemble": "layerwise"}, 2, 1, 10).eval()
+    sure = lambda c: [30.0 if i == c else 0.0 for i in range(10)]  # noqa: E731
+    for k in (0, 1):
+        for head in net.heads[k].group_heads:
+            _rig(head, sure(0))
+    _rig(net.heads[1].final, sure(1))
+    x, _ = data(6)
+    # class 1 (4/7) beats class 0 (1/7 + 2/7): equal or reversed weights would pick class 0
+    assert net.layerwise_ensemble(x).argmax(1).tolist() == [1] * 6
+    # a hesitant classifier (class 1 at 23 %) is outvoted by the confident group heads
+    _rig(net.heads[1].final, [1.0 if i == 1 else 0.0 for i in range(10)])
+    assert net.layerwise_ensemble(x).argmax(1).tolist() == [0] * 6
+    from decoupled.evaluate import evaluate
+
+    result = evaluate(net, x, torch.zeros(6, dtype=torch.long), 4)
+    assert result["test_acc"] == 1.0 and result["test_acc_classifier"] == 0.0 == result["test_acc_per_module"][-1]
+    net.ensemble = "none"
+    assert evaluate(net, x, torch.zeros(6, dtype=torch.long), 4)["test_acc"] == 0.0
+
+
+def test_a_grouped_resnets_he_init_is_drawn_for_the_whole_layer_as_the_codes_grouped_convs():
+    """The GN-DGL code's grouped conv is one layer of C output channels: N(0, 2 / (9 C)). Ours are G
+    convs of C/G channels each, drawn with the same variance; its 1c2f heads' convs He-drawn too."""
+    torch.manual_seed(0)
+    net = model.build({**RESNET, "base_width": 32, "init": "he_fan_out", "groups": 4}, 2, 3, 10)
+    stage3 = [branch[-1].conv2.weight for branch in net.blocks[1].branches]  # the last block: 128 channels, 32 a group
+    assert stage3[0].shape[0] == 32
+    assert torch.cat(stage3).std().item() == pytest.approx(math.sqrt(2 / (9 * 128)), rel=0.02)
+    head_conv = net.heads[0].group_heads[0][0]  # 1c2f on module 0's 64 channels: 128 out
+    assert head_conv.weight.std().item() == pytest.approx(math.sqrt(2 / (9 * 128)), rel=0.05)

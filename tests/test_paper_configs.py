@@ -48,7 +48,7 @@ def test_a_dry_run_plans_every_training_job_and_the_reproduction_table(tmp_path,
 
 
 def runs(rows):
-    return pd.DataFrame([{"varied": [], "epochs": 2, "time_s": 10.0, **row} for row in rows])
+    return pd.DataFrame([{"varied": [], "variant": "default", "epochs": 2, "time_s": 10.0, **row} for row in rows])
 
 
 def test_the_reproduction_table_sets_ours_beside_theirs_and_never_invents_a_number(tmp_path):
@@ -57,9 +57,10 @@ def test_the_reproduction_table_sets_ours_beside_theirs_and_never_invents_a_numb
         {"paper": "P", "table": "T", "method": "fdg", "K": 4, "metric": "test_error_pct", "value": 6.14},
         {"paper": "P", "table": "T", "method": "dgl", "K": 2, "metric": "s_per_epoch", "value": 4.0},
         {"paper": "P", "table": "T", "method": "fdg", "K": 3, "metric": "test_error_pct", "value": 6.08},
+        {"paper": "P", "table": "T", "method": "fdg", "K": 2, "variant": "beta0.7", "metric": "test_error_pct", "value": 5.0},
     ]
     df = runs([{"method": "fdg", "K": 2, "test_acc": 0.93}, {"method": "fdg", "K": 2, "test_acc": 0.95},
-               {"method": "fdg", "K": 2, "test_acc": 0.5, "varied": ["beta"]},  # not a reference run
+               {"method": "fdg", "K": 2, "test_acc": 0.5, "varied": ["beta"], "variant": "beta0.7"},  # not a reference run
                {"method": "dgl", "K": 2, "test_acc": 0.9},
                {"method": "fdg", "K": 3, "test_acc": 0.92, "varied": ["K"]}])  # K swept: counts at its K
     table = tables.paper_vs_ours(df, published, reduced_run=True)
@@ -67,7 +68,8 @@ def test_the_reproduction_table_sets_ours_beside_theirs_and_never_invents_a_numb
     assert math.isnan(table["ours_mean"][1]) and table["seeds"][1] == 0  # no run of K=4
     assert table["ours_mean"][2] == pytest.approx(5.0)  # 10 s over 2 epochs
     assert table["ours_mean"][3] == pytest.approx(8.0) and table["seeds"][3] == 1
+    assert table["ours_mean"][4] == pytest.approx(50.0) and table["seeds"][4] == 1  # its variant's run, only
     assert set(table["run"]) == {"reduced run"}
     md = (tables.write_paper_vs_ours(table, tmp_path)[1]).read_text()
     assert "not yet run" in md and "6.00 ± 1.41" in md and "+0.10" in md
-    assert pd.read_csv(tmp_path / "paper_vs_ours.csv")["published"].tolist() == [5.9, 6.14, 4.0, 6.08]
+    assert pd.read_csv(tmp_path / "paper_vs_ours.csv")["published"].tolist() == [5.9, 6.14, 4.0, 6.08, 5.0]

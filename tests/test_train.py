@@ -80,6 +80,29 @@ def test_a_module_done_before_an_epoch_has_no_loss_in_it(fashion_subset):
     assert epochs[1]["train_loss"] is None and epochs[1]["train_loss_per_module"][0] is not None
 
 
+def test_a_milestone_restart_clears_the_momentum_as_new_optimizers_would():
+    from decoupled.optim import make_optimizer
+
+    # the DGL code's ddg_comparison/ builds new SGD optimizers at its milestones
+    cfg = {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0, "lr_schedule": "multistep", "lr_milestones": [2], "lr_gamma": 0.1, "epochs": 4}
+    moves = {}
+    for restart in (False, True):
+        weight = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+        optimizer, scheduler = make_optimizer([weight], {**cfg, "lr_milestone_restart": restart}, total_steps=40)
+        steps = []
+        for _ in range(40):
+            before = weight.item()
+            weight.grad = torch.ones(1, dtype=torch.float64)  # a constant gradient: the step is lr x the momentum buffer
+            optimizer.step()
+            scheduler.step()
+            steps.append(before - weight.item())
+        moves[restart] = steps
+    # the first step after the milestone: the buffer restarts at the gradient, or keeps 1 + 0.9 + ... + 0.9^20
+    assert moves[True][20] == pytest.approx(0.01, rel=1e-5)
+    assert moves[False][20] == pytest.approx(0.01 * (1 - 0.9**21) / 0.1, rel=1e-5)
+    assert moves[True][:20] == pytest.approx(moves[False][:20])
+
+
 def test_the_warm_up_blends_a_small_lr_into_the_schedule():
     from decoupled.optim import make_optimizer
 

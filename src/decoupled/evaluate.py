@@ -10,17 +10,25 @@ from decoupled.model import SplitNet
 
 @torch.no_grad()
 def evaluate(net: SplitNet, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> dict:
-    """``test_acc_per_module[k]`` is head k's accuracy; the last one is the network's output."""
+    """``test_acc_per_module[k]`` is head k's accuracy; the last one is the network's output,
+    which ``test_acc`` is, unless ``model.eval_ensemble`` (``net.ensemble``) is ``layerwise``:
+    then ``test_acc`` is that ensemble's and ``test_acc_classifier`` the network's output's."""
     was_training = net.training
     net.eval()
     device = next(net.parameters()).device
     correct = torch.zeros(net.K, dtype=torch.long, device=device)
+    ensemble_correct = torch.zeros((), dtype=torch.long, device=device)
     final_loss = 0.0
     for start in range(0, len(x), batch_size):
         xb, yb = x[start : start + batch_size].to(device), y[start : start + batch_size].to(device)
         logits = net.forward_all_heads(xb)
         correct += torch.stack([(out.argmax(1) == yb).sum() for out in logits])
         final_loss += F.cross_entropy(logits[-1], yb, reduction="sum").item()
+        if net.ensemble == "layerwise":
+            ensemble_correct += (net.layerwise_ensemble(xb).argmax(1) == yb).sum()
     net.train(was_training)
     per_module = (correct.double() / len(x)).tolist()
-    return {"test_acc": per_module[-1], "test_acc_per_module": per_module, "test_loss": final_loss / len(x), "n_test": len(x)}
+    result = {"test_acc": per_module[-1], "test_acc_per_module": per_module, "test_loss": final_loss / len(x), "n_test": len(x)}
+    if net.ensemble == "layerwise":
+        result.update(test_acc=ensemble_correct.item() / len(x), test_acc_classifier=per_module[-1])
+    return result

@@ -264,10 +264,13 @@ def _check_groups_and_quantize(job: dict[str, Any], key: RunKey) -> None:
     model = job["model"]
     widths = _layer_channels(model)
     grouped = "model.groups" in methods.traits(key.method).reads and model["groups"] > 1
-    if grouped and model["arch"] != "cnn":
-        raise UserError(f"config key 'model.groups': neuron groups are built for model.arch cnn only, not {model['arch']} (job {key.name})")
+    family = model["arch"].rstrip("0123456789_")
+    if grouped and family not in ("cnn", "resnet"):
+        raise UserError(f"config key 'model.groups': neuron groups are built for model.arch cnn and resnet only, not {model['arch']} (job {key.name})")
+    if grouped and family == "resnet" and model["shortcut"] != "B":
+        raise UserError(f"config key 'model.groups': a grouped ResNet projects its shortcuts: set model.shortcut B, as the GN-DGL code (job {key.name})")
     if grouped and any(w % model["groups"] for w in widths):
-        raise UserError(f"config key 'model.groups': {model['groups']} groups must divide every width of model.widths {widths} (job {key.name})")
+        raise UserError(f"config key 'model.groups': {model['groups']} groups must divide every layer's width {widths} (job {key.name})")
     spec = engines.of(job)
     if grouped and spec.processes == "per_module" and key.mode != spec.group_workers:
         raise UserError(f"job {key.name}: engine '{job['engine']}' runs a module's neuron groups (model.groups) as workers of their own in {spec.group_workers} mode only")

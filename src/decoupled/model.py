@@ -25,7 +25,8 @@ from torch import nn
 
 from decoupled.networks import archs, shapes
 from decoupled.networks.cnn import conv_layer
-from decoupled.networks.heads import AuxHead, ConvAuxHead, DGLAuxHead
+from decoupled.networks.heads import AuxHead, ConvAuxHead, DGLAuxHead, StridedConvHead
+from decoupled.networks.resnet import he_fan_out
 
 
 def split_layers(n_layers: int, K: int) -> list[int]:
@@ -82,8 +83,9 @@ class GroupHeads(nn.Module):
 
 
 class SplitNet(nn.Module):
-    def __init__(self, blocks: list[nn.Module], heads: list[nn.Module], quantizers: list[nn.Module] | None = None):
+    def __init__(self, blocks: list[nn.Module], heads: list[nn.Module], quantizers: list[nn.Module] | None = None, ensemble: str = "none"):
         super().__init__()
+        self.ensemble = ensemble  # model.eval_ensemble: what ``evaluate`` reports as the test accuracy
         assert len(blocks) == len(heads)
         self.blocks = nn.ModuleList(blocks)
         self.heads = nn.ModuleList(heads)
@@ -114,6 +116,26 @@ class SplitNet(nn.Module):
             if k < self.K - 1:
                 x = self.quantizers[k](x)
         return logits if heads else logits[-1]
+
+    @torch.no_grad()
+    def layerwise_ensemble(self, x: torch.Tensor) -> torch.Tensor:
+        """Class probabilities of the GN-DGL code's ``--ensemble-type layerwise``: its entries are
+        each module's softmax (the mean of its group heads'), then, where the last module's heads
+        and the classifier differ (groups), the classifier's; entry i of L weighs 2^i / (2^L - 1)."""
+        entries = []
+        for k, block in enumerate(self.blocks):
+            x = block(x)
+            head = self.heads[k]
+            if isinstance(head, GroupHeads):
+                entries.append(torch.stack([torch.softmax(z, 1) for z in head.group_logits(x)]).mean(0))
+                if head.final is not None:
+                    entries.append(torch.softmax(head.final(x), 1))
+            else:
+                entries.append(torch.softmax(head(x), 1))
+            if k < self.K - 1:
+                x = self.quantizers[k](x)
+        weights = [2.0**i / (2 ** len(entries) - 1) for i in range(len(entries))]
+        return sum(w * p for w, p in zip(weights, entries)) / len(entries)
 
 
 def configured_counts(model_cfg: dict, K: int) -> list[int]:
@@ -152,10 +174,12 @@ def build(model_cfg: dict, K: int, in_channels: int, num_classes: int, counts: l
     """
     counts = configured_counts(model_cfg, K) if counts is None else check_counts(counts, n_layers(model_cfg), K)
     G = model_cfg.get("groups", 1)
-    if G > 1 and model_cfg.get("arch", "cnn") != "cnn":
-        raise ValueError(f"model.groups {G}: neuron groups are built for model.arch cnn only, not {model_cfg['arch']!r}")
+    if G > 1 and shapes.parse(model_cfg)[0] not in ("cnn", "resnet"):
+        raise ValueError(f"model.groups {G}: neuron groups are built for model.arch cnn and resnet only, not {model_cfg['arch']!r}")
+    if G > 1 and shapes.parse(model_cfg)[0] == "resnet" and model_cfg.get("shortcut", "A") != "B":
+        raise ValueError(f"model.groups {G}: grouped ResNets project their shortcuts (model.shortcut B, as the GN-DGL code)")
     blocks, heads = _grouped(model_cfg, counts, in_channels, num_classes, G) if G > 1 else _plain(model_cfg, counts, in_channels, num_classes)
-    return SplitNet(blocks, heads, _quantizers(model_cfg, counts))
+    return SplitNet(blocks, heads, _quantizers(model_cfg, counts), model_cfg.get("eval_ensemble", "none"))
 
 
 def _plain(model_cfg: dict, counts: list[int], in_channels: int, num_classes: int) -> tuple[list, list]:
@@ -177,35 +201,48 @@ def _head(model_cfg: dict, channels: int, num_classes: int, last: bool, hidden: 
         return ConvAuxHead(channels, num_classes, model_cfg.get("kernel_size", 3))
     if kind == "dgl":
         return DGLAuxHead(channels, num_classes, model_cfg.get("aux_nlin", 3), model_cfg.get("aux_mlp_layers", 3))
+    if kind == "1c2f":
+        head = StridedConvHead(channels, num_classes, model_cfg["aux_hidden"] if hidden is None else hidden)
+        if model_cfg.get("init", "pytorch") == "he_fan_out":  # the InfoPro and GN-DGL code draw their aux nets' convs as the network's
+            he_fan_out(head)
+        return head
     return AuxHead(channels, num_classes, model_cfg["aux_pool"], model_cfg["aux_hidden"] if hidden is None else hidden)
 
 
 def _grouped(model_cfg: dict, counts: list[int], in_channels: int, num_classes: int, G: int) -> tuple[list, list]:
     """GN-DGL's modules: G branches each, one aux head per group (see the module docstring)."""
-    widths, K = model_cfg["widths"], len(counts)
+    widths, K = layer_channels(model_cfg), len(counts)
     if any(w % G for w in widths):
-        raise ValueError(f"model.groups {G} does not divide every width of model.widths {widths}")
-    pools = model_cfg.get("pools") or [None] * len(widths)
-    kernel, detach = model_cfg.get("kernel_size", 3), model_cfg.get("group_detach", True)
+        raise ValueError(f"model.groups {G} does not divide every width {widths} of the layers")
+    resnet = archs.of(model_cfg) if shapes.parse(model_cfg)[0] == "resnet" else None
+    detach = model_cfg.get("group_detach", True)
     blocks, heads, start, channels = [], [], 0, in_channels
     for k, count in enumerate(counts):
         mine = range(start, start + count)
-        branches = []
-        for _ in range(G):
-            layers, seen = [], channels  # the module's first conv sees every group's output
-            for i in mine:
-                layers.append(conv_layer(seen, widths[i] // G, kernel, pools[i]))
-                seen = widths[i] // G
-            branches.append(nn.Sequential(*layers))
+        if resnet is not None:
+            branches = [resnet.group_branch(channels, mine, G, g) for g in range(G)]
+        else:
+            branches = [_cnn_group_branch(model_cfg, channels, mine, G) for _ in range(G)]
         blocks.append(GroupedModule(branches))
         channels = widths[start + count - 1]
         start += count
         # detached: head g reads the whole width (the code's 128 features); else its channels (128/G)
         hidden = model_cfg["aux_hidden"] if detach else model_cfg["aux_hidden"] // G
         group_heads = [_head(model_cfg, channels if detach else channels // G, num_classes, last=False, hidden=hidden) for _ in range(G)]
-        final = _head(model_cfg, channels, num_classes, last=True) if k == K - 1 else None
+        # the classifier: the CNN's; a ResNet's is its aux heads' form, as the GN-DGL code's head
+        final = _head(model_cfg, channels, num_classes, last=resnet is None) if k == K - 1 else None
         heads.append(GroupHeads(group_heads, detach, final))
     return blocks, heads
+
+
+def _cnn_group_branch(model_cfg: dict, channels: int, mine: range, G: int) -> nn.Sequential:
+    """One group's layers ``mine`` of the CNN: its first conv sees every group's output."""
+    widths, pools = model_cfg["widths"], model_cfg.get("pools") or [None] * len(model_cfg["widths"])
+    layers, seen = [], channels
+    for i in mine:
+        layers.append(conv_layer(seen, widths[i] // G, model_cfg.get("kernel_size", 3), pools[i]))
+        seen = widths[i] // G
+    return nn.Sequential(*layers)
 
 
 def quantize_settings(model_cfg: dict, K: int) -> list[dict | None]:

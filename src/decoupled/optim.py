@@ -34,4 +34,20 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], train_cfg: dict, total_
         # InfoPro's warm-up: a linear blend of a small constant lr into the schedule's, not a ramp from 0
         start, schedule = train_cfg.get("lr_warmup_start", 0.01) / train_cfg["lr"], factor
         factor = lambda step: schedule(step) if step >= warmup_steps else (step / warmup_steps) * schedule(step) + (1 - step / warmup_steps) * start  # noqa: E731
+    if train_cfg["lr_schedule"] == "multistep" and train_cfg.get("lr_milestone_restart", False):
+        return optimizer, RestartAtMilestones(optimizer, factor, milestones)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class RestartAtMilestones(torch.optim.lr_scheduler.LambdaLR):
+    """The schedule, and the optimizer's state (momentum) cleared at each milestone step: the DGL
+    code builds new optimizers at its milestones (``train.lr_milestone_restart``)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, factor, milestone_steps: list[int]):
+        self.milestone_steps = list(milestone_steps)
+        super().__init__(optimizer, factor)
+
+    def step(self) -> None:
+        super().step()
+        if self.last_epoch in self.milestone_steps:
+            self.optimizer.state.clear()

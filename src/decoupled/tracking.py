@@ -365,7 +365,7 @@ def _stored_run(client, experiment: dict[str, str], run_id: str):
 # An epoch record (train.fit's) as MLflow metrics, logged once per epoch (step = epoch).
 def epoch_metrics(record: dict) -> dict[str, float]:
     """The flat per-epoch metrics of an epoch record: per-module lists become ``name_m{k}``."""
-    flat = {k: record[k] for k in ("train_loss", "test_acc", "epoch_time_s", "wall_time_s", "images_per_s", "sim_time_s", "bytes_per_image") if record.get(k) is not None}
+    flat = {k: record[k] for k in ("train_loss", "test_acc", "test_acc_classifier", "epoch_time_s", "wall_time_s", "images_per_s", "sim_time_s", "bytes_per_image") if record.get(k) is not None}
     for k, loss in enumerate(record["train_loss_per_module"]):
         if loss is not None:
             flat[f"train_loss_m{k}"] = loss

@@ -184,6 +184,7 @@ def _epoch_record(epoch: int, stats: dict, ev: dict, wall: float) -> dict:
         "train_loss_per_module": losses,
         "test_acc": ev["test_acc"],
         "test_acc_per_module": ev["test_acc_per_module"],
+        **({"test_acc_classifier": ev["test_acc_classifier"]} if "test_acc_classifier" in ev else {}),
         "epoch_time_s": stats["seconds"],
         "wall_time_s": wall,
         "images_per_s": stats["images"] / stats["seconds"],

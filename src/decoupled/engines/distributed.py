@@ -457,7 +457,10 @@ class DistributedEngine(Engine):
         n = sum(p["n_test"] for p in parts)
         per_module = [sum(round(p["test_acc_per_module"][m] * p["n_test"]) for p in parts) / n for m in range(net.K)]
         loss = sum(p["test_loss"] * p["n_test"] for p in parts) / n
-        return {"test_acc": per_module[-1], "test_acc_per_module": per_module, "test_loss": loss, "n_test": n}
+        result = {"test_acc": per_module[-1], "test_acc_per_module": per_module, "test_loss": loss, "n_test": n}
+        if "test_acc_classifier" in part:  # model.eval_ensemble: test_acc is the ensemble's
+            result.update(test_acc=sum(round(p["test_acc"] * p["n_test"]) for p in parts) / n, test_acc_classifier=per_module[-1])
+        return result
 
     def checkpoint_state(self) -> dict:
         """Each worker's method state (its module's optimizer, pending state) and engine state, on worker 0.

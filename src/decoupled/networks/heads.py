@@ -65,3 +65,15 @@ class DGLAuxHead(nn.Module):
         out = nn.functional.adaptive_avg_pool2d(x, quarter)
         out = nn.functional.adaptive_avg_pool2d(self.convs(out), 2)
         return self.classifier(self.bn(out).flatten(1))
+
+
+class StridedConvHead(nn.Sequential):
+    """InfoPro's aux classifier ``1c2f`` (its code's ``AuxClassifier``, cross-entropy mode), which
+    the GN-DGL code uses for its aux heads and its classifier: a 3x3 conv of stride 2 doubling the
+    channels (no bias), BN, ReLU, global average pooling, a linear layer to ``hidden`` units, ReLU,
+    and a linear layer to the classes."""
+
+    def __init__(self, channels: int, num_classes: int, hidden: int):
+        super().__init__(nn.Conv2d(channels, 2 * channels, 3, 2, 1, bias=False), nn.BatchNorm2d(2 * channels), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * channels, hidden), nn.ReLU(inplace=True),
+                         nn.Linear(hidden, num_classes))

@@ -17,6 +17,8 @@ sets BN to 1 and 0, as the DDG code (and the DGL code's ``ddg_comparison/``), cl
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -41,14 +43,27 @@ def projection(in_channels: int, out_channels: int, stride: int) -> nn.Sequentia
     return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels))
 
 
+class OwnChannels(nn.Module):
+    """The identity shortcut of one neuron group: its own ``width`` channels of a whole input."""
+
+    def __init__(self, group: int, width: int):
+        super().__init__()
+        self.start, self.width = group * width, width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, self.start : self.start + self.width]
+
+
 class BasicBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, stride: int, shortcut: str = "A"):
+    def __init__(self, in_channels: int, out_channels: int, stride: int, shortcut: str | nn.Module = "A"):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels)
-        if stride == 1 and in_channels == out_channels:
+        if isinstance(shortcut, nn.Module):
+            self.shortcut = shortcut
+        elif stride == 1 and in_channels == out_channels:
             self.shortcut = nn.Identity()
         else:
             self.shortcut = PadShortcut(in_channels, out_channels) if shortcut == "A" else projection(in_channels, out_channels, stride)
@@ -84,6 +99,37 @@ class ResNet:
     def classifier(self, channels: int, num_classes: int) -> nn.Module:
         return PoolLinear(channels, num_classes, self.cfg.get("classifier_pool"))
 
+    def group_branch(self, in_channels: int, units: range, G: int, g: int) -> nn.Sequential:
+        """Neuron group g of G of the layers ``units`` (GN-DGL, as its code's grouped ResNet):
+        every conv at 1/G of the width, the first one reading the module's whole input (the
+        stem, or the first block's conv1 and, where the shape changes, its projection; its identity
+        shortcut is the group's own channels), the later ones only the group's own channels.
+        Needs ``model.shortcut: B``. Unit 0 is the stem (with the first block unless ``model.stem:
+        own``), so module 0's groups each own 1/G of the stem's channels."""
+        parts = [("stem", in_channels, self.widths[0], 1)]  # the layers' parts in order: kind, in, out, stride
+        channels = self.widths[0]
+        for stage, width in enumerate(self.widths):
+            for i in range(self.n):
+                parts.append(("block", channels, width, 2 if stage > 0 and i == 0 else 1))
+                channels = width
+        own_stem = self.cfg.get("stem", "with_first") == "own"
+        unit_of = [0] + [j + (1 if own_stem else 0) for j in range(len(parts) - 1)]  # part -> the unit a split counts
+        mine = [part for part, unit in zip(parts, unit_of) if unit in units]
+        layers = []
+        for i, (kind, cin, cout, stride) in enumerate(mine):
+            seen = cin if i == 0 else cin // G  # what this part reads: the module's whole input, or its group's
+            if kind == "stem":
+                layers.append(stem(seen, cout // G))
+            elif i == 0:
+                shortcut = OwnChannels(g, cout // G) if stride == 1 and cin == cout else projection(cin, cout // G, stride)
+                layers.append(BasicBlock(seen, cout // G, stride, shortcut))
+            else:
+                layers.append(BasicBlock(seen, cout // G, stride, "B"))
+        branch = nn.Sequential(*layers)
+        if self.cfg.get("init", "pytorch") == "he_fan_out":
+            he_fan_out(branch, groups=G)
+        return branch
+
 
 def with_stem(first: nn.Module, blocks: list[nn.Module], model_cfg: dict) -> list[nn.Module]:
     """The layers a split counts: the stem fused into the first block, or (``model.stem: own``) a layer of its own."""
@@ -92,10 +138,12 @@ def with_stem(first: nn.Module, blocks: list[nn.Module], model_cfg: dict) -> lis
     return [nn.Sequential(first, blocks[0]), *blocks[1:]]
 
 
-def he_fan_out(module: nn.Module) -> None:
+def he_fan_out(module: nn.Module, groups: int = 1) -> None:
+    """Convs from N(0, 2 / (k x k x out channels x ``groups``)), BN to 1 and 0. ``groups``: each conv is
+    one neuron group's 1/G of a layer, drawn as the whole layer is (the GN-DGL code's grouped convs)."""
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels * groups)))
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)

@@ -282,14 +282,15 @@ _METRICS = {
 
 def paper_vs_ours(runs_df: pd.DataFrame, published: list[dict], reduced_run: bool) -> pd.DataFrame:
     """One row per published number (``report.published``): paper, table, setting, method, K,
-    metric, published, then ours over the runs of that method and K that vary no other axis (ours_mean,
-    ours_std, seeds; NaN and 0 seeds where none ran), gap (ours_mean - published) and run
-    ("reduced run" for a ``*_cpu.yaml`` config, else "full")."""
+    metric, published, then ours over the runs of that method and K that vary no other axis, or
+    are of the entry's ``variant`` (ours_mean, ours_std, seeds; NaN and 0 seeds where none ran),
+    gap (ours_mean - published) and run ("reduced run" for a ``*_cpu.yaml`` config, else "full")."""
     # A published number names its K, so runs swept over K count; any other swept axis does not.
     ref = runs_df[runs_df["varied"].map(lambda varied: set(varied) <= {"K"})] if len(runs_df) else runs_df
     rows = []
     for entry in published:
-        runs = ref[(ref["method"] == entry["method"]) & (ref["K"] == entry["K"])] if len(ref) else ref
+        pool = ref if entry.get("variant") is None or not len(runs_df) else runs_df[runs_df["variant"] == entry["variant"]]
+        runs = pool[(pool["method"] == entry["method"]) & (pool["K"] == entry["K"])] if len(pool) else pool
         values = _METRICS[entry["metric"]](runs) if len(runs) else pd.Series([], dtype=float)
         mean = float(values.mean()) if len(values) else math.nan
         rows.append({
