@@ -281,7 +281,7 @@ def _check_groups_and_quantize(job: dict[str, Any], key: RunKey) -> None:
         raise UserError(f"config key 'model.quantize': {len(quantize)} entries, but K={key.K} modules have {key.K - 1} boundaries (job {key.name})")
     # the widths at the boundaries (a balanced split is measured later: then any width may be one)
     split = model["split"]
-    counts = split if isinstance(split, list) else None if split == "balanced" else _even(len(widths), key.K)
+    counts = split if isinstance(split, list) else None if split == "balanced" else shapes.split_layers(len(widths), key.K)
     boundary_widths = [widths[sum(counts[: k + 1]) - 1] for k in range(key.K - 1)] if counts else widths[:-1]
     for k, q in enumerate(quantize if isinstance(quantize, list) else [quantize] * (key.K - 1)):
         width = boundary_widths[k] if counts else None
@@ -294,11 +294,6 @@ def _layer_channels(model_cfg: dict[str, Any]) -> list[int]:
         return shapes.channels(model_cfg)
     except ValueError as e:
         raise UserError(f"config key 'model.arch': {e}") from None
-
-
-def _even(n_layers: int, K: int) -> list[int]:
-    base, extra = divmod(n_layers, K)
-    return [base + (1 if k >= K - extra else 0) for k in range(K)]
 
 
 def job_threads(job: dict[str, Any]) -> int:

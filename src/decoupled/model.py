@@ -27,14 +27,7 @@ from decoupled.networks import archs, shapes
 from decoupled.networks.cnn import conv_layer
 from decoupled.networks.heads import AuxHead, ConvAuxHead, DGLAuxHead, StridedConvHead
 from decoupled.networks.resnet import he_fan_out
-
-
-def split_layers(n_layers: int, K: int) -> list[int]:
-    """How many layers each of the K modules gets: as even as possible, the extra ones to the last modules."""
-    if not 1 <= K <= n_layers:
-        raise ValueError(f"cannot cut {n_layers} layers into K={K} modules")
-    base, extra = divmod(n_layers, K)
-    return [base + (1 if k >= K - extra else 0) for k in range(K)]
+from decoupled.networks.shapes import split_layers
 
 
 class GroupedModule(nn.Module):

@@ -455,11 +455,15 @@ class DistributedEngine(Engine):
         parts = [None] * self.world
         self._together("gathering the evaluation", dist.all_gather_object, parts, part, group=self.everyone)
         n = sum(p["n_test"] for p in parts)
-        per_module = [sum(round(p["test_acc_per_module"][m] * p["n_test"]) for p in parts) / n for m in range(net.K)]
+
+        def pooled(accuracy) -> float:  # the images right over all workers' shares, of all images
+            return sum(round(accuracy(p) * p["n_test"]) for p in parts) / n
+
+        per_module = [pooled(lambda p: p["test_acc_per_module"][m]) for m in range(net.K)]
         loss = sum(p["test_loss"] * p["n_test"] for p in parts) / n
-        result = {"test_acc": per_module[-1], "test_acc_per_module": per_module, "test_loss": loss, "n_test": n}
+        result = {"test_acc": pooled(lambda p: p["test_acc"]), "test_acc_per_module": per_module, "test_loss": loss, "n_test": n}
         if "test_acc_classifier" in part:  # model.eval_ensemble: test_acc is the ensemble's
-            result.update(test_acc=sum(round(p["test_acc"] * p["n_test"]) for p in parts) / n, test_acc_classifier=per_module[-1])
+            result["test_acc_classifier"] = per_module[-1]
         return result
 
     def checkpoint_state(self) -> dict:

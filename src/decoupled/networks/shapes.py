@@ -18,6 +18,15 @@ VGG_CONFIGS = {
 }
 
 
+def split_layers(n_layers: int, K: int) -> list[int]:
+    """How many layers each of the K modules gets (``model.split: even``): as even as possible, the
+    extra ones to the last modules."""
+    if not 1 <= K <= n_layers:
+        raise ValueError(f"cannot cut {n_layers} layers into K={K} modules")
+    base, extra = divmod(n_layers, K)
+    return [base + (1 if k >= K - extra else 0) for k in range(K)]
+
+
 def parse(model_cfg: dict) -> tuple[str, list[int]]:
     """``model.arch`` as (family, [depth, k]); ValueError naming it if it is not one."""
     name = model_cfg.get("arch", "cnn")
