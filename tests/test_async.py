@@ -217,6 +217,19 @@ def test_crop_flip_shifts_by_every_offset_and_flips_half_the_images(augment):
     assert not torch.equal(crop_flip(x, torch.Generator().manual_seed(1), mode=mode), out)  # ...by its generator alone
 
 
+
+@pytest.mark.parametrize("augment", ["none", "crop_flip", "crop_flip_reflect"])
+def test_batches_stay_on_the_datas_device(augment):
+    """With train.device cuda the data lives on the GPU: a batch's indices and its crops and flips,
+    drawn by CPU generators, must go to the data's device, not the images to the CPU. The meta
+    device stands in for a GPU here: a CPU tensor mixed into its ops fails as it would on cuda."""
+    from decoupled.engines.batches import BatchStream
+
+    x, y = torch.zeros(40, 3, 8, 8, device="meta"), torch.zeros(40, dtype=torch.long, device="meta")
+    images, labels = BatchStream(x, y, 8, seed=0, augment=augment).next()
+    assert images.device.type == labels.device.type == "meta" and images.shape == (8, 3, 8, 8)
+
+
 class FakeTime:
     """perf_counter advancing by ``cost`` seconds per call: every piece of work costs exactly that."""
 
@@ -229,9 +242,9 @@ class FakeTime:
 
 
 def test_parallel_clock_of_a_sync_pipeline(monkeypatch):
-    from decoupled.engines import simulated
+    from decoupled.engines import clock  # the simulated engines read the time through clock.settled_time
 
-    monkeypatch.setattr(simulated, "time", FakeTime())
+    monkeypatch.setattr(clock, "time", FakeTime())
     x, y = data(n=16 * 6)
     _, dgl = make("dgl", K=3)
     stats = SimulatedEngine(dgl, x, y, 16, 0).run_epoch()
@@ -250,9 +263,9 @@ def test_parallel_clock_of_a_sync_pipeline(monkeypatch):
 
 
 def test_parallel_clock_counts_the_slowdown_and_the_waits(monkeypatch):
-    from decoupled.engines import simulated_async
+    from decoupled.engines import clock
 
-    monkeypatch.setattr(simulated_async, "time", FakeTime())
+    monkeypatch.setattr(clock, "time", FakeTime())
     x, y = data(n=16 * 6)
     _, dgl = make("dgl", K=2, total_steps=6)
     stats = AsyncSimulator(dgl, x, y, 16, 0, async_cfg(schedule="event", slowdown_factor=3, slowed_module=0)).run_epoch()
@@ -291,10 +304,10 @@ def test_a_finished_module_keeps_forwarding_for_the_replay_buffer_above(monkeypa
     """DGL, equal updates, the top module slowed: modules 0 and 1 finish first, then feed it
     fresh batches through their final weights (as the DGL code does) rather than leaving it
     to replay the last few forever. Those forwards take time on their workers' clocks."""
-    from decoupled.engines import simulated_async
+    from decoupled.engines import clock
 
     c = 0.01  # seconds per piece of work: below the 1 s a wrong default start time would show
-    monkeypatch.setattr(simulated_async, "time", FakeTime(c))
+    monkeypatch.setattr(clock, "time", FakeTime(c))
     x, y = data(n=16 * 12)
     _, dgl = make("dgl", K=3, total_steps=12)
     sim = AsyncSimulator(dgl, x, y, 16, 0, async_cfg(schedule="event", slowdown_factor=4, slowed_module=2, buffer_size=2))
@@ -340,9 +353,9 @@ def test_no_worker_starts_on_an_activation_before_it_was_made(monkeypatch, seed)
     """Categorical schedule, so that a finished worker's forwards can run ahead of the worker
     above it in simulated time: every output is ready when its worker's clock has made it,
     and no worker starts on an input before it is ready (forwards without learning included)."""
-    from decoupled.engines import simulated_async
+    from decoupled.engines import clock
 
-    monkeypatch.setattr(simulated_async, "time", FakeTime(0.01))
+    monkeypatch.setattr(clock, "time", FakeTime(0.01))
     x, y = data(n=16 * 12)
     _, dgl = make("dgl", K=3, total_steps=12)
     sim = AsyncSimulator(dgl, x, y, 16, seed, async_cfg(schedule="categorical", slowdown_factor=4, slowed_module=2, buffer_size=2))
@@ -379,10 +392,10 @@ def test_no_worker_starts_on_an_activation_before_it_was_made(monkeypatch, seed)
 def test_the_parallel_clock_resumes_where_it_stopped(monkeypatch, method):
     """Resumed from its state after epoch 1, a run's clock ends where the uninterrupted one's
     does (queue slots taken and gradients in flight included)."""
-    from decoupled.engines import simulated_async
+    from decoupled.engines import clock
 
     def run(resume_after=None):
-        monkeypatch.setattr(simulated_async, "time", FakeTime())
+        monkeypatch.setattr(clock, "time", FakeTime())
         x, y = data(n=16 * 6)
         cfg = async_cfg(schedule="event", slowdown_factor=3, slowed_module=1, buffer_size=2)
         _, m = make(method, K=2, total_steps=12)

@@ -29,6 +29,21 @@ def engine(mode, augment="none", seed=0):
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
+def test_the_clock_reads_the_time_once_the_datas_device_is_done(mode, monkeypatch):
+    """On a GPU the host returns from launching a module's kernels before they run: every time
+    the engines read (through clock.settled_time, as test_async's FakeTime shows) first waits for
+    the device the data is on. No GPU here: torch.cuda.synchronize is stood in for."""
+    from decoupled.engines.clock import settled_time
+
+    waited = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append(device))
+    settled_time(torch.device("cpu"))
+    assert waited == []
+    settled_time(torch.device("cuda", 1))
+    assert waited == [torch.device("cuda", 1)]
+    assert engine(mode).device == torch.device("cpu")
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
 def test_an_epochs_seconds_are_the_time_it_took_a_stop_included(mode):
     sim = engine(mode)
     began = time.perf_counter()

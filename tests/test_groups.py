@@ -49,25 +49,25 @@ def test_with_one_group_gn_dgl_is_dgl():
 def test_a_groups_weights_move_only_its_own_channels_and_the_next_module_sees_all():
     """K = 2: module 1 has two conv layers, the second one grouped."""
     net, _ = make("gn_dgl", G=2, K=2)
-    net.eval()
     x, _ = data(8)
+    moved = moved_channels(net, x, k=1, g=1)
+    assert not moved[0].any()
+    assert moved[1].tolist() == [False] * 8 + [True] * 8  # group 1's channels of module 1, only
+    net, _ = make("gn_dgl", G=2, K=2)
+    moved = moved_channels(net, x, k=0, g=0)
+    assert moved[0].tolist() == [True] * 4 + [False] * 4
+    assert moved[1].all()  # module 1's first conv sees every group
+
+
+def moved_channels(net, x, k: int, g: int) -> list[torch.Tensor]:
+    """Per module (eval mode), which of its output channels change when the weights of module k's
+    group g are perturbed."""
+    net.eval()
     before = [h.detach() for h in outputs_per_module(net, x)]
     with torch.no_grad():
-        for p in net.blocks[1].branches[1].parameters():
+        for p in net.blocks[k].branches[g].parameters():
             p.add_(0.5 * torch.randn_like(p))
-    after = outputs_per_module(net, x)
-    assert torch.equal(before[0], after[0])
-    moved = (after[1] - before[1]).abs().amax((0, 2, 3)) > 0
-    assert moved.tolist() == [False] * 8 + [True] * 8  # group 1's channels of module 1, only
-    net, _ = make("gn_dgl", G=2, K=2)
-    net.eval()
-    after = outputs_per_module(net, x)
-    with torch.no_grad():
-        for p in net.blocks[0].branches[0].parameters():
-            p.add_(0.5 * torch.randn_like(p))
-    again = outputs_per_module(net, x)
-    assert ((again[0] - after[0]).abs().amax((0, 2, 3)) > 0).tolist() == [True] * 4 + [False] * 4
-    assert ((again[1] - after[1]).abs().amax((0, 2, 3)) > 0).all()  # module 1's first conv sees every group
+    return [(a - b).abs().amax((0, 2, 3)) > 0 for a, b in zip(outputs_per_module(net, x), before)]
 
 
 def outputs_per_module(net, x):
@@ -191,16 +191,10 @@ def test_a_grouped_resnet_is_the_gn_dgl_codes_grouped_resnet():
     assert [(m.in_features, m.out_features) for m in head.modules() if isinstance(m, torch.nn.Linear)] == [(64, 16), (16, 10)]
     assert isinstance(net.heads[-1].final[0], torch.nn.Conv2d)  # the classifier has the aux heads' form, as the code's head
 
-    net.eval()
-    x = torch.randn(2, 3, 32, 32)
-    before = [h.detach() for h in outputs_per_module(net, x)]
-    with torch.no_grad():
-        for p in net.blocks[1].branches[1].parameters():
-            p.add_(0.5 * torch.randn_like(p))
-    after = outputs_per_module(net, x)
-    assert torch.equal(before[0], after[0])
-    assert ((after[1] - before[1]).abs().amax((0, 2, 3)) > 0).tolist() == [False] * 16 + [True] * 16
-    assert ((after[2] - before[2]).abs().amax((0, 2, 3)) > 0).all()  # module 2's first conv sees every group
+    moved = moved_channels(net, torch.randn(2, 3, 32, 32), k=1, g=1)
+    assert not moved[0].any()
+    assert moved[1].tolist() == [False] * 16 + [True] * 16
+    assert moved[2].all()  # module 2's first conv sees every group
 
 
 def test_a_grouped_resnets_group_loss_reaches_only_its_own_weights_and_it_learns():

@@ -34,7 +34,8 @@ class BatchStream:
         if self.order is None or self.position == self.batches_per_pass:
             self.order = torch.randperm(len(self.x), generator=self.rng)
             self.position = 0
-        idx = self.order[self.position * self.batch_size : (self.position + 1) * self.batch_size]
+        # the order is drawn on the CPU (the same on every device); a batch's indices go to the data
+        idx = self.order[self.position * self.batch_size : (self.position + 1) * self.batch_size].to(self.x.device)
         self.position += 1
         x = self.x[idx]
         if self.augment != "none":
@@ -54,10 +55,11 @@ def crop_flip(x: torch.Tensor, rng: torch.Generator, padding: int = 4, mode: str
     """Random crops of padded images (zeros, or ``mode="reflect"``) and random horizontal flips, for a whole batch at once."""
     n, c, h, w = x.shape
     padded = torch.nn.functional.pad(x, (padding,) * 4, mode=mode)
-    top = torch.randint(0, 2 * padding + 1, (n,), generator=rng)
-    left = torch.randint(0, 2 * padding + 1, (n,), generator=rng)
-    rows = (top[:, None] + torch.arange(h))[:, None, :, None]
-    cols = (left[:, None] + torch.arange(w))[:, None, None, :]
-    cropped = padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
-    flip = torch.rand(n, generator=rng) < 0.5
+    # drawn by the CPU generator (the same crops on every device), then taken to the images' device
+    top = torch.randint(0, 2 * padding + 1, (n,), generator=rng).to(x.device)
+    left = torch.randint(0, 2 * padding + 1, (n,), generator=rng).to(x.device)
+    flip = (torch.rand(n, generator=rng) < 0.5).to(x.device)
+    rows = (top[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (left[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    cropped = padded[torch.arange(n, device=x.device)[:, None, None, None], torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
     return torch.where(flip[:, None, None, None], cropped.flip(3), cropped)

@@ -10,6 +10,18 @@ from the module above). Sending between workers is taken to be free.
 
 from __future__ import annotations
 
+import time
+
+import torch
+
+
+def settled_time(device: torch.device) -> float:
+    """``time.perf_counter()`` once the work queued on ``device`` is done: a GPU runs kernels
+    after the host has returned from launching them, and a module's seconds must include them."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
 
 class ParallelClock:
     def __init__(self, slowdown: list[float]):

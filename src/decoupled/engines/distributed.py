@@ -56,6 +56,7 @@ from decoupled.engines.base import Engine
 from decoupled.engines.batches import BatchStream
 from decoupled.engines.buffers import Entry, ReplayBuffer
 from decoupled.engines.channels import DATA, END_EPOCH, STOP, Fanout, Gather, Inbox, Message, Outbox, PeerLost, TensorSpec, first_line
+from decoupled.engines.clock import settled_time
 from decoupled.engines.losses import LossTally
 from decoupled.engines.staleness import staleness_summary
 from decoupled.errors import UserError
@@ -391,10 +392,9 @@ class DistributedEngine(Engine):
     def _slow_down(self, start: float) -> float:
         """Close a piece of work begun at ``start``: a slowed worker's work takes S times as long.
         Returns when it ends."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # busy time must include the kernels
+        worked = settled_time(self.device) - start  # busy time must include the kernels
         if self.slowdown > 1:
-            time.sleep((self.slowdown - 1) * (time.perf_counter() - start))
+            time.sleep((self.slowdown - 1) * worked)
         end = time.perf_counter()
         self.busy_s += end - start
         return end

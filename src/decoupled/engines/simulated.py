@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import time
 
 import torch
 
@@ -11,7 +10,7 @@ from decoupled.engines import boundary
 from decoupled.engines.base import Engine, EpochInterrupted
 from decoupled.engines.batches import BatchStream
 from decoupled.engines.boundary import Traffic
-from decoupled.engines.clock import ParallelClock
+from decoupled.engines.clock import ParallelClock, settled_time
 from decoupled.engines.losses import LossTally
 from decoupled.engines.staleness import staleness_summary
 from decoupled.methods.base import Method
@@ -35,6 +34,7 @@ class SimulatedEngine(Engine):
         K = method.net.K
         self.method = method
         self.batches = BatchStream(train_x, train_y, batch_size, seed, augment)
+        self.device = train_x.device  # where the modules compute: the clock waits for it
         self.step = 0  # global step count = the batch index, the clock of gradient deliveries
         # gradients on their way down: in_flight[k] holds (due step, batch step, sent at, d loss / d outputs of module k)
         self.in_flight = [collections.deque() for _ in range(K - 1)]
@@ -51,21 +51,21 @@ class SimulatedEngine(Engine):
         if self.partial is not None:  # an epoch stopped part-way: go on where it stopped
             losses.load_state_dict(self.partial["losses"])
             done, seconds_before, self.partial = self.partial["done"], self.partial["seconds"], None
-        start = time.perf_counter()
+        start = settled_time(self.device)
         with self._stoppable():
             for done in range(done, self.steps_per_epoch):
                 if self._stop_requested():
-                    self.partial = {"done": done, "losses": losses.state_dict(), "seconds": seconds_before + time.perf_counter() - start}
+                    self.partial = {"done": done, "losses": losses.state_dict(), "seconds": seconds_before + settled_time(self.device) - start}
                     raise EpochInterrupted(f"step {done} of {self.steps_per_epoch}")
                 h, labels = self.batches.next()
                 ready = self.clock.free_at[K - 1] if self.locked else 0.0  # backprop: after the last backward
                 for k in range(K):
-                    began = time.perf_counter()
+                    began = settled_time(self.device)
                     h, loss, input_grad = self.method.module_step(k, h, labels)
                     if k < K - 1:
                         self.traffic.forward(k, h, labels)
                         h = boundary.cross(self.method.net, k, h)
-                    _, ready = self.clock.run(k, time.perf_counter() - began, ready)
+                    _, ready = self.clock.run(k, settled_time(self.device) - began, ready)
                     losses.add(k, loss)
                     if input_grad is not None and k > 0:
                         self._send_gradient(k - 1, self.step, input_grad, ready)
@@ -73,7 +73,7 @@ class SimulatedEngine(Engine):
                 self.step += 1
                 if self.progress is not None:
                     self.progress(done + 1, self.steps_per_epoch)
-        seconds = seconds_before + time.perf_counter() - start
+        seconds = seconds_before + settled_time(self.device) - start
         return {
             "train_loss_per_module": losses.means(),
             "images": self.steps_per_epoch * self.batches.batch_size,
@@ -97,9 +97,9 @@ class SimulatedEngine(Engine):
             while queue and queue[0][0] <= self.step:
                 _, batch, sent_at, grad = queue.popleft()
                 self.grad_staleness[k][self.step - batch] += 1
-                began = time.perf_counter()
+                began = settled_time(self.device)
                 passed_down = self.method.receive_gradient(k, grad)
-                _, done = self.clock.run(k, time.perf_counter() - began, sent_at)
+                _, done = self.clock.run(k, settled_time(self.device) - began, sent_at)
                 if passed_down is not None and k > 0:
                     self._send_gradient(k - 1, batch, passed_down, done)
 

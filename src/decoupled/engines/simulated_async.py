@@ -28,7 +28,6 @@ worker, on a worker of its own, waits included.
 from __future__ import annotations
 
 import collections
-import time
 
 import torch
 
@@ -36,7 +35,7 @@ from decoupled.engines import boundary
 from decoupled.engines.base import Engine, EpochInterrupted
 from decoupled.engines.batches import BatchStream
 from decoupled.engines.buffers import Entry, FifoQueue, ReplayBuffer
-from decoupled.engines.clock import ParallelClock
+from decoupled.engines.clock import ParallelClock, settled_time
 from decoupled.engines.losses import LossTally
 from decoupled.engines.schedule import SCHEDULES, durations
 from decoupled.engines.staleness import staleness_summary
@@ -48,6 +47,7 @@ class AsyncSimulator(Engine):
         K = method.net.K
         self.method = method
         self.batches = BatchStream(train_x, train_y, batch_size, seed, augment)
+        self.device = train_x.device  # where the modules compute: the clock waits for it
         slowed = async_cfg["slowed_module"]
         if slowed is not None and slowed >= K:
             raise ValueError(f"slowed module {slowed} does not exist with K={K}")
@@ -86,12 +86,12 @@ class AsyncSimulator(Engine):
             losses.load_state_dict(self.partial["losses"])
             self.partial = None
         target = min((self.epochs_done + 1) * self.steps_per_epoch, self.method.total_steps)
-        start = time.perf_counter()
+        start = settled_time(self.device)
         with self._stoppable():
             i = 0
             while i < len(ticks) if ticks is not None else min(self.steps) < target:
                 if self._stop_requested():
-                    self.partial = {"ticks": ticks[i:] if ticks is not None else None, "seconds": seconds_before + time.perf_counter() - start,
+                    self.partial = {"ticks": ticks[i:] if ticks is not None else None, "seconds": seconds_before + settled_time(self.device) - start,
                                     "steps_before": steps_before, "idle_before": idle_before, "losses": losses.state_dict()}
                     raise EpochInterrupted(f"tick {i} of {len(ticks)}" if ticks is not None else f"tick {i}")
                 k = ticks[i] if ticks is not None else self.schedule.next()
@@ -101,7 +101,7 @@ class AsyncSimulator(Engine):
                     self.progress(*((i, len(ticks)) if ticks is not None else (min(self.steps) - min(steps_before), target - min(steps_before))))
         self.epochs_done += 1
         self.images_read, images_read = 0, self.images_read
-        seconds = seconds_before + time.perf_counter() - start
+        seconds = seconds_before + settled_time(self.device) - start
         steps = [a - b for a, b in zip(self.steps, steps_before)]
         return {
             "train_loss_per_module": losses.means(),
@@ -139,9 +139,9 @@ class AsyncSimulator(Engine):
                 return None
             inputs, labels, ready = entry.inputs, entry.labels, max(ready, entry.ready_at)
             self.input_staleness[k][self.steps[k - 1] - 1 - entry.produced_at] += 1
-        began = time.perf_counter()
+        began = settled_time(self.device)
         outputs, loss, input_grad = self.method.module_step(k, inputs, labels)
-        started, done = self.clock.run(k, time.perf_counter() - began, ready)
+        started, done = self.clock.run(k, settled_time(self.device) - began, ready)
         if k > 0 and isinstance(self.buffers[k], FifoQueue):
             self.buffers[k].take_times.append(started)
         if input_grad is not None and k > 0:
@@ -168,11 +168,11 @@ class AsyncSimulator(Engine):
             if entry is None:
                 return
             inputs, labels, ready = entry.inputs, entry.labels, entry.ready_at
-        began = time.perf_counter()
+        began = settled_time(self.device)
         outputs = self.method.frozen_forward(k, inputs)
         self.traffic.forward(k, outputs, labels)
         outputs = boundary.cross(self.method.net, k, outputs, learn=False)
-        _, done = self.clock.run(k, time.perf_counter() - began, ready)
+        _, done = self.clock.run(k, settled_time(self.device) - began, ready)
         # made by the producer's final weights: as fresh as its newest step's output
         self.buffers[k + 1].put(Entry(outputs, labels, self.steps[k] - 1, ready_at=done))
 
@@ -180,9 +180,9 @@ class AsyncSimulator(Engine):
         while self.inbox[k]:
             grad, sent_at = self.inbox[k].popleft()
             self.grad_staleness[k][self.steps[k] - 1 - self.forwarded_at[k].popleft()] += 1
-            began = time.perf_counter()
+            began = settled_time(self.device)
             passed_down = self.method.receive_gradient(k, grad)
-            _, done = self.clock.run(k, time.perf_counter() - began, sent_at)
+            _, done = self.clock.run(k, settled_time(self.device) - began, sent_at)
             if passed_down is not None and k > 0:
                 self._send_gradient(k, passed_down, done)
 
