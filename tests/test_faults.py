@@ -57,8 +57,11 @@ def test_ctrl_c_is_one_line_and_fails_the_run(fashion_subset, tmp_path):
            "train": {"epochs": 50, "batch_size": 8}, "grid": {"methods": ["dgl"], "K": [2]}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    # a terminal's Ctrl-C reaches a job that has SIGINT's default handler, even where pytest itself
+    # was started ignoring it (a shell's background job does, and its children inherit that)
     job = subprocess.Popen([sys.executable, "-m", "decoupled", "train", "--config", "c.yaml", "--method", "dgl", "--K", "2", "--seed", "0",
-                            "--data", str(fashion_subset), "--out", "run"], stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
+                            "--data", str(fashion_subset), "--out", "run"], stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     for line in job.stderr:  # wait for the first epoch, then press Ctrl-C
         lines.append(line)

@@ -1,0 +1,165 @@
+"""One short check of the GPU path: a ``config/paper/`` config trained for a few epochs on one
+GPU, on CIFAR-shaped data; images/s per job and the GPU's utilisation while it trains.
+
+Each job of the config's grid (``--methods``, ``--K`` and ``--seeds`` narrow it) is built as the
+workflow builds it (``grid.job_config``), with ``train.epochs`` = ``--epochs`` and the simulated
+engine (one GPU: the distributed engine wants a GPU per worker), and trained in this process by
+``train.fit``: no Snakemake, no MLflow, nothing but torch, PyYAML and jsonschema needed (what a
+GPU box without the package's other dependencies can be given). A thread reads the GPU's
+utilisation and memory from ``nvidia-smi`` every ``--sample-s`` seconds meanwhile.
+
+Data: CIFAR-10 from ``--cifar-root`` where a copy is at hand (read and checked as the pipeline
+reads it), else a stand-in of CIFAR-10's shape made from Fashion-MNIST (``--fashion-mnist-root``,
+default Debian's folder, or a copy carried to the GPU box): each 28x28 image zero-padded to
+32x32 and its one channel repeated to 3, with Fashion-MNIST's labels and split. The JSON says
+which (``data``); the stand-in's accuracies are Fashion-MNIST's, not CIFAR-10's.
+
+    python benchmarks/gpu_check.py [--config config/paper/fdg_resnet56.yaml] [--epochs 2]
+        [--methods backprop,dgl,ddg,fdg] [--K 2] [--seeds 0] [--device cuda]
+        [--precision fp32|bf16] [--memory-format contiguous|channels_last]
+        [--cifar-root DIR | --fashion-mnist-root DIR] [--subset-per-class N] [--out FILE]
+
+Writes results/benchmarks/gpu_check.json (``--out``): per job its images/s in every epoch (the
+first pays cuDNN's autotuning and the first kernels' loading), its last test accuracy, and the
+GPU's utilisation while it trained (mean and median of the samples, %) and its peak memory.
+It runs on the CPU too (``--device cpu``; no utilisation then), which is how it is tested here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from decoupled import config, grid  # noqa: E402
+from decoupled.data import Dataset, balanced_subset, channel_stats, read_raw  # noqa: E402
+from decoupled.data.prepared import normalize  # noqa: E402
+from decoupled.files import write_json  # noqa: E402
+from decoupled.train import fit  # noqa: E402
+
+
+def cifar_shaped_fashion_mnist(root: str | None, subset_per_class: int | None) -> tuple[Dataset, dict]:
+    """Fashion-MNIST as CIFAR-10's shape: 28x28 zero-padded to 32x32, one channel repeated to 3."""
+    raw = read_raw("fashion_mnist", root)
+    x_train, y_train, x_test, y_test = raw.train_x, raw.train_y, raw.test_x, raw.test_y
+    if subset_per_class is not None:
+        x_train, y_train = balanced_subset(x_train, y_train, subset_per_class)
+    widen = lambda x: F.pad(x, (2, 2, 2, 2)).repeat(1, 3, 1, 1)  # noqa: E731
+    return in_memory("fashion_mnist_cifar_shaped", widen(x_train), y_train, widen(x_test), y_test, raw.classes), {
+        "name": "Fashion-MNIST zero-padded to 32x32, its channel repeated to 3 (a stand-in for CIFAR-10)", "source": raw.source}
+
+
+def cifar10(root: str, subset_per_class: int | None) -> tuple[Dataset, dict]:
+    raw = read_raw("cifar10", root)
+    x_train, y_train = raw.train_x, raw.train_y
+    if subset_per_class is not None:
+        x_train, y_train = balanced_subset(x_train, y_train, subset_per_class)
+    return in_memory("cifar10", x_train, y_train, raw.test_x, raw.test_y, raw.classes), {"name": "CIFAR-10", "source": raw.source}
+
+
+def in_memory(name: str, x_train, y_train, x_test, y_test, classes) -> Dataset:
+    """What ``load_prepared`` makes of a prepared file: images normalized by the training set's statistics."""
+    mean, std = channel_stats(x_train)
+    train = normalize(x_train, mean, std)
+    return Dataset(train, y_train.long(), normalize(x_test, mean, std), y_test.long(), list(classes), len(classes), train.shape[1], train.shape[2], name)
+
+
+class GpuSampler(threading.Thread):
+    """``nvidia-smi``'s utilisation (%) and memory used (MiB) of GPU ``index`` every ``every`` seconds."""
+
+    def __init__(self, index: int, every: float):
+        super().__init__(daemon=True)
+        self.index, self.every, self.samples, self.done = index, every, [], threading.Event()
+
+    def run(self) -> None:
+        query = ["nvidia-smi", f"--id={self.index}", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits"]
+        while not self.done.wait(self.every):
+            line = subprocess.run(query, capture_output=True, text=True).stdout.strip()
+            if line:
+                utilisation, memory = (float(v) for v in line.split(","))
+                self.samples.append((time.perf_counter(), utilisation, memory))
+
+    def between(self, start: float, end: float) -> list[tuple[float, float]]:
+        return [(u, m) for t, u, m in self.samples if start <= t <= end]
+
+
+def jobs(cfg: dict, methods: list[str] | None, Ks: list[int] | None, seeds: list[int] | None) -> list[tuple[grid.RunKey, dict]]:
+    keys = [key for key in grid.runs(cfg) if (methods is None or key.method in methods) and (Ks is None or key.K in Ks)
+            and (seeds is None or key.seed in seeds)]
+    return [(key, grid.job_config(cfg, key)) for key in keys]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="config/paper/fdg_resnet56.yaml")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--methods", help="comma-separated (default: the grid's)")
+    parser.add_argument("--K", help="comma-separated (default: the grid's)")
+    parser.add_argument("--seeds", default="0", help="comma-separated (default: 0)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], help="train.precision (default: the config's)")
+    parser.add_argument("--memory-format", choices=["contiguous", "channels_last"], help="train.memory_format (default: the config's)")
+    parser.add_argument("--cifar-root", help="a cifar-10-batches-py folder or its parent")
+    parser.add_argument("--fashion-mnist-root", help="Fashion-MNIST's IDX files (default: Debian's folder), for the stand-in")
+    parser.add_argument("--subset-per-class", type=int, help="fewer training images per class (a quick look)")
+    parser.add_argument("--sample-s", type=float, default=0.2)
+    parser.add_argument("--out", default="results/benchmarks/gpu_check.json")
+    args = parser.parse_args()
+
+    split = lambda text: None if text is None else [v.strip() for v in text.split(",")]  # noqa: E731
+    train = {"epochs": args.epochs, "device": args.device, "threads": torch.get_num_threads() if args.device == "cpu" else 1}
+    train.update({k: v for k, v in (("precision", args.precision), ("memory_format", args.memory_format)) if v is not None})
+    cfg = config.validate(config.deep_merge(config.load(REPO / args.config), {"engine": "simulated", "train": train}))
+    data, about = cifar10(args.cifar_root, args.subset_per_class) if args.cifar_root else cifar_shaped_fashion_mnist(args.fashion_mnist_root, args.subset_per_class)
+    Ks, seeds = split(args.K), split(args.seeds)
+    todo = jobs(cfg, split(args.methods), None if Ks is None else [int(k) for k in Ks], None if seeds is None else [int(s) for s in seeds])
+    if not todo:
+        sys.exit("gpu_check: no job of the grid matches --methods/--K/--seeds")
+    if args.device == "cuda":
+        data = Dataset(data.train_x.cuda(), data.train_y.cuda(), data.test_x, data.test_y, *(getattr(data, f) for f in ("classes", "num_classes", "in_channels", "image_size", "name")))
+    index = torch.device(args.device).index or 0
+    sampler = GpuSampler(index, args.sample_s) if args.device == "cuda" and shutil.which("nvidia-smi") else None
+    if sampler is not None:
+        sampler.start()
+    results = []
+    for key, job in todo:
+        print(f"{key.name}: {args.epochs} epochs on {args.device} ...", flush=True)
+        if args.device == "cuda":
+            torch.cuda.reset_peak_memory_stats(index)
+        start = time.perf_counter()
+        metrics = fit(job, data)
+        end = time.perf_counter()
+        row = {"run": key.name, "method": key.method, "mode": key.mode, "K": key.K, "seconds": end - start,
+               "images_per_s_per_epoch": [e["images_per_s"] for e in metrics["epochs"]], "test_acc": metrics["epochs"][-1]["test_acc"]}
+        if args.device == "cuda":
+            row["peak_memory_mib"] = torch.cuda.max_memory_allocated(index) / 2**20
+        samples = sampler.between(start, end) if sampler is not None else []
+        if samples:
+            row["gpu_utilisation_pct"] = {"mean": statistics.fmean(u for u, _ in samples), "median": statistics.median(u for u, _ in samples), "samples": len(samples)}
+        print(f"  images/s per epoch {[round(v) for v in row['images_per_s_per_epoch']]}, test accuracy {100 * row['test_acc']:.2f}%"
+              + (f", GPU busy {row['gpu_utilisation_pct']['median']:.0f}% (median)" if samples else ""), flush=True)
+        results.append(row)
+    if sampler is not None:
+        sampler.done.set()
+    device_name = torch.cuda.get_device_name(index) if args.device == "cuda" else platform.processor() or platform.machine()
+    write_json(REPO / args.out if not Path(args.out).is_absolute() else Path(args.out), {
+        "benchmark": "gpu_check", "config": args.config, "epochs": args.epochs, "device": device_name, "torch": torch.__version__,
+        "numerics": {k: cfg["train"][k] for k in ("precision", "memory_format")}, "batch_size": cfg["train"]["batch_size"],
+        "data": {**about, "n_train": len(data.train_y), "n_test": len(data.test_y)}, "jobs": results})
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

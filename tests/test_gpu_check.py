@@ -1,0 +1,57 @@
+"""benchmarks/gpu_check.py: the GPU check's stand-in data and its jobs, run here on the CPU.
+
+What it measures needs a GPU (images/s, utilisation); what it trains and on what data is
+tested here: CIFAR-10's shape made from Fashion-MNIST, and the grid's jobs for --epochs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import needs_fashion_mnist
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@needs_fashion_mnist
+def test_the_stand_in_is_fashion_mnist_padded_to_cifars_shape(gpu_check):
+    from decoupled.data import read_raw
+
+    data, about = gpu_check.cifar_shaped_fashion_mnist(None, 10)
+    assert data.train_x.shape == (100, 3, 32, 32) and data.test_x.shape == (10000, 3, 32, 32) and data.num_classes == 10
+    assert "stand-in for CIFAR-10" in about["name"]
+    # one channel repeated, a 2-pixel frame of zeros (normalized) around the 28x28 image
+    assert torch.equal(data.test_x[:, 0], data.test_x[:, 1]) and torch.equal(data.test_x[:, 0], data.test_x[:, 2])
+    raw = read_raw("fashion_mnist", None)
+    zero = data.test_x[0, 0, 0, 0]
+    assert (data.test_x[:, :, :2] == zero).all() and (data.test_x[:, :, :, -2:] == zero).all()
+    inside = data.test_x[:, 0, 2:30, 2:30]
+    assert torch.equal(torch.argsort(inside[0].flatten(), stable=True), torch.argsort(raw.test_x[0, 0].float().flatten(), stable=True))
+    assert torch.equal(data.test_y, raw.test_y.long())
+
+
+@needs_fashion_mnist
+def test_it_trains_the_grids_jobs_for_the_epochs_asked(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--config", "config/smoke.yaml", "--methods", "dgl,fdg",
+                    "--K", "2", "--seeds", "0", "--epochs", "2", "--subset-per-class", "20", "--device", "cpu", "--out", str(out)],
+                   check=True, cwd=REPO, capture_output=True, timeout=600)
+    report = json.loads(out.read_text())
+    assert {(job["method"], job["mode"], job["K"]) for job in report["jobs"]} == {(m, mode, 2) for m in ("dgl", "fdg") for mode in ("sync", "async")}
+    assert all(len(job["images_per_s_per_epoch"]) == 2 and min(job["images_per_s_per_epoch"]) > 0 for job in report["jobs"])
+    assert report["data"]["n_train"] == 200 and "stand-in" in report["data"]["name"]
