@@ -50,30 +50,21 @@ from decoupled.files import write_json  # noqa: E402
 from decoupled.train import fit  # noqa: E402
 
 
-def cifar_shaped_fashion_mnist(root: str | None, subset_per_class: int | None) -> tuple[Dataset, dict]:
-    """Fashion-MNIST as CIFAR-10's shape: 28x28 zero-padded to 32x32, one channel repeated to 3."""
-    raw = read_raw("fashion_mnist", root)
-    x_train, y_train, x_test, y_test = raw.train_x, raw.train_y, raw.test_x, raw.test_y
-    if subset_per_class is not None:
-        x_train, y_train = balanced_subset(x_train, y_train, subset_per_class)
-    widen = lambda x: F.pad(x, (2, 2, 2, 2)).repeat(1, 3, 1, 1)  # noqa: E731
-    return in_memory("fashion_mnist_cifar_shaped", widen(x_train), y_train, widen(x_test), y_test, raw.classes), {
-        "name": "Fashion-MNIST zero-padded to 32x32, its channel repeated to 3 (a stand-in for CIFAR-10)", "source": raw.source}
-
-
-def cifar10(root: str, subset_per_class: int | None) -> tuple[Dataset, dict]:
-    raw = read_raw("cifar10", root)
+def dataset(cifar_root: str | None, fashion_mnist_root: str | None, subset_per_class: int | None) -> tuple[Dataset, dict]:
+    """CIFAR-10 from ``cifar_root``; without one, Fashion-MNIST in CIFAR-10's shape (28x28
+    zero-padded to 32x32, its one channel repeated to 3). Normalized as ``load_prepared`` does."""
+    raw = read_raw("cifar10", cifar_root) if cifar_root else read_raw("fashion_mnist", fashion_mnist_root)
+    shaped = (lambda x: x) if cifar_root else (lambda x: F.pad(x, (2, 2, 2, 2)).repeat(1, 3, 1, 1))  # noqa: E731
     x_train, y_train = raw.train_x, raw.train_y
     if subset_per_class is not None:
         x_train, y_train = balanced_subset(x_train, y_train, subset_per_class)
-    return in_memory("cifar10", x_train, y_train, raw.test_x, raw.test_y, raw.classes), {"name": "CIFAR-10", "source": raw.source}
-
-
-def in_memory(name: str, x_train, y_train, x_test, y_test, classes) -> Dataset:
-    """What ``load_prepared`` makes of a prepared file: images normalized by the training set's statistics."""
+    x_train, x_test = shaped(x_train), shaped(raw.test_x)
     mean, std = channel_stats(x_train)
     train = normalize(x_train, mean, std)
-    return Dataset(train, y_train.long(), normalize(x_test, mean, std), y_test.long(), list(classes), len(classes), train.shape[1], train.shape[2], name)
+    name = "cifar10" if cifar_root else "fashion_mnist_cifar_shaped"
+    data = Dataset(train, y_train.long(), normalize(x_test, mean, std), raw.test_y.long(), list(raw.classes), len(raw.classes), train.shape[1], train.shape[2], name)
+    about = "CIFAR-10" if cifar_root else "Fashion-MNIST zero-padded to 32x32, its channel repeated to 3 (a stand-in for CIFAR-10)"
+    return data, {"name": about, "source": raw.source}
 
 
 class GpuSampler(threading.Thread):
@@ -122,7 +113,7 @@ def main() -> None:
     train = {"epochs": args.epochs, "device": args.device, "threads": torch.get_num_threads() if args.device == "cpu" else 1}
     train.update({k: v for k, v in (("precision", args.precision), ("memory_format", args.memory_format)) if v is not None})
     cfg = config.validate(config.deep_merge(config.load(REPO / args.config), {"engine": "simulated", "train": train}))
-    data, about = cifar10(args.cifar_root, args.subset_per_class) if args.cifar_root else cifar_shaped_fashion_mnist(args.fashion_mnist_root, args.subset_per_class)
+    data, about = dataset(args.cifar_root, args.fashion_mnist_root, args.subset_per_class)
     Ks, seeds = split(args.K), split(args.seeds)
     todo = jobs(cfg, split(args.methods), None if Ks is None else [int(k) for k in Ks], None if seeds is None else [int(s) for s in seeds])
     if not todo:

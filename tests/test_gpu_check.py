@@ -32,7 +32,7 @@ def gpu_check():
 def test_the_stand_in_is_fashion_mnist_padded_to_cifars_shape(gpu_check):
     from decoupled.data import read_raw
 
-    data, about = gpu_check.cifar_shaped_fashion_mnist(None, 10)
+    data, about = gpu_check.dataset(None, None, 10)
     assert data.train_x.shape == (100, 3, 32, 32) and data.test_x.shape == (10000, 3, 32, 32) and data.num_classes == 10
     assert "stand-in for CIFAR-10" in about["name"]
     # one channel repeated, a 2-pixel frame of zeros (normalized) around the 28x28 image

@@ -264,7 +264,7 @@ def _check_groups_and_quantize(job: dict[str, Any], key: RunKey) -> None:
     model = job["model"]
     widths = _layer_channels(model)
     grouped = "model.groups" in methods.traits(key.method).reads and model["groups"] > 1
-    family = model["arch"].rstrip("0123456789_")
+    family = shapes.parse(model)[0]  # the arch is known good: _layer_channels read it
     if grouped and family not in ("cnn", "resnet"):
         raise UserError(f"config key 'model.groups': neuron groups are built for model.arch cnn and resnet only, not {model['arch']} (job {key.name})")
     if grouped and family == "resnet" and model["shortcut"] != "B":
