@@ -119,7 +119,7 @@ def main() -> None:
     if not todo:
         sys.exit("gpu_check: no job of the grid matches --methods/--K/--seeds")
     if args.device == "cuda":
-        data = Dataset(data.train_x.cuda(), data.train_y.cuda(), data.test_x, data.test_y, *(getattr(data, f) for f in ("classes", "num_classes", "in_channels", "image_size", "name")))
+        data = Dataset(data.train_x.cuda(), data.train_y.cuda(), data.test_x.cuda(), data.test_y.cuda(), *(getattr(data, f) for f in ("classes", "num_classes", "in_channels", "image_size", "name")))
     index = torch.device(args.device).index or 0
     sampler = GpuSampler(index, args.sample_s) if args.device == "cuda" and shutil.which("nvidia-smi") else None
     if sampler is not None:

@@ -43,6 +43,37 @@ def test_the_clock_reads_the_time_once_the_datas_device_is_done(mode, monkeypatc
     assert waited == [torch.device("cuda", 1)]
     assert engine(mode).device == torch.device("cpu")
 
+
+def test_an_evaluation_reads_back_to_the_host_a_fixed_number_of_times_however_many_batches():
+    """On a GPU every value read back to the host (``.item()``) waits for all queued kernels:
+    the evaluation sums its counts and its loss on the device and reads them once, at the end."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from decoupled.evaluate import evaluate
+
+    class HostReads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func is torch.ops.aten._local_scalar_dense.default  # what .item() runs
+            return func(*args, **(kwargs or {}))
+
+    net, _ = make("dgl", K=2)
+    x, y = data(n=64)
+
+    def reads(batch_size: int) -> tuple[int, dict]:
+        with HostReads() as host_reads:
+            result = evaluate(net, x, y, batch_size)
+        return host_reads.count, result
+
+    (one_batch, whole), (eight_batches, batched) = reads(64), reads(8)
+    assert one_batch == eight_batches
+    assert batched["test_acc_per_module"] == whole["test_acc_per_module"]
+    assert batched["test_loss"] == pytest.approx(whole["test_loss"], rel=1e-5)
+
+
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_an_epochs_seconds_are_the_time_it_took_a_stop_included(mode):
     sim = engine(mode)

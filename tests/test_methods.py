@@ -274,7 +274,7 @@ def test_each_synthesizer_regresses_on_the_gradient_of_its_own_batch(method):
 
     _, dni = make(method, K=3)
     made, checked, regressed_on = {}, [], []
-    module_step, receive, predict = dni.module_step, dni.receive_gradient, dni.predict
+    module_step, receive, prediction_for = dni.module_step, dni.receive_gradient, dni.prediction_for
 
     def spy_step(k, inputs, labels):
         step = module_step(k, inputs, labels)
@@ -282,9 +282,9 @@ def test_each_synthesizer_regresses_on_the_gradient_of_its_own_batch(method):
             made[id(step.input_grad)] = (inputs.detach().clone(), labels.clone())
         return step
 
-    def spy_predict(k, h, labels):
+    def spy_prediction_for(k, h, labels):
         regressed_on.append((h, labels))
-        return predict(k, h, labels)
+        return prediction_for(k, h, labels)
 
     def spy_receive(k, grad):
         inputs, labels = made[id(grad)]
@@ -293,7 +293,7 @@ def test_each_synthesizer_regresses_on_the_gradient_of_its_own_batch(method):
         checked.append(torch.equal(h, inputs) and torch.equal(labels, their_labels))
         return passed
 
-    dni.module_step, dni.receive_gradient, dni.predict = spy_step, spy_receive, spy_predict
+    dni.module_step, dni.receive_gradient, dni.prediction_for = spy_step, spy_receive, spy_prediction_for
     x, y = data(n=16 * 20)
     sim = AsyncSimulator(dni, x, y, 16, 0, async_cfg(schedule="event", slowdown_factor=3, slowed_module=2, buffer_size=3, budget="time"))
     sim.run_epoch()
@@ -324,6 +324,52 @@ def test_synthesizers_fit_the_gradient_in_the_chosen_form(target):
     assert moved == pytest.approx(0.05, rel=1e-3)
     scale = 16 if target == "per_sample" else 1  # what the module receives: the prediction scaled back
     torch.testing.assert_close(dni.synthetic_gradient(0, h0, y), dni.predict(0, h0, y).detach() / scale)
+
+
+@pytest.mark.parametrize("method", ["dni", "cdni"])
+def test_in_sync_mode_a_synthesizer_runs_once_per_batch(method):
+    """The prediction made for the module keeps its graph, and the regression onto the true
+    gradient, which in sync mode arrives before the synthesizer steps again, reuses it."""
+    net, dni = make(method, K=3)
+    forwards = [0, 0]
+    for k, synthesizer in enumerate(dni.synthesizers):
+        synthesizer.register_forward_hook(lambda *_, k=k: forwards.__setitem__(k, forwards[k] + 1))
+    run_engine_steps(net, dni, 4)
+    assert forwards == [4, 4]
+    assert dni.kept == [None, None]  # no graph held past the step that used it
+
+
+@pytest.mark.parametrize("method", ["dni", "cdni"])
+def test_a_synthesizer_regresses_at_its_current_weights_when_it_stepped_since_its_prediction(method):
+    """Async: module 0 makes two batches before the first true gradient arrives. Each regression
+    is the synthesizer's error on its own batch at the weights it has then; the second batch's
+    prediction, made before the first regression's step, must be made again."""
+    _, dni = make(method, K=2, synth_zero_bias=False, synth_lr=0.05)
+    with torch.no_grad():
+        dni.synthesizers[0].rest[-1].weight.normal_(std=0.1)
+    batches = [batch(seed=s) for s in (1, 2)]
+    outputs = [dni.module_step(0, x, y).outputs for x, y in batches]
+    grads = [torch.randn_like(h) * 1e-2 for h in outputs]
+    seen = []
+    dni.synth_optimizers[0].register_step_pre_hook(lambda opt, args, kwargs: seen.append([p.grad.clone() for p in dni.synthesizers[0].parameters()]))
+    for (_, y), h, grad in zip(batches, outputs, grads, strict=True):
+        reference = copy.deepcopy(dni.synthesizers[0])  # the weights as they are now
+        one_hot = F.one_hot(y, 10).float() if dni.conditioned else None
+        F.mse_loss(reference(h, one_hot), grad * 16).backward()
+        dni.receive_gradient(0, grad)
+        for ours, theirs in zip(seen[-1], reference.parameters(), strict=True):
+            torch.testing.assert_close(ours, theirs.grad)
+
+
+def test_a_loaded_state_regresses_on_a_prediction_made_at_the_loaded_weights():
+    """Loading a state replaces the synthesizers' weights: a prediction kept from before is not
+    reused, even for a batch the state holds as the same tensors (autograd would refuse it)."""
+    _, dni = make("dni", K=2)
+    x, y = batch()
+    dni.module_step(0, x, y)
+    dni.load_state_dict(dni.state_dict())
+    dni.receive_gradient(0, torch.ones_like(dni.waiting[0][0][0]))
+    assert dni.synthesizers[0].rest[-1].weight.abs().sum() > 0  # it stepped
 
 
 @pytest.mark.parametrize("layers,kernel,batchnorm", [(2, 3, False), (3, 5, True), (4, 1, False)])

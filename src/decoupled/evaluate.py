@@ -16,19 +16,20 @@ def evaluate(net: SplitNet, x: torch.Tensor, y: torch.Tensor, batch_size: int) -
     was_training = net.training
     net.eval()
     device = next(net.parameters()).device
+    x, y = x.to(device), y.to(device)  # at most one copy (train.fit hands it the set already there)
     correct = torch.zeros(net.K, dtype=torch.long, device=device)
     ensemble_correct = torch.zeros((), dtype=torch.long, device=device)
-    final_loss = 0.0
+    final_loss = torch.zeros((), dtype=torch.float64, device=device)  # summed where computed: no sync per batch
     for start in range(0, len(x), batch_size):
-        xb, yb = x[start : start + batch_size].to(device), y[start : start + batch_size].to(device)
+        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
         logits = net.forward_all_heads(xb)
         correct += torch.stack([(out.argmax(1) == yb).sum() for out in logits])
-        final_loss += F.cross_entropy(logits[-1], yb, reduction="sum").item()
+        final_loss += F.cross_entropy(logits[-1], yb, reduction="sum").double()
         if net.ensemble == "layerwise":
             ensemble_correct += (net.layerwise_ensemble(xb).argmax(1) == yb).sum()
     net.train(was_training)
     per_module = (correct.double() / len(x)).tolist()
-    result = {"test_acc": per_module[-1], "test_acc_per_module": per_module, "test_loss": final_loss / len(x), "n_test": len(x)}
+    result = {"test_acc": per_module[-1], "test_acc_per_module": per_module, "test_loss": final_loss.item() / len(x), "n_test": len(x)}
     if net.ensemble == "layerwise":
         result.update(test_acc=ensemble_correct.item() / len(x), test_acc_classifier=per_module[-1])
     return result

@@ -113,6 +113,10 @@ def _fit(job: dict, data: Dataset, checkpoint, resume: dict | None, stop: StopRe
         torch.set_rng_state(resume["torch_rng"])
         epochs, wall = list(resume["epochs"]), resume["wall_time_s"]
     engine.stop = stop
+    # the test set goes to the network's device once, as the training set does: on a GPU no
+    # evaluation batch is copied from the host
+    device = next(net.parameters()).device
+    test_x, test_y = data.test_x.to(device), data.test_y.to(device)
     counts = compute.count(net, tuple(data.train_x.shape[1:]), method.traits.sync_only)
     if engine.is_main:
         _announce(key, split, resume, job["train"]["epochs"])
@@ -140,7 +144,7 @@ def _fit(job: dict, data: Dataset, checkpoint, resume: dict | None, stop: StopRe
                 engine.progress.close()
         wall += stats["seconds"]
         _check_finite(key, epoch, stats["train_loss_per_module"], method)
-        record = _epoch_record(epoch, stats, engine.evaluate(net, data.test_x, data.test_y, job["train"]["eval_batch_size"]), wall)
+        record = _epoch_record(epoch, stats, engine.evaluate(net, test_x, test_y, job["train"]["eval_batch_size"]), wall)
         epochs.append(record)
         save(epoch)  # before the progress line, which thus means: this epoch is safe
         if engine.is_main:

@@ -86,6 +86,8 @@ class DNI(Method):
         self.synth_optimizers = [optim.Adam(s.parameters(), lr=train_cfg["synth_lr"]) for s in self.synthesizers]
         # activations (and labels) of module k waiting for their true gradient, oldest first
         self.waiting: list[collections.deque] = [collections.deque() for _ in channels]
+        # (h, labels, prediction with its graph) of synthesizer k's last prediction, until it steps
+        self.kept: list[tuple | None] = [None for _ in channels]
         # when each loss first went NaN or infinite: each module's (at its step), the synthesizers'
         self.steps = [0] * net.K
         self.first_nonfinite: dict = {"modules": [None] * net.K, "synthesizer": None}
@@ -111,8 +113,19 @@ class DNI(Method):
     # which the DGL code's comparison uses) they predict the gradient itself, fitted by the sum
     # of squared errors over the batch size.
     def synthetic_gradient(self, k: int, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self.predict(k, h, labels) / (len(h) if self.per_sample else 1)
+        prediction = self.predict(k, h, labels)
+        self.kept[k] = (h, labels, prediction)
+        return prediction.detach() / (len(h) if self.per_sample else 1)
+
+    def prediction_for(self, k: int, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Synthesizer k's prediction for a waiting batch, to regress onto its true gradient, at
+        the synthesizer's current weights: the one made for the module if the synthesizer has
+        not stepped since (in sync mode, always), else made again (async: a later batch's gradient
+        came first)."""
+        kept, self.kept[k] = self.kept[k], None  # the synthesizer is about to step
+        if kept is not None and kept[0] is h and kept[1] is labels:
+            return kept[2]
+        return self.predict(k, h, labels)
 
     def module_step(self, k, inputs, labels):
         inputs = inputs.detach().requires_grad_(k > 0)  # module k-1 wants d loss / d inputs
@@ -123,8 +136,9 @@ class DNI(Method):
             loss = F.cross_entropy(self.net.heads[k](outputs), labels)
             loss.backward()
         else:
-            outputs.backward(self.synthetic_gradient(k, outputs.detach(), labels))
-            self.waiting[k].append((outputs.detach(), labels))
+            h = outputs.detach()
+            outputs.backward(self.synthetic_gradient(k, h, labels))
+            self.waiting[k].append((h, labels))
             loss = None
             if self.probe_heads:  # heads on detached features measure the module, change nothing
                 loss = F.cross_entropy(self.net.heads[k](outputs.detach()), labels)
@@ -140,7 +154,7 @@ class DNI(Method):
         h, labels = self.waiting[k].popleft()
         optimizer = self.synth_optimizers[k]
         optimizer.zero_grad(set_to_none=True)
-        prediction = self.predict(k, h, labels)
+        prediction = self.prediction_for(k, h, labels)
         if self.per_sample:
             loss = F.mse_loss(prediction, grad * len(h))
         else:
@@ -165,6 +179,7 @@ class DNI(Method):
         for o, s in zip(self.synth_optimizers, state["synth_optimizers"]):
             o.load_state_dict(s)
         self.waiting = [collections.deque(q) for q in state["waiting"]]
+        self.kept = [None for _ in self.kept]  # made at the weights just replaced
 
 
 def block_out_channels(block: nn.Module) -> int:
