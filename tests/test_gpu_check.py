@@ -55,3 +55,25 @@ def test_it_trains_the_grids_jobs_for_the_epochs_asked(tmp_path):
     assert {(job["method"], job["mode"], job["K"]) for job in report["jobs"]} == {(m, mode, 2) for m in ("dgl", "fdg") for mode in ("sync", "async")}
     assert all(len(job["images_per_s_per_epoch"]) == 2 and min(job["images_per_s_per_epoch"]) > 0 for job in report["jobs"])
     assert report["data"]["n_train"] == 200 and "stand-in" in report["data"]["name"]
+
+
+def test_with_a_cifar_root_it_reads_cifar10_as_it_is(gpu_check, tmp_path, monkeypatch):
+    """--cifar-root: the real batches' format (small files written here, their checksums in
+    place of the published ones), neither padded nor repeated, normalized per channel."""
+    import functools
+
+    from decoupled.data import read_raw
+
+    from test_data import make_cifar
+
+    checksums, arrays = make_cifar(tmp_path)
+    monkeypatch.setattr(gpu_check, "read_raw", functools.partial(read_raw, checksums=checksums))
+    data, about = gpu_check.dataset(str(tmp_path), None, None)
+    assert about["name"] == "CIFAR-10" and data.name == "cifar10"
+    assert data.train_x.shape == (50, 3, 32, 32) and data.test_x.shape == (10, 3, 32, 32)
+    torch.testing.assert_close(data.train_x.mean((0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(data.train_x.std((0, 2, 3), unbiased=False), torch.ones(3), atol=1e-4, rtol=0)
+    images, labels = arrays["test_batch"]
+    # the test images keep their pixels' order: normalization is one increasing map per channel
+    assert torch.equal(torch.argsort(data.test_x[3, 1].flatten(), stable=True), torch.argsort(torch.from_numpy(images[3, 1]).float().flatten(), stable=True))
+    assert data.test_y.tolist() == labels
