@@ -141,7 +141,7 @@ class DNI(Method):
             self.waiting[k].append((h, labels))
             loss = None
             if self.probe_heads:  # heads on detached features measure the module, change nothing
-                loss = F.cross_entropy(self.net.heads[k](outputs.detach()), labels)
+                loss = F.cross_entropy(self.net.heads[k](h), labels)
                 loss.backward()
         self.steps[k] += 1
         if loss is not None and self.first_nonfinite["modules"][k] is None and not math.isfinite(loss.item()):  # the engines read .item() per step too
