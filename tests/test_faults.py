@@ -1,6 +1,7 @@
 """Faults a careless or unlucky user meets, each run through the real code: one line, the exit
 code, and no MLflow run left RUNNING."""
 
+import json
 import os
 import re
 import signal
@@ -11,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, needs_fashion_mnist
+from conftest import REPO
 from decoupled import config, grid, tracking
 from decoupled.errors import UserError
 
@@ -123,34 +124,44 @@ def test_a_misspelt_mode_on_the_command_line_names_the_flag(tmp_path):
         "decoupled train: error: argument --mode: invalid choice: 'asyn' (choose from 'sync', 'async') (see decoupled train --help)"]
 
 
-def planned_jobs(cwd, *args) -> list[dict]:
-    """The training jobs `snakemake -n` plans, started in ``cwd`` with this repository's Snakefile."""
-    import json
-    import re
+def planned(cwd, *args, config_too=True) -> tuple[list[grid.RunKey], dict[str, str] | None]:
+    """What Snakemake, started in ``cwd`` with this repository's Snakefile, hands its training
+    jobs: their places in the grid (`snakemake -n -p`), and (``config_too``) the experiment
+    config they are computed from (in their environment; the parent run carries it as params,
+    made by the init_tracking rule)."""
+    from mlflow.tracking import MlflowClient
 
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    result = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-n", "-p", "--cores", "1", *args],
-                            capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return [json.loads(j) for j in re.findall(r"decoupled train --job-json '(\{.*?\})' --data", result.stdout + result.stderr)]
+    snakemake = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--cores", "1"]
+    dry = subprocess.run([*snakemake, "-n", "-p", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    places = re.findall(r'decoupled train --config-json "\$DECOUPLED_EXPERIMENT_CONFIG" --method (\S+) --mode (\S+) --K (\d+) --seed (\d+) --variant (\S+)',
+                        dry.stdout + dry.stderr)
+    keys = [grid.RunKey(method, mode, int(K), int(seed), variant) for method, mode, K, seed, variant in places]
+    if not config_too:
+        return keys, None
+    init = subprocess.run([*snakemake, "--until", "init_tracking", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+    assert init.returncode == 0, init.stderr[-3000:]
+    experiment = json.loads((cwd / "results/mlflow/experiment.json").read_text())
+    parent = MlflowClient(f"sqlite:///{cwd}/results/mlflow/mlflow.db").get_run(experiment["parent_run_id"])
+    return keys, parent.data.params
 
 
 def test_one_config_file_means_the_same_to_snakemake_and_the_cli(tmp_path):
     # a partial file: what it leaves out comes from the schema's defaults, not from config/config.yaml
     partial = tmp_path / "partial.yaml"
     partial.write_text("experiment: minimal\ngrid: {methods: [dgl]}\n")
-    cli = [grid.job_config(config.load(partial), key) for key in grid.runs(config.load(partial))]
-    assert len(cli) == 1 and cli[0]["train"]["epochs"] == 5  # the schema's 5, not config.yaml's 2
+    cli = config.load(partial)
+    assert cli["train"]["epochs"] == 5  # the schema's 5, not config.yaml's 2
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    for cwd, path in ((tmp_path, "partial.yaml"), (elsewhere, str(partial))):
-        assert planned_jobs(cwd, "--configfile", path) == cli
-    # no --configfile: the default experiment, from any folder
+    keys, params = planned(tmp_path, "--configfile", "partial.yaml")
+    assert sorted(keys) == sorted(grid.runs(cli)) and params == tracking._described(cli)
+    assert planned(elsewhere, "--configfile", str(partial), config_too=False)[0] == keys
+    # no --configfile: the default experiment (its grid: K = 3, its variants), from any folder
     default = config.load(REPO / "config/config.yaml")
-    jobs = planned_jobs(elsewhere)
-    assert sorted(j["run"]["variant"] + j["run"]["method"] + j["run"]["mode"] + str(j["run"]["seed"]) for j in jobs) == sorted(
-        k.variant + k.method + k.mode + str(k.seed) for k in grid.runs(default))
-    assert {j["experiment"] for j in jobs} == {default["experiment"]} and {j["train"]["epochs"] for j in jobs} == {2}
+    keys, _ = planned(elsewhere, config_too=False)
+    assert sorted(keys) == sorted(grid.runs(default)) and {key.K for key in keys} == {3}
 
 
 def test_a_config_file_that_is_not_yaml_names_its_line(tmp_path):
@@ -247,37 +258,6 @@ def test_a_read_only_store_is_one_line_naming_it(fashion_subset, tmp_path, small
     assert len(lines) == 2 and "layers per module" in lines[0], result.stderr
     assert lines[1] == f"decoupled: error: tracking store sqlite:///{store}/mlflow.db: read-only (attempt to write a readonly database)"
     assert not any((tmp_path / "run" / name).exists() for name in ("checkpoint.pt", "metrics.json", "config.json"))
-
-
-@needs_fashion_mnist
-def test_a_failed_workflow_fails_its_parent_run_and_leaves_no_run_running(tmp_path):
-    import json
-
-    cfg = {"experiment": "faults-workflow", "dataset": {"name": "fashion_mnist", "subset_per_class": 20, "test_subset_per_class": 10},
-           "model": {"widths": [8, 16]}, "train": {"epochs": 1, "batch_size": 50}, "grid": {"methods": ["backprop", "dgl"], "K": [2]},
-           "overrides": {"dgl": {"train": {"lr": 1.0e12}}}}  # DGL diverges: its job fails
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DECOUPLED_JOB_LOG")}
-
-    def snakemake(*args):
-        return subprocess.run([sys.executable, "-m", "snakemake", *args, "-s", str(REPO / "Snakefile"), "--cores", "2", "--configfile", "c.yaml"],
-                              capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
-
-    assert snakemake("results/mlflow/experiment.json").returncode == 0
-    experiment = json.loads((tmp_path / "results/mlflow/experiment.json").read_text())
-    experiment["tracking_uri"] = f"sqlite:///{tmp_path}/results/mlflow/mlflow.db"
-    killed = tracking.ChildRun.start(experiment, "killed", {}, {tracking.RUN_DIR_TAG: str(tmp_path / "results/runs/dgl/sync/K2/default/seed1")})
-    result = snakemake("--keep-going")
-    assert result.returncode != 0
-    assert "1 orphaned run(s) marked FAILED" in result.stderr, result.stderr[-3000:]
-    client = killed.client
-    parent = client.get_run(experiment["parent_run_id"])
-    assert parent.info.status == "FAILED" and parent.data.tags["error"].startswith("the workflow failed; its log: ")
-    assert parent.data.tags["error"].endswith(".snakemake.log") and "Traceback" not in result.stderr
-    runs = {r.info.run_name: r for r in child_runs(experiment["tracking_uri"], "faults-workflow")}
-    assert {name: r.info.status for name, r in runs.items()} == {"backprop K2 s0": "FINISHED", "dgl K2 s0": "FAILED", "killed": "FAILED"}
-    assert runs["killed"].data.tags["error"].startswith("abandoned: its job ended without closing it")
-    assert "try a lower train.lr" in runs["dgl K2 s0"].data.tags["error"]
 
 
 @pytest.mark.parametrize("method, train, says", [

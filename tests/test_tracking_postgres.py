@@ -5,6 +5,7 @@ PostgreSQL (and the server) are started by scripts/postgres-mlflow.sh in a fresh
 stopped by PID at the end of each test.
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -14,9 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow_check import check_runs, init_tracking, jobs, run_concurrently, tiny_data  # noqa: F401 (a fixture)
 
-from conftest import REPO, free_port
+from conftest import REPO, free_port, needs_fashion_mnist
 
 SCRIPT = REPO / "scripts/postgres-mlflow.sh"
 N_JOBS = 8
@@ -153,3 +155,36 @@ def test_concurrent_jobs_log_through_an_mlflow_server_on_postgresql(services, ti
                                                   dst_path=str(tmp_path / "download" / run.info.run_id), tracking_uri=uri)  # fmt: skip
         assert Path(got).read_bytes() == (run_dirs[run.info.run_name] / "metrics.json").read_bytes()
         assert (folder / "artifacts" / experiment["experiment_id"] / run.info.run_id / "artifacts/metrics.json").is_file()
+
+
+@needs_fashion_mnist
+def test_a_password_in_the_config_reaches_postgresql_and_nothing_else(services, tmp_path):
+    from mlflow.tracking import MlflowClient
+    from test_safety import files_holding, snakemake, tiny
+
+    folder, env = services("--no-server")
+    password = (folder / "pgpass").read_text().splitlines()[0].rsplit(":", 1)[1]
+    uri = env["MLFLOW_BACKEND_STORE_URI"]  # postgresql://mlflow@127.0.0.1:PORT/mlflow
+    with_password = uri.replace("mlflow@", f"mlflow:{password}@", 1)
+    clean = {k: v for k, v in os.environ.items() if k not in ("PGPASSFILE", "PGPASSWORD")}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(tiny(output_dir="results", tracking_uri=with_password, experiment="secret")))
+    result = snakemake(tmp_path, "-p", env=clean)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert password not in result.stdout + result.stderr
+    assert files_holding(tmp_path, password) == ["c.yaml"]  # results/, logs, .snakemake/ metadata, mlruns/
+    assert json.loads((tmp_path / "results/mlflow/experiment.json").read_text())["tracking_uri"] == uri
+    client = MlflowClient(with_password)
+    runs = client.search_runs([client.get_experiment_by_name("secret").experiment_id])
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+    for run in runs:
+        assert password not in json.dumps([run.data.params, run.data.tags])
+        assert run.data.params["tracking_uri"] == uri
+
+    # PostgreSQL's own ways, with no password in the config: PGPASSWORD (and PGPASSFILE, above)
+    def init_with(environment):
+        return subprocess.run([sys.executable, "-m", "decoupled", "init-tracking", "--experiment", "secret", "--tracking-uri", uri,
+                               "--out", str(tmp_path / "t.json")], capture_output=True, text=True, env=environment, timeout=120)
+
+    assert init_with({**clean, "PGPASSWORD": password}).returncode == 0
+    refused = init_with(clean)
+    assert refused.returncode == 2 and len(refused.stderr.splitlines()) == 1 and "mlflow db upgrade failed" in refused.stderr, refused.stderr

@@ -87,12 +87,13 @@ def cmd_train(args) -> None:
     from decoupled import grid
     from decoupled.job import run_job
 
+    described = None  # the experiment config, when given: the job's run goes under its parent run
     if args.job_json is not None:
         job = grid.check_job(_json_arg(args.job_json, "--job-json"))
     else:
         if None in (args.method, args.K, args.seed):
             raise UserError("train needs --job-json, or --config with --method, --K and --seed")
-        cfg = _experiment_config(args)
+        cfg = described = _experiment_config(args)
         variant = args.variant
         if variant is None:
             names = list(grid.variants(cfg, args.method, args.mode))
@@ -109,21 +110,27 @@ def cmd_train(args) -> None:
     from decoupled import engines
 
     if not engines.of(job).is_launched():
-        _launch_workers(job)  # this process becomes the launcher's agent; its processes rerun this command
+        from decoupled import rundir
+        from decoupled.data import load_prepared
+        from decoupled.train import check_fits
+
+        check_fits(job, load_prepared(args.data))  # before the run directory is made
+        with rundir.training(args.out):  # held for the workers: a second launcher stops at once
+            _launch_workers(job, args.out)  # this process becomes the launcher's agent; its processes rerun this command
     else:
-        run_job(job, args.data, args.out, _tracking(args.tracking), tags)
+        run_job(job, args.data, args.out, _tracking(args.tracking), tags, described)
 
 
-def _launch_workers(job: dict) -> None:
+def _launch_workers(job: dict, out: str) -> None:
     """Run this very command as the job's processes under torchrun on this machine."""
     import signal
     import subprocess
 
-    from decoupled import engines
+    from decoupled import engines, rundir
     from decoupled.grid import RunKey
 
     command = [sys.executable, "-m", "torch.distributed.run", *engines.of(job).launch_args(job), "-m", "decoupled", *sys.argv[1:]]
-    agent = subprocess.Popen(command)
+    agent = subprocess.Popen(command, env={**os.environ, rundir.HELD_ENV: str(Path(out).resolve())})
     terminated = []
 
     def forward(signum, frame):
@@ -147,18 +154,30 @@ def _launch_workers(job: dict) -> None:
 def cmd_evaluate(args) -> None:
     """Every run's final checkpoint on the test set, in one process (one start-up for all of
     them: the workflow evaluates an experiment's runs in one job). Every result is computed
-    before any is written or logged, so a bad checkpoint leaves no output."""
+    before any is written or logged. A run whose checkpoint cannot be read gets an eval.json
+    saying so (the report leaves it out, naming it), and the others go on."""
     if len(args.out) != len(args.run):
         raise UserError(f"evaluate: {len(args.run)} --run directories but {len(args.out)} --out files")
     from decoupled.data import load_prepared
+    from decoupled.rundir import make_again
 
     data = load_prepared(args.data)
-    results = [(Path(run), out, *_evaluate_run(Path(run), data)) for run, out in zip(args.run, args.out)]
+    results = []
+    for run, out in zip(args.run, args.out):
+        try:
+            results.append((Path(run), out, *_evaluate_run(Path(run), data)))
+        except UserError as e:
+            results.append((Path(run), out, {"error": str(e)}, None))
+            print(f"decoupled: warning: {e}; {make_again(Path(run) / 'checkpoint.pt')}", file=sys.stderr)
+    if all(checkpoint is None for *_, checkpoint in results):
+        raise UserError(f"evaluate: none of the {len(results)} runs has a readable checkpoint")
     from decoupled.files import write_json
 
     experiment = _tracking(args.tracking)
     for run_dir, out, result, checkpoint in results:
         write_json(out, result)
+        if checkpoint is None:
+            continue
         if experiment is not None:
             from decoupled.tracking import ChildRun
 
@@ -178,11 +197,15 @@ def _evaluate_run(run_dir: Path, data) -> tuple[dict, dict]:
     from decoupled.evaluate import evaluate
     from decoupled.resume import load_checkpoint
 
-    checkpoint = load_checkpoint(run_dir / "checkpoint.pt")
-    job = checkpoint["job"]
-    torch.set_num_threads(job["train"]["threads"])
-    net = numerics.place(model.build(job["model"], job["run"]["K"], data.in_channels, data.num_classes, checkpoint["split"]), job["train"])
-    net.load_state_dict(checkpoint["net"])
+    path = run_dir / "checkpoint.pt"
+    checkpoint = load_checkpoint(path)
+    try:
+        job = checkpoint["job"]
+        torch.set_num_threads(job["train"]["threads"])
+        net = numerics.place(model.build(job["model"], job["run"]["K"], data.in_channels, data.num_classes, checkpoint["split"]), job["train"])
+        net.load_state_dict(checkpoint["net"])
+    except (KeyError, TypeError, RuntimeError) as e:  # a checkpoint of something else
+        raise UserError(f"checkpoint {path} is not one of this pipeline's runs on this data ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
     with numerics.autocast(job["train"], "cpu"):  # the numerics it was trained (and evaluated per epoch) in
         result = {**job["run"], **evaluate(net, data.test_x, data.test_y, job["train"]["eval_batch_size"])}
     return result, {"mlflow_run_id": checkpoint["mlflow_run_id"], "epoch": checkpoint["epoch"]}
@@ -190,33 +213,38 @@ def _evaluate_run(run_dir: Path, data) -> tuple[dict, dict]:
 
 def cmd_report(args) -> None:
     from decoupled.report import DEFAULT_TARGET_ACCURACY, build_report
+    from decoupled.rundir import make_again
 
     target = DEFAULT_TARGET_ACCURACY if args.target_accuracy is None else args.target_accuracy
-    report_cfg = json.loads(args.config_json).get("report") if args.config_json is not None else None
-    written = build_report([Path(r) for r in args.runs], Path(args.tables), Path(args.figures), target, report_cfg)
+    described = _experiment_config(args) if args.config_json is not None else None
+    left_out: list[tuple[Path, str]] = []
+    written = build_report([Path(r) for r in args.runs], Path(args.tables), Path(args.figures), target,
+                           described["report"] if described is not None else None, left_out)
+    for damaged, why in left_out:  # one damaged run: the others are reported
+        print(f"decoupled: warning: {why}; {make_again(damaged)}", file=sys.stderr)
     experiment = _tracking(args.tracking)
     if experiment is not None:
         from decoupled.files import read_json
         from decoupled.tracking import log_to_parent, parent_for
 
         parent_id = None
-        if args.config_json is not None:  # the parent run of this config, with these runs under it
-            from decoupled import config
-
-            children = [read_json(Path(r) / "metrics.json")["mlflow_run_id"] for r in args.runs]
-            parent_id = parent_for(experiment, config.validate(_json_arg(args.config_json, "--config-json")), children)
+        if described is not None:  # the parent run of this config, with these runs under it
+            skipped = {damaged.parent for damaged, _ in left_out}
+            children = [read_json(Path(r) / "metrics.json")["mlflow_run_id"] for r in args.runs if Path(r) not in skipped]
+            parent_id = parent_for(experiment, described, children)
         log_to_parent(experiment, written, parent_id=parent_id)
     for path in written:
         print(f"wrote {path}", file=sys.stderr)
 
 
 def cmd_workflow_state(args) -> None:
-    from decoupled.tracking import fail_orphans, mark_parent
+    from decoupled.tracking import check_store, fail_abandoned_parents, fail_orphans, mark_parent
 
     experiment = _tracking(args.tracking)
     described = _experiment_config(args)
-    if args.state == "started":
-        mark_parent(experiment, described, "RUNNING")
+    if args.state == "started":  # before any job: the store must still be the one its jobs attach to
+        check_store(experiment, args.tracking)
+        mark_parent(experiment, described, "RUNNING", runs_dir=args.runs_dir)
         return
     # Snakemake has ended, and with it every job it ran: a run still RUNNING lost its process
     orphans = fail_orphans(experiment, args.runs_dir, f"abandoned: its job ended without closing it (killed?); see {args.log}")
@@ -224,8 +252,11 @@ def cmd_workflow_state(args) -> None:
         parent = mark_parent(experiment, described, "FINISHED")
     else:
         parent = mark_parent(experiment, described, "FAILED", f"the workflow failed; its log: {args.log}")
+    abandoned = fail_abandoned_parents(experiment, args.runs_dir, keep=parent)
     closed = f", {len(orphans)} orphaned run(s) marked FAILED" if orphans else ""
-    print(f"MLflow parent run {parent}: {'FINISHED' if args.state == 'succeeded' else 'FAILED'}{closed}", file=sys.stderr)
+    closed += f", {len(abandoned)} parent run(s) a killed workflow left RUNNING marked FAILED" if abandoned else ""
+    state = "FINISHED" if args.state == "succeeded" else "FAILED"
+    print(f"MLflow parent run {parent}: {state}{closed}" if parent else f"MLflow: no parent run of this config to mark {state}{closed}", file=sys.stderr)
 
 
 def cmd_relocate(args) -> None:
@@ -233,7 +264,7 @@ def cmd_relocate(args) -> None:
 
     db = Path(args.store.removeprefix("sqlite:///"))
     if not db.is_file():
-        raise UserError(f"no SQLite store at {db}")
+        raise UserError(f"no SQLite store at {db}" + (" (a directory)" if db.is_dir() else ""))
     moved = relocate(db)
     where = (db.parent / "artifacts").resolve()
     print(f"{db}: artifacts of {moved} experiment(s) now read from {where}" if moved else f"{db}: artifacts already beside the store ({where})", file=sys.stderr)
@@ -308,9 +339,9 @@ def _train_command(sub) -> None:
 
     sp = sub.add_parser("train", help="train one job of the grid")
     group = sp.add_mutually_exclusive_group(required=True)
-    group.add_argument("--job-json", help="resolved job config as JSON (what the workflow passes)")
+    group.add_argument("--job-json", help="resolved job config as JSON (a job's config.json, say)")
     group.add_argument("--config", help="experiment config YAML file; pick the job with --method/--mode/--K/--seed")
-    group.add_argument("--config-json", help=argparse.SUPPRESS)
+    group.add_argument("--config-json", help="the same as JSON (what the workflow passes, from $DECOUPLED_EXPERIMENT_CONFIG)")
     sp.add_argument("--method", choices=method_names(), help="with --config")
     sp.add_argument("--mode", choices=["sync", "async"], default="sync", help="with --config")
     sp.add_argument("--K", type=int, help="modules, with --config")
@@ -370,14 +401,17 @@ def _keep_traceback() -> None:
     """The traceback of the exception at hand, appended to the job's log (not the terminal)."""
     import traceback
 
+    from decoupled.credentials import redact
+
     log = os.environ.get(JOB_LOG_ENV)
     if log:
         with contextlib.suppress(OSError):  # a full disk: the one line will do
             with open(log, "a") as f:
-                f.write(traceback.format_exc())
+                f.write(redact(traceback.format_exc()))
 
 
 def main(argv: list[str] | None = None) -> int:
+    from decoupled.credentials import redact
     from decoupled.errors import EnvironmentFault, environment_cause
 
     args = parser().parse_args(argv)
@@ -395,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, EnvironmentFault):
             _keep_traceback()
         try:
-            print(f"decoupled: error: {e}", file=sys.stderr)
+            print(f"decoupled: error: {redact(str(e))}", file=sys.stderr)
         except BrokenPipeError:  # e.g. a SIGTERM to the whole job stopped the `tee` we write to
             pass
         return getattr(e, "exit_code", 2)  # 75 for a terminated job that may be run again
@@ -403,6 +437,12 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(BrokenPipeError):
             print("decoupled: interrupted", file=sys.stderr)
         return 130  # 128 + SIGINT, as a shell reports it
+    except Exception:  # a bug: its traceback, as Python prints it, but with no password in it
+        import traceback
+
+        with contextlib.suppress(BrokenPipeError):
+            sys.stderr.write(redact(traceback.format_exc()))
+        return 1
     return 0
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import jsonschema
 import yaml
 
+from decoupled.credentials import redact, without_password
 from decoupled.errors import UserError
 
 
@@ -42,24 +43,31 @@ _Validator = _with_defaults(jsonschema.Draft202012Validator)
 
 
 def describe(error: jsonschema.ValidationError) -> str:
-    """One line naming the key (as a dotted path) and what is wrong with it."""
+    """One line naming the key (as a dotted path) and what is wrong with it (a password in the
+    value shown as ***). A schema's own ``errorMessage`` says it for a pattern."""
     where = ".".join(str(p) for p in error.absolute_path) or "<top level>"
-    return f"config key '{where}': {error.message}"
+    message = error.message
+    if error.validator == "pattern" and "errorMessage" in error.schema:
+        message = f"{error.instance!r} {error.schema['errorMessage']}"
+    return redact(f"config key '{where}': {message}")
 
 
 def validate(config: dict[str, Any]) -> dict[str, Any]:
-    """Return a validated copy of ``config`` with defaults filled in; UserError on the first problem."""
+    """Return a validated copy of ``config`` with defaults filled in; UserError on the first
+    problem. Its ``tracking_uri`` holds no password (``decoupled.credentials``)."""
     config = copy.deepcopy(config)
     error = jsonschema.exceptions.best_match(_Validator(schema()).iter_errors(config))
     if error is not None:
         raise UserError(describe(error))
+    if "tracking_uri" in config:
+        config["tracking_uri"] = without_password(config["tracking_uri"])
     return config
 
 
 def validate_section(name: str, value: Any) -> Any:
     """Validate one top-level section (e.g. ``dataset``) on its own, defaults filled in."""
     wrapped = {name: copy.deepcopy(value)}
-    section_schema = {"type": "object", "properties": {name: schema()["properties"][name]}}
+    section_schema = {"$defs": schema()["$defs"], "type": "object", "properties": {name: schema()["properties"][name]}}
     error = jsonschema.exceptions.best_match(_Validator(section_schema).iter_errors(wrapped))
     if error is not None:
         raise UserError(describe(error))
@@ -73,6 +81,10 @@ def load(path: str | Path) -> dict[str, Any]:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise UserError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise UserError(f"config file {path} is a directory: give a YAML file, e.g. config/config.yaml") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"config file {path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)

@@ -43,6 +43,18 @@ def save_torch(obj, path: str | Path) -> None:
         raise OSError(e.errno, e.strerror, str(path)) from e
 
 
+def link_or_copy(source: str | Path, target: str | Path) -> None:
+    """``target`` becomes a second name of ``source`` (a hard link: no copy on disk), or a copy
+    where the file system has no hard links; atomically, replacing what ``target`` was."""
+    import shutil
+
+    with atomic_path(target) as tmp:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+
+
 def write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8", newline="")

@@ -3,14 +3,16 @@
 At its start and after every epoch a job writes ``resume.pt`` in its run directory: everything
 needed to continue exactly (the network with its aux heads, every optimizer, scheduler and
 synthesizer, replay buffers and gradients in flight, the data order and RNG states, step
-counters, the epochs so far and the MLflow run id). It is not one of the job's outputs, so
-Snakemake keeps it when it removes a failed job's outputs; a rerun of the same job continues
-from it, into the same MLflow run, and computes what an uninterrupted run computes. SIGTERM
+counters, the epochs so far, the MLflow run id and a hash of the training code). It is not one
+of the job's outputs, so Snakemake keeps it when it removes a failed job's outputs; a rerun of
+the same job (the same config and code) continues from it, into the same MLflow run, and
+computes what an uninterrupted run computes. SIGTERM
 (a SLURM preemption) stops the job with exit status 75 (EX_TEMPFAIL: try again) so that it
 can be requeued: the simulated engines finish the step at hand and write a checkpoint of the
 epoch's progress too (a rerun goes on from that step); elsewhere (the distributed engine,
 evaluation) the job stops at once and the last epoch's checkpoint stays. On success the last
-``resume.pt`` becomes ``checkpoint.pt``.
+``resume.pt`` stays, and ``checkpoint.pt`` is a second name of it: the job run again finishes at
+once, from its end.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from decoupled.code_version import training_code_hash
 from decoupled.engines.base import StopRequest
 from decoupled.errors import UserError
 from decoupled.grid import RunKey
@@ -64,7 +67,8 @@ def ignore_sigterm() -> None:
 
 def load_resume(out_dir: Path, job: dict, abandoned: list[str] | None = None) -> dict | None:
     """The state a previous attempt of this very job left in ``out_dir``, or None to start afresh.
-    The MLflow run of an attempt that was another configuration of the job goes in ``abandoned``."""
+    The MLflow run of an attempt that was another configuration of the job (or ran other code)
+    goes in ``abandoned``."""
     path = out_dir / RESUME_FILE
     if not path.is_file():
         return None
@@ -74,12 +78,20 @@ def load_resume(out_dir: Path, job: dict, abandoned: list[str] | None = None) ->
     except Exception as e:  # written atomically, so only a foreign or damaged file gets here
         print(f"[{name}] ignoring {path} ({type(e).__name__}): starting afresh", file=sys.stderr, flush=True)
         return None
-    if state.get("job") != job:
-        if abandoned is not None and state.get("mlflow_run_id"):
+    other = "another configuration of this job" if state.get("job") != job else None
+    if other is None and state.get("code") != code_of(job):
+        other = "this job under other code (its method's or the shared training code has changed since)"
+    if other is not None:
+        if abandoned is not None and state.get("mlflow_run_id"):  # (a FINISHED run stays as it is)
             abandoned.append(state["mlflow_run_id"])
-        print(f"[{name}] ignoring {path}: it was written for another configuration of this job; starting afresh", file=sys.stderr, flush=True)
+        print(f"[{name}] ignoring {path}: it was written for {other}; starting afresh", file=sys.stderr, flush=True)
         return None
     return state
+
+
+def code_of(job: dict) -> str:
+    """What a resume.pt records of the code that wrote it: the hash of the job's training code."""
+    return training_code_hash(job["run"]["method"])
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from decoupled.credentials import redact, with_password, without_password
 from decoupled.errors import EnvironmentFault, UserError, environment_cause
 
 # Offline, MLflow's telemetry thread races on an environment variable and fails HTTP calls.
@@ -29,6 +30,13 @@ PARENT_TAG = "decoupled.role"
 # process at a time, so a RUNNING run of a directory that no process is training is an orphan.
 RUN_DIR_TAG = "decoupled.run_dir"
 CONFIG_TAG = "decoupled.config"  # a parent run's: a digest of the experiment config it carries
+# A parent run's: the run directories' folder of the workflow that last ran it. One workflow at a
+# time runs in a folder (Snakemake locks it), so its other RUNNING parents were left so by a killed one.
+PARENT_RUNS_DIR_TAG = "decoupled.runs_dir"
+# A child run's: a digest of its resolved job config. A retrain of the same job in the same run
+# directory supersedes the earlier FINISHED run: SUPERSEDED_TAG names the new run.
+JOB_TAG = "decoupled.job"
+SUPERSEDED_TAG = "decoupled.superseded_by"
 # An experiment whose artifacts live beside its SQLite store (<store dir>/artifacts): its
 # artifact locations follow the store when results/ is moved or copied (see relocate).
 STORE_ARTIFACTS_TAG = "decoupled.artifacts_beside_store"
@@ -45,8 +53,9 @@ def runs_page(ui: str, experiment_id: str) -> str:
 
 
 def tracking_uri(config: dict) -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else the config's ``tracking_uri``."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or config["tracking_uri"]
+    """``MLFLOW_TRACKING_URI`` if set, else the config's ``tracking_uri``; without its password
+    (``decoupled.credentials``: it reaches the store's client only)."""
+    return without_password(os.environ.get("MLFLOW_TRACKING_URI") or config["tracking_uri"])
 
 
 def _sqlite_path(uri: str) -> Path | None:
@@ -69,7 +78,7 @@ def _raise_store_fault(uri: str, error: Exception):
     cause = environment_cause(error)
     if cause is None:
         raise error
-    raise EnvironmentFault(f"tracking store {uri}: {cause}") from error
+    raise EnvironmentFault(f"tracking store {redact(uri)}: {cause}") from error
 
 
 class _StoreClient:
@@ -84,7 +93,7 @@ class _StoreClient:
         # It logs every database error with its traceback before raising it; raised, it is ours to show.
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
         self._uri = uri
-        self._client = MlflowClient(tracking_uri=uri)
+        self._client = MlflowClient(tracking_uri=with_password(uri))
 
     def __getattr__(self, name: str):
         method = getattr(self._client, name)
@@ -124,7 +133,10 @@ def relocate(db: str | Path) -> int:
     here = _store_artifacts(db)
     moved = 0
     with contextlib.closing(sqlite3.connect(db, timeout=60)) as con, con:
-        tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        try:
+            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        except sqlite3.DatabaseError as e:
+            raise UserError(f"{db} is not an SQLite database ({e})") from None
         if not {"experiments", "experiment_tags", "runs"} <= tables:
             return 0  # not (yet) an MLflow store
         rows = con.execute(
@@ -144,11 +156,11 @@ def relocate(db: str | Path) -> int:
 
 
 def init_experiment(config: dict, described: dict | None = None) -> dict[str, str]:
-    """Create (or find) the store's schema, the experiment and its parent run; return their ids.
+    """Create (or find) the store's schema, the experiment and a parent run; return their ids.
 
-    ``described``, an experiment config, is what a new parent run carries as params (its grid
-    included); an existing parent is taken as it is (the newest, when a changed config gave
-    the experiment several: see ``parent_for``).
+    ``described``, an experiment config: the parent run is the one of that config (``parent_run``:
+    found by its digest, or made carrying it as params). Without one, the experiment's newest
+    parent, or a new one without params.
 
     An http(s):// URI is an ``mlflow server``: the server owns the schema (the server's
     ``mlflow db upgrade``) and gives the experiment its artifact location. A SQLite store is
@@ -158,12 +170,14 @@ def init_experiment(config: dict, described: dict | None = None) -> dict[str, st
     uri = tracking_uri(config)
     if uri.startswith(("http://", "https://")):
         _check_server(uri)
+    else:
+        _check_database_server(uri)
     db = _sqlite_path(uri)
     artifact_location = None
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
         artifact_location = _store_artifacts(db)
-    with _locked(db.parent / f"{db.name}.lock" if db is not None else None):
+    with _store_lock(uri):
         if uri.split(":", 1)[0].split("+")[0] in ("sqlite", "postgresql", "mysql", "mssql"):
             _upgrade_schema(uri)
         client = _client(uri)
@@ -174,9 +188,13 @@ def init_experiment(config: dict, described: dict | None = None) -> dict[str, st
             experiment_id = client.create_experiment(name, artifact_location=artifact_location, tags=tags)
         else:
             experiment_id = experiment.experiment_id
-        parents = client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = 'parent'", max_results=1, order_by=["attributes.start_time DESC"])
-        parent_id = parents[0].info.run_id if parents else _new_parent(client, experiment_id, name, described, "decoupled init-tracking")
-    return {"tracking_uri": uri, "experiment": name, "experiment_id": experiment_id, "parent_run_id": parent_id}
+        info = {"tracking_uri": uri, "experiment": name, "experiment_id": experiment_id}
+        if described is not None:
+            parent_id = _parent_run(client, {**info, "parent_run_id": None}, described, "decoupled init-tracking")
+        else:
+            parents = client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = 'parent'", max_results=1, order_by=["attributes.start_time DESC"])
+            parent_id = parents[0].info.run_id if parents else _new_parent(client, experiment_id, name, None, "decoupled init-tracking")
+    return {**info, "parent_run_id": parent_id}
 
 
 SERVER_TIMEOUT_S = float(os.environ.get("DECOUPLED_TRACKING_TIMEOUT_S", "10"))
@@ -198,6 +216,75 @@ def _check_server(uri: str) -> None:
         raise UserError(f"tracking_uri {uri}: cannot reach the MLflow server ({reason})") from None
 
 
+_DATABASE_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
+
+
+def _check_database_server(uri: str) -> None:
+    """One line, within DECOUPLED_TRACKING_TIMEOUT_S, when a database server's port does not
+    answer, instead of MLflow's retries of its connection for about 100 s."""
+    import socket
+
+    scheme, sep, rest = uri.partition("://")
+    host_port = rest.partition("/")[0].rpartition("@")[2]
+    port = _DATABASE_PORTS.get(scheme.split("+")[0])
+    if not sep or port is None or not host_port:  # SQLite, or a server on a Unix socket
+        return
+    host, colon, given = host_port.rpartition(":") if not host_port.endswith("]") else (host_port, "", "")
+    if not colon or not given.isdigit():
+        host, given = host_port, str(port)
+    try:
+        socket.create_connection((host.strip("[]"), int(given)), timeout=SERVER_TIMEOUT_S).close()
+    except OSError as e:
+        raise UserError(f"tracking_uri {uri}: cannot reach the database server at {host}:{given} ({e})") from None
+
+
+def check_store(experiment: dict[str, str], tracking_file: str | Path) -> None:
+    """A UserError, one line saying what to do, when the store that ``tracking_file`` (written by
+    init-tracking, ``experiment``) names no longer holds its experiment and parent run: deleted,
+    or replaced by another. A SQLite store is read directly (no MLflow: the workflow asks this
+    when it starts, before every dry run too); any other through MLflow."""
+    uri = experiment["tracking_uri"]
+    db = _sqlite_path(uri)
+    problem = _sqlite_store_problem(db, experiment) if db is not None else _store_problem(experiment)
+    if problem is not None:
+        raise UserError(f"the MLflow store {uri} of {tracking_file} {problem} (deleted or replaced?): put it back, or delete {tracking_file}"
+                        " to log to a new store (finished runs are then logged to it again from their resume.pt, not retrained)")
+
+
+def _store_problem(experiment: dict[str, str]) -> str | None:
+    """What is wrong with a store that should hold ``experiment``, asked through MLflow; None: nothing."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(experiment["tracking_uri"])
+    try:
+        found = client.get_experiment(experiment["experiment_id"])
+    except MlflowException:
+        found = None
+    if found is None or found.name != experiment["experiment"] or found.lifecycle_stage != "active":
+        return f"has no experiment '{experiment['experiment']}' of id {experiment['experiment_id']}"
+    if _stored_run(client, experiment, experiment["parent_run_id"]) is None:
+        return f"has no parent run {experiment['parent_run_id']}"
+    return None
+
+
+def _sqlite_store_problem(db: Path, experiment: dict[str, str]) -> str | None:
+    import sqlite3
+
+    if not db.is_file():
+        return "is missing"
+    try:
+        with contextlib.closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=60)) as con:
+            row = con.execute("SELECT name, lifecycle_stage FROM experiments WHERE experiment_id = ?", (int(experiment["experiment_id"]),)).fetchone()
+            parent = con.execute("SELECT lifecycle_stage FROM runs WHERE run_uuid = ?", (experiment["parent_run_id"],)).fetchone()
+    except sqlite3.DatabaseError as e:  # not an MLflow store (no such table), or not a database at all
+        return f"is not the MLflow store it was ({e})"
+    if row is None or row[0] != experiment["experiment"] or row[1] != "active":
+        return f"has no experiment '{experiment['experiment']}' of id {experiment['experiment_id']}"
+    if parent is None or parent[0] != "active":
+        return f"has no parent run {experiment['parent_run_id']}"
+    return None
+
+
 def _described(config: dict | None) -> dict[str, str]:
     """An experiment config as a parent run's params (where the outputs go is not one)."""
     from decoupled.config import flatten
@@ -205,11 +292,16 @@ def _described(config: dict | None) -> dict[str, str]:
     return {k: str(v) for k, v in flatten(config).items() if k != "output_dir"} if config is not None else {}
 
 
-def _digest(params: dict[str, str]) -> str:
+def _digest(params: dict) -> str:
     import hashlib
     import json
 
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def job_digest(job: dict) -> str:
+    """What tells a job's configurations apart (``JOB_TAG``): a digest of its resolved config."""
+    return _digest(job)
 
 
 def _new_parent(client, experiment_id: str, name: str, described: dict | None, command: str) -> str:
@@ -220,29 +312,40 @@ def _new_parent(client, experiment_id: str, name: str, described: dict | None, c
     return parent_id
 
 
-def parent_for(experiment: dict[str, str], described: dict, children: list[str]) -> str:
-    """The parent run that carries the experiment config ``described``, with ``children`` (run
-    ids: the report's runs) under it; returns its id.
+# One parent run per experiment config. MLflow never changes a param: a changed config gets a
+# parent run of its own (made by the workflow's start, or init-tracking, before any job), and
+# its jobs' runs go under it; the earlier parent keeps its params and the runs of its config.
+def parent_run(experiment: dict[str, str], described: dict, command: str = "decoupled") -> str:
+    """The id of the parent run of the experiment config ``described``: the one made for it (its
+    digest), or the experiment's parent if that was made without a config (it takes this one),
+    or a new one carrying it as params."""
+    with _store_lock(experiment["tracking_uri"]):
+        return _parent_run(_client(experiment["tracking_uri"]), experiment, described, command)
 
-    MLflow never changes a param: when the config is not the one the experiment's parent run
-    was created with, a parent run is made for it (or the one made for it before is taken),
-    and the runs are moved under it. The earlier parent keeps its params, and the runs of its
-    config that this one does not have. A parent created without a config gets this one.
-    """
-    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-    client = _client(experiment["tracking_uri"])
+def _parent_run(client, experiment: dict[str, str], described: dict, command: str) -> str:
     params = _described(described)
     digest = _digest(params)
-    current = client.get_run(experiment["parent_run_id"])
-    if current.data.tags.get(CONFIG_TAG) == digest:
-        parent_id = current.info.run_id
-    elif CONFIG_TAG not in current.data.tags and not current.data.params:  # made without a config: it takes this one
-        parent_id = current.info.run_id
-        client.set_tag(parent_id, CONFIG_TAG, digest)
-        _log_params(client, parent_id, params)
-    else:
-        parent_id = _parent_with(client, experiment, digest) or _new_parent(client, experiment["experiment_id"], experiment["experiment"], described, "decoupled report")
+    found = _parent_with(client, experiment, digest)
+    if found is not None:
+        return found
+    if experiment.get("parent_run_id"):
+        current = _stored_run(client, experiment, experiment["parent_run_id"])
+        if current is not None and CONFIG_TAG not in current.data.tags and not current.data.params:  # made without a config
+            client.set_tag(current.info.run_id, CONFIG_TAG, digest)
+            _log_params(client, current.info.run_id, params)
+            return current.info.run_id
+    return _new_parent(client, experiment["experiment_id"], experiment["experiment"], described, command)
+
+
+def parent_for(experiment: dict[str, str], described: dict, children: list[str]) -> str:
+    """The parent run of the experiment config ``described`` with ``children`` (run ids: the
+    report's runs) under it; returns its id. A run that the config shares with an earlier one
+    (a job the edit did not change) moves under it."""
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    parent_id = parent_run(experiment, described, "decoupled report")
+    client = _client(experiment["tracking_uri"])
     for run_id in children:
         if client.get_run(run_id).data.tags.get(MLFLOW_PARENT_RUN_ID) != parent_id:
             client.set_tag(run_id, MLFLOW_PARENT_RUN_ID, parent_id)
@@ -256,43 +359,67 @@ def _parent_with(client, experiment: dict[str, str], digest: str) -> str | None:
     return found[0].info.run_id if found else None
 
 
-def _parent_of(client, experiment: dict[str, str], described: dict | None) -> str:
-    """The parent run of the experiment config ``described`` (see ``parent_for``); the
-    experiment's parent when it has none yet (or ``described`` is None)."""
-    found = _parent_with(client, experiment, _digest(_described(described))) if described is not None else None
-    return found or experiment["parent_run_id"]
-
-
-def mark_parent(experiment: dict[str, str], described: dict | None, status: str, reason: str | None = None) -> str:
-    """Give the parent run of ``described`` the state of the workflow that runs its jobs:
-    RUNNING when it starts, FINISHED or FAILED (tag ``error``: ``reason``) when it ends. Returns its id."""
+def mark_parent(experiment: dict[str, str], described: dict, status: str, reason: str | None = None, runs_dir: str | Path | None = None) -> str | None:
+    """Give the parent run of ``described`` (and no other) the state of the workflow that runs its
+    jobs: RUNNING when it starts (made if need be, tagged with the workflow's ``runs_dir``),
+    FINISHED or FAILED (tag ``error``: ``reason``) when it ends. Returns its id; None at an end
+    with no parent of this config (it never started)."""
     client = _client(experiment["tracking_uri"])
-    parent_id = _parent_of(client, experiment, described)
+    if status == "RUNNING":
+        parent_id = parent_run(experiment, described, "snakemake")
+    else:
+        parent_id = _parent_with(client, experiment, _digest(_described(described)))
+        if parent_id is None:
+            return None
     tags = client.get_run(parent_id).data.tags
     if status == "FAILED":
         client.set_tag(parent_id, "error", (reason or "the workflow failed")[:5000])
     elif "error" in tags:
         client.delete_tag(parent_id, "error")
     if status == "RUNNING":
+        if runs_dir is not None:
+            client.set_tag(parent_id, PARENT_RUNS_DIR_TAG, str(Path(runs_dir).resolve()))
         client.update_run(parent_id, status="RUNNING")
     else:
         client.set_terminated(parent_id, status)
     return parent_id
 
 
-def fail_orphans(experiment: dict[str, str], run_dir: str | Path, why: str, keep: str | None = None) -> list[str]:
+def fail_abandoned_parents(experiment: dict[str, str], runs_dir: str | Path, keep: str | None) -> list[str]:
+    """Mark FAILED the parent runs, but ``keep``, that a workflow of ``runs_dir`` left RUNNING:
+    one workflow at a time runs there, so theirs was killed before it could close them."""
+    client = _client(experiment["tracking_uri"])
+    where = str(Path(runs_dir).resolve())
+    running = client.search_runs([experiment["experiment_id"]], filter_string=f"tags.`{PARENT_TAG}` = 'parent' and attributes.status = 'RUNNING'")
+    closed = []
+    for run in running:
+        if run.info.run_id != keep and run.data.tags.get(PARENT_RUNS_DIR_TAG) == where:
+            client.set_tag(run.info.run_id, "error", "abandoned: its workflow ended without closing it (Snakemake killed?)")
+            client.set_terminated(run.info.run_id, "FAILED")
+            closed.append(run.info.run_id)
+    return closed
+
+
+def fail_orphans(experiment: dict[str, str], run_dir: str | Path, why: str, keep: str | None = None, live_ones: bool = True) -> list[str]:
     """Mark FAILED (tag ``error``: ``why``) every RUNNING child run whose run directory is
     ``run_dir`` or lies under it, but ``keep``: runs whose process died without closing them
-    (killed, out of memory, a full disk that the store shared). Returns their ids."""
+    (killed, out of memory, a full disk that the store shared). Returns their ids. A run whose
+    directory a live process trains (``decoupled.rundir``: it holds the lock) is no orphan;
+    ``live_ones=False`` for a caller that holds ``run_dir``'s lock itself."""
+    from decoupled import rundir
+
     client = _client(experiment["tracking_uri"])
     root = str(Path(run_dir).resolve())
     running = client.search_runs([experiment["experiment_id"]], filter_string=f"tags.`{PARENT_TAG}` = 'child' and attributes.status = 'RUNNING'")
     orphans = []
     for run in running:
         where = run.data.tags.get(RUN_DIR_TAG)
-        if run.info.run_id != keep and where is not None and (where == root or where.startswith(root + os.sep)):
-            ChildRun(experiment, run.info.run_id).fail(why)
-            orphans.append(run.info.run_id)
+        if run.info.run_id == keep or where is None or not (where == root or where.startswith(root + os.sep)):
+            continue
+        if live_ones and rundir.is_held(where):
+            continue
+        ChildRun(experiment, run.info.run_id).fail(why)
+        orphans.append(run.info.run_id)
     return orphans
 
 
@@ -317,25 +444,43 @@ def source_tags(command: str) -> dict[str, str]:
     return {MLFLOW_USER: user, MLFLOW_SOURCE_NAME: command, MLFLOW_SOURCE_TYPE: "LOCAL", MLFLOW_GIT_COMMIT: git_commit()}
 
 
+def _store_lock(uri: str):
+    """A lock on a SQLite store (``<db>.lock``) while the block runs, so that processes on this
+    machine take turns making its experiment and parent runs; none for other stores."""
+    db = _sqlite_path(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    return _locked(db.parent / f"{db.name}.lock" if db is not None else None)
+
+
 @contextlib.contextmanager
 def _locked(path: Path | None):
     """An exclusive lock on ``path`` (created if need be) while the block runs; none for None."""
-    if path is None:
+    try:
+        lock = open(path, "a") if path is not None else None
+    except OSError:  # a store one may only read: what it refuses to write is said by the store
+        lock = None
+    if lock is None:
         yield
         return
-    with open(path, "a") as lock:
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         yield
 
 
 def _upgrade_schema(uri: str) -> None:
-    """Bring an existing database to the installed MLflow's schema; create a fresh one."""
-    result = subprocess.run([sys.executable, "-m", "mlflow", "db", "upgrade", uri], capture_output=True, text=True)
+    """Bring an existing database to the installed MLflow's schema; create a fresh one. (``mlflow
+    db upgrade``, given the URI in its environment: a password must not be on a command line.)"""
+    upgrade = "import os; from mlflow.db import commands; commands(['upgrade', os.environ['DECOUPLED_UPGRADE_URI']])"
+    if not uri.startswith("sqlite:"):  # one try first: a refused login is said at once, not after MLflow's retries (~100 s)
+        upgrade = "import os, sqlalchemy; sqlalchemy.create_engine(os.environ['DECOUPLED_UPGRADE_URI']).connect().close(); " + upgrade
+    env = {**os.environ, "DECOUPLED_UPGRADE_URI": with_password(uri)}
+    result = subprocess.run([sys.executable, "-c", upgrade], capture_output=True, text=True, env=env)
     if result.returncode != 0:
         cause = environment_cause(result.stderr)
         if cause is not None:
             raise EnvironmentFault(f"tracking store {uri}: {cause}")
-        lines = [line.strip() for line in result.stderr.splitlines() if line.strip()]
+        lines = [line.strip() for line in redact(result.stderr).splitlines() if line.strip()]
         errors = [line for line in lines if "Error:" in line or "Exception:" in line]
         raise UserError(f"tracking_uri {uri}: mlflow db upgrade failed: {(errors or lines or ['no message'])[-1]}")
 
@@ -408,10 +553,11 @@ class ChildRun:
         self.client = _client(experiment["tracking_uri"])
 
     @classmethod
-    def start(cls, experiment: dict[str, str], name: str, params: dict[str, Any], tags: dict[str, str]) -> "ChildRun":
+    def start(cls, experiment: dict[str, str], name: str, params: dict[str, Any], tags: dict[str, str], parent_id: str | None = None) -> "ChildRun":
+        """A new run under ``parent_id`` (default: the experiment's parent run)."""
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-        all_tags = {MLFLOW_PARENT_RUN_ID: experiment["parent_run_id"], PARENT_TAG: "child", **source_tags("decoupled train"), **tags}
+        all_tags = {MLFLOW_PARENT_RUN_ID: parent_id or experiment["parent_run_id"], PARENT_TAG: "child", **source_tags("decoupled train"), **tags}
         client = _client(experiment["tracking_uri"])
         run = client.create_run(experiment["experiment_id"], run_name=name, tags=all_tags)
         _log_params(client, run.info.run_id, params)
@@ -469,7 +615,30 @@ class ChildRun:
         self.client.log_artifact(self.run_id, str(path))
 
     def finish(self, status: str = "FINISHED") -> None:
+        if status == "FINISHED" and "error" in self.client.get_run(self.run_id).data.tags:  # what stopped an earlier attempt
+            self.client.delete_tag(self.run_id, "error")
         self.client.set_terminated(self.run_id, status)
+
+    def supersede_earlier(self) -> list[str]:
+        """The earlier FINISHED runs of this run's job (``JOB_TAG``) in its run directory, now
+        superseded by this one (the same job trained again, e.g. after a code change): each is
+        tagged ``decoupled.superseded_by`` with a note saying so, and moved to MLflow's deleted
+        runs (the runs table's "Deleted" filter shows it; ``mlflow runs restore`` brings it
+        back). One FINISHED run per job and configuration stays. Returns their ids."""
+        from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
+
+        tags = self.client.get_run(self.run_id).data.tags
+        if JOB_TAG not in tags:
+            return []
+        earlier = self.client.search_runs([self.experiment["experiment_id"]], filter_string=f"tags.`{JOB_TAG}` = '{tags[JOB_TAG]}' and attributes.status = 'FINISHED'")
+        superseded = []
+        for run in earlier:
+            if run.info.run_id != self.run_id and run.data.tags.get(RUN_DIR_TAG) == tags.get(RUN_DIR_TAG):
+                self.client.set_tag(run.info.run_id, SUPERSEDED_TAG, self.run_id)
+                self.client.set_tag(run.info.run_id, MLFLOW_RUN_NOTE, f"Superseded by run {self.run_id}: the same job, trained again in the same run directory.")
+                self.client.delete_run(run.info.run_id)
+                superseded.append(run.info.run_id)
+        return superseded
 
     def fail(self, message: str) -> None:
         self.set_tag("error", message[:5000])

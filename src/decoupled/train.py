@@ -204,6 +204,9 @@ def _announce(key: RunKey, split: dict, resume: dict | None, epochs: int) -> Non
         stages = ", ".join(f"{1000 * s:.1f}" for s in split["stage_s"])
         line += f" (balanced: predicted stage costs {stages} ms, imbalance {split['imbalance']:.2f}; even split {split['even_imbalance']:.2f})"
     print(line, file=sys.stderr, flush=True)
-    if resume is not None:
+    if resume is not None and resume["epoch"] == epochs and not resume.get("stopped_inside_epoch"):
+        print(f"{progress.stamp()} [{key.name}] trained already ({epochs}/{epochs} epochs in its resume.pt): finishing from there, nothing to train",
+              file=sys.stderr, flush=True)
+    elif resume is not None:
         where = f"inside epoch {resume['epoch'] + 1}" if resume.get("stopped_inside_epoch") else f"after epoch {resume['epoch']}"
         print(f"{progress.stamp()} [{key.name}] resuming {where}/{epochs} from its checkpoint", file=sys.stderr, flush=True)

@@ -20,6 +20,7 @@ from decoupled import engines as decoupled_engines  # noqa: E402
 from decoupled import grid as decoupled_grid  # noqa: E402
 from decoupled.code_version import training_code_hash  # noqa: E402
 from decoupled.config import describe  # noqa: E402
+from decoupled.credentials import without_password  # noqa: E402
 from decoupled.errors import UserError  # noqa: E402
 from decoupled.layout import FIGURE_FORMATS, FIGURES, TABLE_FORMATS, TABLES, figures_for, tables_for  # noqa: E402
 from decoupled.slurm import patch_status_query  # noqa: E402
@@ -28,18 +29,22 @@ from decoupled.slurm import patch_status_query  # noqa: E402
 # instead of being waited for for ever (see decoupled/slurm.py).
 patch_status_query()
 
+
+def _braced(text):
+    """``text`` as Snakemake's formatting of a shell line gives it back (braces doubled)."""
+    return text.replace("{", "{{").replace("}", "}}")
+
+
 # Jobs run `python -m decoupled` with the package taken from this checkout (PYTHONPATH) and the
 # interpreter from --use-conda's env if any, else the one running Snakemake (its bin/ first
 # on PATH, so an unactivated venv works too). A shell prefix, so that cluster jobs, which
-# re-read this file, get the same. (Braces are doubled: Snakemake formats the prefix.)
-_prefix = ["set -euo pipefail;", f'export PYTHONPATH="{REPO / "src"}${{{{PYTHONPATH:+:$PYTHONPATH}}}}" MLFLOW_DISABLE_TELEMETRY=true;']
+# re-read this file, get the same. Every value on a shell line is quoted (paths: `{x:q}`).
+_prefix = [
+    "set -euo pipefail;",
+    _braced(f'export PYTHONPATH={shlex.quote(str(REPO / "src"))}"${{PYTHONPATH:+:$PYTHONPATH}}" MLFLOW_DISABLE_TELEMETRY=true;'),
+]
 if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
-    _prefix.append(f'export PATH="{Path(sys.executable).parent}:$PATH";')
-# The experiment config, for the parent run's params (rule init_tracking); in the environment,
-# not a param, so that a config change does not re-run init_tracking and with it every job.
-_prefix.append(
-    f"export DECOUPLED_EXPERIMENT_CONFIG={shlex.quote(json.dumps(config, sort_keys=True))};".replace("{", "{{").replace("}", "}}")
-)
+    _prefix.append(_braced(f'export PATH={shlex.quote(str(Path(sys.executable).parent))}":$PATH";'))
 # Snakemake in a terminal: each job draws its progress bar there, not into its log (see
 # decoupled/progress.py).
 if sys.stderr.isatty() and "DECOUPLED_PROGRESS" not in os.environ:
@@ -53,6 +58,15 @@ except WorkflowError as e:
     cause = e.__context__  # the jsonschema ValidationError it was raised from
     raise WorkflowError(describe(cause) if hasattr(cause, "absolute_path") else str(e).splitlines()[0]) from None
 
+# A password in the store's URI is used, never written or printed (decoupled/credentials.py):
+# from here on the URI is without it, and the jobs get it in their environment.
+_given_uri, config["tracking_uri"] = config["tracking_uri"], without_password(config["tracking_uri"])
+# The experiment config, which the training jobs are computed from and the parent run carries
+# as params: in the jobs' environment (local jobs inherit it; cluster jobs re-read this file),
+# so that no shell line Snakemake prints holds it, and not a param of init_tracking, so that a
+# config change does not re-run init_tracking and with it every job.
+os.environ.update(DECOUPLED_EXPERIMENT_CONFIG=json.dumps(config, sort_keys=True))
+
 try:
     RUNS = decoupled_grid.runs(config)
     SWEPT = decoupled_grid.swept_axes(config)  # the axes some run varies: their sweep figures
@@ -63,6 +77,11 @@ RESULTS = config["output_dir"]
 # `snakemake --report` reads the outputs on disk: under another experiment's --configfile (or
 # none) it would label that experiment's figures with this one's description and config.
 if any(arg == "--report" or arg.startswith("--report=") for arg in sys.argv[1:]):
+    if _given_uri != config["tracking_uri"]:  # Snakemake copies the config files into the report
+        raise WorkflowError(
+            "--report: the config file's tracking_uri holds a password, which the report would show with the config file;"
+            " give it as PGPASSWORD, ~/.pgpass or MLFLOW_TRACKING_PASSWORD instead (docs/tracking.md, Passwords)"
+        )
     if not any(Path(f"{RESULTS}/{key.path}/metrics.json").is_file() for key in RUNS):
         raise WorkflowError(
             f"--report: experiment '{config['experiment']}' has none of its {len(RUNS)} runs under {RESULTS}/runs/;"
@@ -72,7 +91,19 @@ DATASET = config["dataset"]["name"]
 PREPARED = f"{RESULTS}/data/{DATASET}.pt"
 TRACKING = f"{RESULTS}/mlflow/experiment.json"
 # The store the jobs log to: MLFLOW_TRACKING_URI wins over the config (as in decoupled.tracking).
-TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI") or config["tracking_uri"]
+TRACKING_URI = without_password(os.environ.get("MLFLOW_TRACKING_URI") or config["tracking_uri"])
+# A SQLite store that init_tracking made and that is gone or another now: said before any job
+# runs (or "Nothing to be done" hides it); other stores are asked by the onstart hook.
+if TRACKING_URI.startswith("sqlite:///") and Path(TRACKING).is_file():
+    from decoupled.files import read_json  # noqa: E402
+    from decoupled.tracking import check_store  # noqa: E402
+
+    try:
+        _made = read_json(TRACKING)
+        if _made.get("tracking_uri") == TRACKING_URI:  # else init_tracking runs again, for the new store
+            check_store(_made, TRACKING)
+    except UserError as e:
+        raise WorkflowError(str(e)) from None
 RUN_DIR = f"{RESULTS}/runs/{{method}}/{{mode}}/K{{K}}/{{variant}}/seed{{seed}}"
 PLOT_CODE = sorted(str(p) for p in (REPO / "src/decoupled/report").glob("*.py"))
 
@@ -96,7 +127,8 @@ def _job(key):
 
 
 def job_json(wildcards):
-    """The resolved config of one job, as the JSON string its CLI call takes."""
+    """The resolved config of one job, as JSON: a param, so that a change of it re-runs the job
+    (the job computes it again from $DECOUPLED_EXPERIMENT_CONFIG and its wildcards)."""
     return json.dumps(_job(run_key(wildcards)), sort_keys=True)
 
 
@@ -120,13 +152,16 @@ def launcher(wildcards):
     """What starts a training job: `python -m decoupled`, or, for an engine of several processes,
     its launcher (torchrun, one worker process per module, each running the same command)."""
     job = _job(run_key(wildcards))
-    return " ".join(decoupled_engines.of(job).command(job))
+    return shlex.join(decoupled_engines.of(job).command(job))
 
 
-def run_tags(wildcards):
-    """MLflow tags naming the rule and its wildcards, so a run can be traced to its job."""
+def job_args(wildcards):
+    """The job's place in the grid, as `decoupled train` takes it with the experiment config,
+    and MLflow tags naming the rule and its wildcards, so a run can be traced to its job."""
+    key = run_key(wildcards)
+    place = {"--method": key.method, "--mode": key.mode, "--K": key.K, "--seed": key.seed, "--variant": key.variant}
     wc = ",".join(f"{k}={v}" for k, v in wildcards.items())
-    return f"--tag rule=train --tag 'wildcards={wc}'"
+    return shlex.join([str(x) for option in place.items() for x in option] + ["--tag", "rule=train", "--tag", f"wildcards={wc}"])
 
 
 def run_dirs():
@@ -186,9 +221,11 @@ def _hook_python():
 
 
 def workflow_state(state, log=None):
+    """Run `decoupled workflow-state`; at the start, its failure (the store is gone, say) stops
+    the workflow before any job runs."""
     log = ", ".join(map(str, log)) if isinstance(log, (list, tuple)) else log  # a list in Snakemake 9
     if not Path(TRACKING).is_file():
-        return  # init_tracking has not run: there is no parent run yet
+        return  # init_tracking has not run: it makes the parent run of this config
     python = _hook_python()
     if python is None:
         print(f"decoupled: the MLflow parent run stays as it is: no conda env of this workflow is built yet", file=sys.stderr)
@@ -214,4 +251,6 @@ def workflow_state(state, log=None):
         "--log",
         str(log or "the terminal"),
     ]
-    subprocess.run(command, env=env)  # a failure prints its one line; the workflow's own result stands
+    # a failure prints its one line; at the end, the workflow's own result stands
+    if subprocess.run(command, env=env).returncode != 0 and state == "started":
+        raise WorkflowError("the MLflow parent run of this config could not be opened (above); no job was started")

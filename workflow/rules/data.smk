@@ -10,4 +10,4 @@ rule prepare_data:
     params:
         dataset=json.dumps(config["dataset"], sort_keys=True),
     shell:
-        "DECOUPLED_JOB_LOG={log:q} python -m decoupled prepare-data --dataset-json {params.dataset:q} --out {output} 2>&1 | tee -a {log}"
+        "DECOUPLED_JOB_LOG={log:q} python -m decoupled prepare-data --dataset-json {params.dataset:q} --out {output:q} 2>&1 | tee -a {log:q}"

@@ -14,5 +14,5 @@ rule evaluate:
     params:
         runs=run_dirs(),
     shell:
-        "DECOUPLED_JOB_LOG={log:q} python -m decoupled evaluate --run {params.runs} --data {input.data} --tracking {input.tracking}"
-        " --out {output} 2>&1 | tee -a {log}"
+        "DECOUPLED_JOB_LOG={log:q} python -m decoupled evaluate --run {params.runs:q} --data {input.data:q} --tracking {input.tracking:q}"
+        " --out {output:q} 2>&1 | tee -a {log:q}"

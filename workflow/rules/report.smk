@@ -20,8 +20,8 @@ rule report:
         tables=lambda wildcards, output: Path(output.tables[0]).parent,
         figures=lambda wildcards, output: Path(output.figures[0]).parent,
         target_accuracy=config["report"]["target_accuracy"],
-        config=json.dumps(config, sort_keys=True),
+        config=json.dumps(config, sort_keys=True),  # (in $DECOUPLED_EXPERIMENT_CONFIG for the command: common.smk)
     shell:
-        "DECOUPLED_JOB_LOG={log:q} python -m decoupled report --runs {params.runs} --tables {params.tables} --figures {params.figures}"
+        "DECOUPLED_JOB_LOG={log:q} python -m decoupled report --runs {params.runs:q} --tables {params.tables:q} --figures {params.figures:q}"
         " --target-accuracy {params.target_accuracy}"
-        " --tracking {input.tracking} --config-json {params.config:q} 2>&1 | tee -a {log}"
+        ' --tracking {input.tracking:q} --config-json "$DECOUPLED_EXPERIMENT_CONFIG" 2>&1 | tee -a {log:q}'

@@ -20,4 +20,4 @@ rule init_tracking:
         tracking_uri=TRACKING_URI,
     shell:
         "DECOUPLED_JOB_LOG={log:q} python -m decoupled init-tracking --experiment {params.experiment:q} --tracking-uri {params.tracking_uri:q}"
-        ' --describe-json "$DECOUPLED_EXPERIMENT_CONFIG" --out {output} 2>&1 | tee -a {log}'
+        ' --describe-json "$DECOUPLED_EXPERIMENT_CONFIG" --out {output:q} 2>&1 | tee -a {log:q}'

@@ -1,3 +1,7 @@
+# One training job: `decoupled train` computes its config from the experiment config (in
+# $DECOUPLED_EXPERIMENT_CONFIG, see common.smk) and its place in the grid, so that the shell
+# line Snakemake prints is short and holds no config; the resolved job is a param all the same,
+# so that a change of it re-runs the job.
 rule train:
     input:
         data=PREPARED,
@@ -16,9 +20,9 @@ rule train:
     params:
         job=job_json,
         code=training_code,
-        tags=run_tags,
+        args=job_args,
         run_dir=lambda wildcards, output: Path(output.metrics).parent,
         launcher=launcher,
     shell:
-        "DECOUPLED_JOB_LOG={log:q} {params.launcher} train --job-json {params.job:q} --data {input.data} --tracking {input.tracking}"
-        " --out {params.run_dir} {params.tags} 2>&1 | tee -a {log}"
+        'DECOUPLED_JOB_LOG={log:q} {params.launcher} train --config-json "$DECOUPLED_EXPERIMENT_CONFIG" {params.args}'
+        " --data {input.data:q} --tracking {input.tracking:q} --out {params.run_dir:q} 2>&1 | tee -a {log:q}"

@@ -56,13 +56,15 @@ _STALENESS = ["input_staleness", "grad_staleness"]
 
 
 def build_report(run_dirs: Iterable[Path], tables_dir: Path, figures_dir: Path,
-                 target_accuracy: float = DEFAULT_TARGET_ACCURACY, report_cfg: dict | None = None) -> list[Path]:
+                 target_accuracy: float = DEFAULT_TARGET_ACCURACY, report_cfg: dict | None = None,
+                 left_out: list[tuple[Path, str]] | None = None) -> list[Path]:
     """Load the runs, write every table and the figures they have data for (``layout``: a
     sweep figure only when some run varies its axis); return every path written.
 
     ``target_accuracy`` (a fraction) is the test accuracy whose time to reach the tables give
     and the wall-time figure marks. ``report_cfg`` (the config's ``report``): with
-    ``published`` numbers, the reproduction table ``paper_vs_ours`` too.
+    ``published`` numbers, the reproduction table ``paper_vs_ours`` too. ``left_out``: see
+    ``load_runs``.
     """
     # Imported here so that loading runs (e.g. from a notebook) never touches matplotlib or
     # switches its backend.
@@ -70,7 +72,7 @@ def build_report(run_dirs: Iterable[Path], tables_dir: Path, figures_dir: Path,
 
     from decoupled.report import figures, tables
 
-    runs_df, epochs_df = load_runs(list(run_dirs))
+    runs_df, epochs_df = load_runs(list(run_dirs), left_out)
     runs_df = add_time_to_accuracy(runs_df, epochs_df, target_accuracy)
     tables_dir, figures_dir = Path(tables_dir), Path(figures_dir)
     written = tables.write_summary(tables.summary(runs_df), tables_dir)
@@ -123,8 +125,13 @@ def mode_rank(mode: str) -> tuple[int, str]:
     return (MODE_ORDER.index(mode), "") if mode in MODE_ORDER else (len(MODE_ORDER), mode)
 
 
-def load_runs(run_dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
+def load_runs(run_dirs: list[Path], left_out: list[tuple[Path, str]] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Read run directories into a per-run frame and a per-epoch frame.
+
+    A run whose files cannot be read (missing, malformed, or an eval.json saying its checkpoint
+    could not be read) is a UserError naming the file; with a ``left_out`` list, it is left out
+    instead, the damaged file and that message appended to the list, so that one damaged run
+    does not take the others' tables with it (a UserError still if no run is left).
 
     Per-run columns: method, mode, K, variant, seed, engine (an engine of ``decoupled.engines``;
     "simulated" where metrics.json predates its ``engine`` key), varied (list), test_acc,
@@ -148,7 +155,13 @@ def load_runs(run_dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
     run_rows, epoch_rows = [], []
     seen: dict[tuple, Path] = {}
     for run_dir in map(Path, run_dirs):
-        run, epochs = _load_run(run_dir)
+        try:
+            run, epochs = _load_run(run_dir)
+        except UserError as e:
+            if left_out is None:
+                raise
+            left_out.append((_damaged_file(run_dir, str(e)), str(e)))
+            continue
         key = tuple(run[k] for k in _RUN_KEYS)
         # Two directories claiming the same run would be silently averaged as two seeds.
         if key in seen:
@@ -156,6 +169,8 @@ def load_runs(run_dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
         seen[key] = run_dir
         run_rows.append(run)
         epoch_rows.extend(epochs)
+    if not run_rows:
+        raise UserError(f"none of the {len(run_dirs)} runs can be read: {left_out[0][1]}")
     runs_df = pd.DataFrame(run_rows)
     # Integers that may be missing: nullable, so 1 stays "1" rather than becoming "1.0".
     for col in ("slowed_module", "buffer_size", "gradient_delay", "groups", "workers"):
@@ -165,10 +180,20 @@ def load_runs(run_dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
     return runs_df, pd.DataFrame(epoch_rows)
 
 
+def _damaged_file(run_dir: Path, message: str) -> Path:
+    """The file of a run that ``message`` (``_load_run``'s) is about: the one it names first, or
+    the checkpoint, when eval.json says it could not be evaluated."""
+    if message.startswith(str(run_dir / "eval.json")) and str(run_dir / "checkpoint.pt") in message:
+        return run_dir / "checkpoint.pt"
+    return run_dir / "eval.json" if message.startswith(str(run_dir / "eval.json")) else run_dir / "metrics.json"
+
+
 def _load_run(run_dir: Path) -> tuple[dict, list[dict]]:
     """Validate one run's two files and flatten them into a run row and epoch rows."""
     metrics_path, eval_path = run_dir / "metrics.json", run_dir / "eval.json"
     metrics, evaluation = read_json(metrics_path), read_json(eval_path)
+    if "error" in evaluation:  # its checkpoint could not be evaluated (decoupled evaluate)
+        raise UserError(f"{eval_path}: {evaluation['error']}")
     ident, engine, varied = _identity(metrics, evaluation, metrics_path, eval_path)
     K, is_async = ident["K"], ident["mode"] == "async"
     settings = _settings(_get(metrics, "settings", dict, metrics_path), is_async, metrics_path)
