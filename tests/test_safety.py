@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -198,6 +199,56 @@ def test_a_password_in_the_tracking_uri_is_never_printed_or_written(tmp_path):
     assert "decoupled: error: tracking_uri postgresql://user@127.0.0.1:1/db: cannot reach the database server at 127.0.0.1:1" in result.stdout
     assert files_holding(tmp_path, "s3cret") == ["c.yaml"]  # not the logs, nor .snakemake/log or metadata
     assert list((tmp_path / ".snakemake/metadata").iterdir())  # (Snakemake did record the job)
+
+
+@pytest.fixture
+def server_with_login(tmp_path):
+    """An MLflow server with its own login (`mlflow server --app-name basic-auth`): its URI and
+    the admin's password; stopped at the end."""
+    from conftest import free_port
+
+    port, password = free_port(), "an-admin-password-1"
+    (tmp_path / "auth.ini").write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{tmp_path}/auth.db\n"
+                                       "admin_username = admin\nauthorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "auth.ini"), "MLFLOW_AUTH_ADMIN_PASSWORD": password,
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": "a-key-of-this-test"}
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                               "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "artifacts")],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        import urllib.request
+
+        for _ in range(600):  # its start takes seconds
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=1).close()
+                break
+            except OSError:
+                assert server.poll() is None, "mlflow server ended at its start"
+                time.sleep(0.1)
+        yield uri, password
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+
+
+def test_an_mlflow_server_login_is_given_by_mlflows_own_variables_and_a_refusal_is_one_line(server_with_login, tmp_path):
+    uri, password = server_with_login
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
+
+    def init_tracking(tracking_uri, **variables):
+        return subprocess.run([sys.executable, "-m", "decoupled", "init-tracking", "--experiment", "login", "--tracking-uri", tracking_uri,
+                               "--out", "t.json"], capture_output=True, text=True, cwd=tmp_path, env={**env, **variables}, timeout=120)
+
+    refused = init_tracking(uri)
+    assert refused.returncode == 2 and refused.stderr.splitlines() == [
+        (f"decoupled: error: tracking store {uri}: the server refuses this login (set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD;"
+         " docs/tracking.md, Passwords)")], refused.stderr
+    assert init_tracking(uri, MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=password).returncode == 0
+    # or written in the URI: used, and not kept
+    given = init_tracking(uri.replace("//", f"//admin:{password}@"))
+    assert given.returncode == 0, given.stderr
+    assert password not in given.stderr and json.loads((tmp_path / "t.json").read_text())["tracking_uri"] == uri.replace("//", "//admin@")
 
 
 def test_the_html_report_refuses_a_config_file_holding_a_password(tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import subprocess
 import sys
 import time
@@ -74,7 +75,11 @@ def _client(uri: str) -> "_StoreClient":
 
 
 def _raise_store_fault(uri: str, error: Exception):
-    """Raise ``error`` again, or, when the machine caused it, one line naming the store."""
+    """Raise ``error`` again, or, when the machine caused it or a server refuses the login, one
+    line naming the store."""
+    if getattr(error, "error_code", None) in ("UNAUTHENTICATED", "PERMISSION_DENIED") or re.search(r"error code 40[13]\b", str(error)):
+        raise UserError(f"tracking store {redact(uri)}: the server refuses this login"
+                        " (set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD; docs/tracking.md, Passwords)") from error
     cause = environment_cause(error)
     if cause is None:
         raise error
@@ -206,8 +211,10 @@ def _check_server(uri: str) -> None:
     import urllib.error
     import urllib.request
 
+    scheme, _, rest = uri.partition("://")
+    health = f"{scheme}://{rest.partition('/')[0].rpartition('@')[2]}/{rest.partition('/')[2]}".rstrip("/") + "/health"  # (no login in it)
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=SERVER_TIMEOUT_S) as answer:
+        with urllib.request.urlopen(health, timeout=SERVER_TIMEOUT_S) as answer:
             answer.read()
     except urllib.error.HTTPError as e:
         raise UserError(f"tracking_uri {uri}: the MLflow server answers {e.code} {e.reason} to /health") from None
@@ -455,16 +462,15 @@ def _store_lock(uri: str):
 
 @contextlib.contextmanager
 def _locked(path: Path | None):
-    """An exclusive lock on ``path`` (created if need be) while the block runs; none for None."""
-    try:
-        lock = open(path, "a") if path is not None else None
-    except OSError:  # a store one may only read: what it refuses to write is said by the store
-        lock = None
-    if lock is None:
-        yield
-        return
-    with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    """An exclusive lock on ``path`` (created if need be) while the block runs; none for None, or
+    where it cannot be made (a store one may only read)."""
+    with contextlib.ExitStack() as stack:
+        try:
+            lock = stack.enter_context(open(path, "a")) if path is not None else None
+        except OSError:  # a store one may only read: what it refuses to write, the store says
+            lock = None
+        if lock is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         yield
 
 
