@@ -6,13 +6,12 @@ synthesizer, replay buffers and gradients in flight, the data order and RNG stat
 counters, the epochs so far, the MLflow run id and a hash of the training code). It is not one
 of the job's outputs, so Snakemake keeps it when it removes a failed job's outputs; a rerun of
 the same job (the same config and code) continues from it, into the same MLflow run, and
-computes what an uninterrupted run computes. SIGTERM
-(a SLURM preemption) stops the job with exit status 75 (EX_TEMPFAIL: try again) so that it
-can be requeued: the simulated engines finish the step at hand and write a checkpoint of the
-epoch's progress too (a rerun goes on from that step); elsewhere (the distributed engine,
-evaluation) the job stops at once and the last epoch's checkpoint stays. On success the last
-``resume.pt`` stays, and ``checkpoint.pt`` is a second name of it: the job run again finishes at
-once, from its end.
+computes what an uninterrupted run computes. SIGTERM (a SLURM preemption) stops the job with
+exit status 75 (EX_TEMPFAIL: try again) so that it can be requeued: the simulated engines
+finish the step at hand and write a checkpoint of the epoch's progress too (a rerun goes on from
+that step); elsewhere (the distributed engine, evaluation) the job stops at once and the last
+epoch's checkpoint stays. On success the last ``resume.pt`` stays, and ``checkpoint.pt`` is a
+second name of it: the job run again finishes at once, from its end.
 """
 
 from __future__ import annotations
