@@ -34,6 +34,7 @@ rule all:
 
 
 onstart:
+    hold_output_dir()
     workflow_state("started")
 
 

@@ -313,8 +313,9 @@ def test_a_second_process_training_a_run_directory_stops_at_once_naming_the_firs
     out, err = second.communicate(timeout=300)
     assert second.returncode == 2 and first.poll() is None
     [line] = err.splitlines()
-    assert re.fullmatch(rf"decoupled: error: {tmp_path / 'run'} is being trained by process {first.pid} on {re.escape(socket.gethostname())} since "
-                        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d: let it finish, or stop it \(a rerun then resumes its run\)", line), line
+    assert re.fullmatch(rf"decoupled: error: {re.escape(str(tmp_path / 'run'))} is being trained by process {first.pid} on {re.escape(socket.gethostname())} since "
+                        rf"\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d \(working directory {re.escape(str(tmp_path))}\): let it finish, or stop it \(a rerun then resumes its run\)",
+                        line), line
     # it touched neither the first's run nor its files
     [run] = child_runs(f"sqlite:///{tmp_path}/mlflow.db", "safety")
     assert run.info.status == "RUNNING" and "error" not in run.data.tags
@@ -323,6 +324,23 @@ def test_a_second_process_training_a_run_directory_stops_at_once_naming_the_firs
     assert not rundir.is_held(tmp_path / "run")  # ... and the lock went with it
     with rundir.training(tmp_path / "run"):
         assert rundir.is_held(tmp_path / "run")
+
+
+def test_a_second_workflow_writing_the_same_output_dir_stops_before_any_job(tmp_path):
+    # e.g. two working directories with one absolute output_dir: Snakemake locks only its own directory
+    from decoupled import rundir
+
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(tiny(output_dir=str(tmp_path / "shared results"), tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")))
+    assert snakemake(tmp_path, str(tmp_path / "shared results/mlflow/experiment.json")).returncode == 0
+    (tmp_path / "elsewhere").mkdir()
+    with rundir.hold_output_dir(tmp_path / "shared results"):  # the first workflow, at work
+        second = snakemake(tmp_path / "elsewhere", configfile=str(tmp_path / "c.yaml"))
+    said = second.stdout + second.stderr
+    assert second.returncode != 0
+    assert (f"{tmp_path / 'shared results'} is being written by another workflow by process {os.getpid()}" in said
+            and "let it finish, or stop it, then run this one again" in said), said[-2000:]
+    assert "Execute" not in said and "MLflow parent run" not in said  # no job started, no parent marked
+    assert not (tmp_path / "shared results/runs").exists()
 
 
 def test_a_run_whose_directory_a_live_process_trains_is_no_orphan(tmp_path, monkeypatch):
@@ -382,9 +400,10 @@ def test_a_deleted_or_replaced_store_is_said_before_any_job_runs(tmp_path):
     assert snakemake(tmp_path, "results/mlflow/experiment.json").returncode == 0
     (tmp_path / "results/mlflow/mlflow.db").unlink()
     gone = snakemake(tmp_path, "-n")
-    says = ("the MLflow store sqlite:///results/mlflow/mlflow.db of results/mlflow/experiment.json {} (deleted or replaced?): put it back,"
-            " or delete results/mlflow/experiment.json to log to a new store (finished runs are then logged to it again from their resume.pt, not retrained)")
-    assert gone.returncode != 0 and says.format("is missing") in gone.stdout + gone.stderr, gone.stdout[-2000:]
+    says = ("the MLflow store sqlite:///results/mlflow/mlflow.db of results/mlflow/experiment.json {}"
+            " (deleted or replaced, or made from another working directory?): put it back, or delete results/mlflow/experiment.json"
+            " to log to a new store (finished runs are then logged to it again from their resume.pt, not retrained)")
+    assert gone.returncode != 0 and says.format(f"is missing from {tmp_path}, where its relative path points") in gone.stdout + gone.stderr, gone.stdout[-2000:]
     assert not (tmp_path / "results/mlflow/mlflow.db").exists()  # no new empty store made behind the user's back
     # another store in its place
     other = subprocess.run([sys.executable, "-m", "decoupled", "init-tracking", "--experiment", "other", "--tracking-uri",

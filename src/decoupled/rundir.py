@@ -2,8 +2,8 @@
 of it is made again (``make_again``).
 
 A second process that would train the same directory (``decoupled train`` by hand beside the
-workflow, a second working directory with the same absolute ``output_dir``) stops at once,
-naming the holder. The lock is ``flock`` on ``.train.lock`` in the directory: the kernel drops
+workflow) stops at once, naming the holder; a second workflow writing the same ``output_dir``
+(from another working directory: Snakemake locks only its own) stops before any job. The lock is ``flock`` on ``.train.lock`` in the directory: the kernel drops
 it when its holder ends, however it ends (SIGKILL, a crash), so no stale lock is ever left; on
 NFS, Linux carries it as a POSIX lock, seen by every node. The file itself stays (removing it
 would let two processes lock two files of one name).
@@ -22,9 +22,27 @@ from pathlib import Path
 from decoupled.errors import UserError
 
 LOCK_FILE = ".train.lock"
+WORKFLOW_LOCK_FILE = ".workflow.lock"  # in output_dir: the Snakemake process that writes it (hold_output_dir)
 # Set by a launcher that holds the lock for the workers it starts (decoupled.cli), to the
 # directory it holds: its main worker, another process, must not try to take it again.
 HELD_ENV = "DECOUPLED_RUN_DIR_HELD"
+
+
+def _acquire(lock_path: Path, busy: str, advice: str):
+    """``lock_path`` opened and locked (closing it releases the lock); a UserError saying ``busy``,
+    by whom, and ``advice``, if another process holds it."""
+    lock = open(lock_path, "a+")  # noqa: SIM115 (the caller holds it open: that is the lock)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"  # (it may not have written itself yet)
+        lock.close()
+        raise UserError(f"{busy} by {holder}: {advice}") from None
+    lock.truncate(0)
+    lock.write(f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')} (working directory {os.getcwd()})\n")
+    lock.flush()
+    return lock
 
 
 @contextlib.contextmanager
@@ -37,17 +55,18 @@ def training(run_dir: str | Path) -> Iterator[None]:
         yield
         return
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / LOCK_FILE, "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read().strip() or "another process"  # (it may not have written itself yet)
-            raise UserError(f"{run_dir} is being trained by {holder}: let it finish, or stop it (a rerun then resumes its run)") from None
-        lock.truncate(0)
-        lock.write(f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        lock.flush()
-        yield  # closing the file releases the lock
+    with _acquire(run_dir / LOCK_FILE, f"{run_dir} is being trained", "let it finish, or stop it (a rerun then resumes its run)"):
+        yield
+
+
+def hold_output_dir(output_dir: str | Path):
+    """The workflow's lock on its ``output_dir``, held until the file returned is closed (at the
+    latest when the process ends): two workflows (two working directories with one absolute
+    ``output_dir``) never write one folder at once, evaluation and report included. A UserError
+    naming the workflow that holds it."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return _acquire(output_dir / WORKFLOW_LOCK_FILE, f"{output_dir} is being written by another workflow", "let it finish, or stop it, then run this one again")
 
 
 def is_held(run_dir: str | Path) -> bool:

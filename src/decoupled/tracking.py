@@ -254,7 +254,8 @@ def check_store(experiment: dict[str, str], tracking_file: str | Path) -> None:
     db = _sqlite_path(uri)
     problem = _sqlite_store_problem(db, experiment) if db is not None else _store_problem(experiment)
     if problem is not None:
-        raise UserError(f"the MLflow store {uri} of {tracking_file} {problem} (deleted or replaced?): put it back, or delete {tracking_file}"
+        elsewhere = ", or made from another working directory" if db is not None and not db.is_absolute() else ""
+        raise UserError(f"the MLflow store {uri} of {tracking_file} {problem} (deleted or replaced{elsewhere}?): put it back, or delete {tracking_file}"
                         " to log to a new store (finished runs are then logged to it again from their resume.pt, not retrained)")
 
 
@@ -277,8 +278,8 @@ def _store_problem(experiment: dict[str, str]) -> str | None:
 def _sqlite_store_problem(db: Path, experiment: dict[str, str]) -> str | None:
     import sqlite3
 
-    if not db.is_file():
-        return "is missing"
+    if not db.is_file():  # (a relative path is relative to the working directory: another one has another store)
+        return "is missing" if db.is_absolute() else f"is missing from {Path.cwd()}, where its relative path points"
     try:
         with contextlib.closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=60)) as con:
             row = con.execute("SELECT name, lifecycle_stage FROM experiments WHERE experiment_id = ?", (int(experiment["experiment_id"]),)).fetchone()

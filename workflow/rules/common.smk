@@ -18,6 +18,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 from decoupled import engines as decoupled_engines  # noqa: E402
 from decoupled import grid as decoupled_grid  # noqa: E402
+from decoupled import rundir as decoupled_rundir  # noqa: E402
 from decoupled.code_version import training_code_hash  # noqa: E402
 from decoupled.config import describe  # noqa: E402
 from decoupled.credentials import without_password  # noqa: E402
@@ -218,6 +219,18 @@ def _hook_python():
         if name in envs and envs[name].exists():
             return str(envs[name])
     return None
+
+
+_HELD = []  # the output folder's lock, held by this Snakemake process until it ends
+
+
+def hold_output_dir():
+    """Stop, before any job, if another workflow writes this output_dir (another working
+    directory with the same absolute output_dir: Snakemake locks only its own)."""
+    try:
+        _HELD.append(decoupled_rundir.hold_output_dir(RESULTS))
+    except UserError as e:
+        raise WorkflowError(str(e)) from None
 
 
 def workflow_state(state, log=None):
