@@ -65,10 +65,12 @@ def simulated(cfg, data_path):
 
 # FDG in bf16 autocast and channels_last (train.precision, train.memory_format): the workers
 # send each other bf16 activations and gradients, half the bytes
-@pytest.mark.parametrize("method, numerics", [("dgl", {}), ("dni", {}), ("cdni", {}), ("ddg", {}),
+@pytest.mark.parametrize("method, numerics", [("dgl", {}), ("dni", {"synth_last_block": True}), ("cdni", {"synth_last_block": True}),
+                                              ("dni", {"synth_last_block": False}), ("ddg", {}),
                                               ("fdg", {"precision": "bf16", "memory_format": "channels_last"})])
 def test_sync_workers_compute_what_the_simulator_computes(tmp_path, fashion_subset, method, numerics):
-    """K = 3: the middle worker relays gradients (DDG, FDG) and sends its own (DNI, cDNI)."""
+    """K = 3: the middle worker relays gradients (DDG, FDG) and sends its own (DNI, cDNI); with
+    train.synth_last_block the last worker fits the synthesizer below its classifier."""
     cfg = config(method, "sync", K=3, train=numerics)
     metrics, output = train(tmp_path, cfg, fashion_subset)
     reference = simulated(cfg, fashion_subset)
@@ -85,7 +87,7 @@ def test_sync_workers_compute_what_the_simulator_computes(tmp_path, fashion_subs
     if len(os.sched_getaffinity(0)) >= 3:
         assert [len(c) for c in cores] == [1, 1, 1] and len({c[0] for c in cores}) == 3
     # module 0 sends activations and labels; the others send gradients back unless DGL
-    size = 2 if numerics else 4  # bytes per activation: bf16 or float32
+    size = 2 if numerics.get("precision") == "bf16" else 4  # bytes per activation
     activations, labels = 50 * 8 * 14 * 14 * size, 50 * 8  # bytes per batch, headers aside
     assert steps * (activations + labels) <= last["bytes_sent_per_module"][0] <= steps * (activations + labels + 64)
     gradients = 50 * 8 * 14 * 14 * size  # module 1's gradient for module 0's output

@@ -1,5 +1,6 @@
 """GN-DGL: modules split width-wise into neuron groups, each with its own loss and optimizer."""
 
+import copy
 import itertools
 import math
 
@@ -90,6 +91,27 @@ def test_a_groups_loss_reaches_only_its_own_weights(detach):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.blocks[0].branches[0].parameters() if p.requires_grad)
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in net.blocks[0].branches[1].parameters())
     assert all(p.grad is None for p in heads.group_heads[1].parameters())
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_in_module_step_each_group_learns_from_its_own_heads_loss(detach):
+    """What group g's branch and head are stepped with: the gradient of its own head's
+    cross-entropy plus the module's diversity penalty, nothing of another group's loss."""
+    net, method = make("gn_dgl", G=2, K=2, detach=detach, div_weight=0.5)
+    x, y = data(16)
+    block, heads = (copy.deepcopy(m) for m in (net.blocks[0], net.heads[0]))
+    logits = heads.group_logits(block(x))
+    penalty = 0.5 * diversity(logits, y, method.div_temp)
+    expected = [torch.autograd.grad(F.cross_entropy(logits[g], y) + penalty, [*block.branches[g].parameters(), *heads.group_heads[g].parameters()],
+                                    retain_graph=True, allow_unused=True) for g in range(2)]
+    seen = {}
+    for g, i in enumerate(method.group_optimizers[0]):
+        params = method.optimizers[i].param_groups[0]["params"]
+        method.optimizers[i].register_step_pre_hook(lambda opt, args, kwargs, g=g, params=params: seen.__setitem__(g, [p.grad for p in params]))
+    method.module_step(0, x, y)
+    for g in range(2):
+        for ours, theirs in zip(seen[g], expected[g], strict=True):
+            torch.testing.assert_close(ours, torch.zeros_like(ours) if theirs is None else theirs)
 
 
 def test_the_diversity_penalty_is_the_mean_cosine_of_the_heads_wrong_class_softmaxes():

@@ -107,9 +107,10 @@ def run_steps(method: str, K: int, steps: int, **changes):
 
 @pytest.mark.parametrize("method", ["dgl", "dni", "cdni", "ddg", "fdg"])
 def test_with_one_module_every_method_is_backprop_step_for_step(method):
-    """Nothing to decouple: no aux loss below, no synthetic or delayed gradient, no β."""
+    """Nothing to decouple: no aux loss below, no synthetic or delayed gradient, no β (DNI's
+    synthesizer between the block and the classifier decouples them, so it is left out here)."""
     for steps in (1, 3, 6):
-        bp, other = run_steps("backprop", 1, steps), run_steps(method, 1, steps, beta=0.5)
+        bp, other = run_steps("backprop", 1, steps), run_steps(method, 1, steps, beta=0.5, synth_last_block=False)
         for (name, p), q in zip(bp.state_dict().items(), other.state_dict().values()):
             torch.testing.assert_close(p, q, rtol=0, atol=0, msg=f"{name} differs after {steps} steps")
 
@@ -190,11 +191,12 @@ class OracleDNI(methods.get("dni")):
         return self.true_grads[k].grad
 
 
-def test_dni_with_true_gradients_is_backprop():
+@pytest.mark.parametrize("synth_last_block", [True, False])
+def test_dni_with_true_gradients_is_backprop(synth_last_block):
     bp_net, bp = make("backprop", K=3, probe_heads=False, lr_schedule="constant")
     torch.manual_seed(0)
     dni_net = model.build(MODEL, 3, in_channels=1, num_classes=10)
-    dni = OracleDNI(dni_net, train_cfg(probe_heads=False, lr_schedule="constant"), total_steps=20)
+    dni = OracleDNI(dni_net, train_cfg(probe_heads=False, lr_schedule="constant", synth_last_block=synth_last_block), total_steps=20)
     run_engine_steps(bp_net, bp, 4, 3)
     run_engine_steps(dni_net, dni, 4, 3)
     assert_same_params(bp_net, dni_net, rtol=1e-5, atol=1e-6)
@@ -266,6 +268,51 @@ def test_dni_lower_modules_learn_from_the_synthetic_gradient(method):
 
 
 @pytest.mark.parametrize("method", ["dni", "cdni"])
+def test_with_synth_last_block_the_last_block_steps_on_its_synthesizer_not_the_true_loss(method):
+    """The DGL code's form: a synthesizer between the last block and the classifier. The last
+    block moves by that synthesizer's predictions alone (zeroed, the block stays where it was
+    while its classifier learns), so it ends elsewhere than a last block on the true loss."""
+    ends = {}
+    for last_synthesized, zeroed in ((True, False), (True, True), (False, False)):
+        net, dni = make(method, K=3, weight_decay=0.0, synth_last_block=last_synthesized)
+        assert len(dni.synthesizers) == (3 if last_synthesized else 2)
+        start = copy.deepcopy(net)
+        if zeroed:
+            made = dni.synthetic_gradient
+            dni.synthetic_gradient = lambda k, h, labels: made(k, h, labels) * (0 if k == 2 else 1)
+        ends[last_synthesized, zeroed] = run_engine_steps(net, dni, 6)
+        moved = {part: any(not torch.equal(a, b) for a, b in zip(getattr(net, part)[2].parameters(), getattr(start, part)[2].parameters()))
+                 for part in ("blocks", "heads")}
+        assert moved == {"blocks": not zeroed, "heads": True}
+    assert any(not torch.equal(a, b) for a, b in zip(ends[True, False].blocks[2].parameters(), ends[False, False].blocks[2].parameters()))
+
+
+@pytest.mark.parametrize("method", ["dni", "cdni"])
+@pytest.mark.parametrize("target", ["per_sample", "batch_mean"])
+def test_the_last_synthesizer_is_fitted_to_the_classifiers_gradient_of_the_same_batch(method, target):
+    """Its target: d (the classifier's true loss) / d (the last block's output), of the batch its
+    prediction was made for (and, cDNI, with that batch's labels), at the classifier's weights
+    before this step; fitted in the last module's own step, in the form train.synth_target says."""
+    _, dni = make(method, K=2, synth_target=target, synth_zero_bias=False)
+    for s in (1, 2):  # a step first, so the synthesizer and the classifier are no longer as made
+        x, y = batch(seed=s)
+        inputs = dni.module_step(0, x, y).outputs
+        if s == 2:
+            block, head, synthesizer = (copy.deepcopy(m) for m in (dni.net.blocks[1], dni.net.heads[1], dni.synthesizers[1]))
+            h = block(inputs).detach().requires_grad_()
+            (true_grad,) = torch.autograd.grad(F.cross_entropy(head(h), y), h)
+            prediction = synthesizer(h.detach(), F.one_hot(y, 10).float() if dni.conditioned else None)
+            loss = F.mse_loss(prediction, true_grad * 16) if target == "per_sample" else ((prediction - true_grad) ** 2).sum() / 16
+            loss.backward()
+            seen = []
+            dni.synth_optimizers[1].register_step_pre_hook(lambda opt, args, kwargs: seen.append([p.grad.clone() for p in dni.synthesizers[1].parameters()]))
+        dni.module_step(1, inputs, y)
+    assert len(seen) == 1
+    for ours, theirs in zip(seen[0], synthesizer.parameters(), strict=True):
+        torch.testing.assert_close(ours, theirs.grad)
+
+
+@pytest.mark.parametrize("method", ["dni", "cdni"])
 def test_each_synthesizer_regresses_on_the_gradient_of_its_own_batch(method):
     """Async, with the top module slowed, several activations wait for their true gradients:
     each gradient must meet the activation (and labels) it is the gradient of."""
@@ -331,12 +378,12 @@ def test_in_sync_mode_a_synthesizer_runs_once_per_batch(method):
     """The prediction made for the module keeps its graph, and the regression onto the true
     gradient, which in sync mode arrives before the synthesizer steps again, reuses it."""
     net, dni = make(method, K=3)
-    forwards = [0, 0]
+    forwards = [0, 0, 0]
     for k, synthesizer in enumerate(dni.synthesizers):
         synthesizer.register_forward_hook(lambda *_, k=k: forwards.__setitem__(k, forwards[k] + 1))
     run_engine_steps(net, dni, 4)
-    assert forwards == [4, 4]
-    assert dni.kept == [None, None]  # no graph held past the step that used it
+    assert forwards == [4, 4, 4]  # the last one between the last block and the classifier
+    assert dni.kept == [None, None, None]  # no graph held past the step that used it
 
 
 @pytest.mark.parametrize("method", ["dni", "cdni"])

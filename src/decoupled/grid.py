@@ -112,6 +112,9 @@ def _axes(config: dict[str, Any], method: str, mode: str) -> list[tuple[Option, 
         axes.append(((f"G{groups}", {"groups": groups}), [(f"G{g}", {"groups": g}) for g in grid.get("groups") or [groups]]))
     quantize = config["model"]["quantize"]
     axes.append((_quantize(quantize), [_quantize(q) for q in grid.get("quantize") or [quantize]]))
+    if "train.synth_last_block" in methods.traits(method).reads:
+        last = config["train"]["synth_last_block"]
+        axes.append((method_form(last), [method_form(on) for on in grid.get("synth_last_block") or [last]]))
     if methods.traits(method).sweeps_beta:
         beta = config["train"]["beta"]
         axes.append(((f"beta{beta:g}", {"beta": beta}), [(f"beta{b:g}", {"beta": b}) for b in grid.get("beta") or [beta]]))
@@ -136,6 +139,13 @@ def _quantize(setting: dict | list | None) -> Option:
 
 
 DEFAULT_DECAY = 0.99  # the schema's quantize.decay
+
+
+def method_form(synth_last_block: bool) -> Option:
+    """DNI's and cDNI's form as a variant's part: "" for the DGL code's, with a synthesizer after
+    the last block too; "nolastsynth" for the last block on the true loss. Any variant of a run
+    in the project's own form names it, so that a table never shows it as the authors' method."""
+    return ("" if synth_last_block else "nolastsynth"), {"synth_last_block": synth_last_block}
 
 
 def _budget(budget: str) -> Option:
@@ -201,13 +211,14 @@ def job_config(config: dict[str, Any], key: RunKey) -> dict[str, Any]:
     # along one axis at a time (e.g. accuracy vs slowdown with everything else at base).
     varied = ["K"] if grid.get("K") and key.K != grid["K"][0] else []
     base = {**{n: job["async"][n] for n in ("slowdown_factor", "slowed_module", "buffer_size", "budget")}, "beta": job["train"]["beta"],
-            "groups": job["model"]["groups"], "quantize": job["model"]["quantize"]}
+            "groups": job["model"]["groups"], "quantize": job["model"]["quantize"], "synth_last_block": job["train"]["synth_last_block"]}
     varied += sorted({"slowdown" if n.startswith("slow") else n for n, v in settings.items() if v != base[n]})
     for name in ("slowdown_factor", "slowed_module", "buffer_size", "budget"):
         if name in settings:
             job["async"][name] = settings[name]
-    if "beta" in settings:
-        job["train"]["beta"] = settings["beta"]
+    for name in ("beta", "synth_last_block"):
+        if name in settings:
+            job["train"][name] = settings[name]
     for name in ("groups", "quantize"):
         if name in settings:
             job["model"][name] = settings[name]

@@ -37,6 +37,7 @@ def run_settings(job: dict) -> dict:
         "beta": job["train"]["beta"] if traits.sweeps_beta else None,
         "gradient_delay": job["train"]["gradient_delay"] if traits.gradient_delay is not None and not asynchronous else None,
         "groups": job["model"]["groups"] if "model.groups" in traits.reads else None,
+        "synth_last_block": job["train"]["synth_last_block"] if "train.synth_last_block" in traits.reads else None,
         # bits per activation of a quantizer used at every boundary alike (None: floats, or mixed)
         "quantize_bits_per_activation": _bits_per_activation(job["model"]["quantize"]),
     }

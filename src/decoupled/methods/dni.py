@@ -4,7 +4,12 @@ Between module k and k+1 sits a synthesizer that predicts d loss / d h_k from h_
 Module k updates at once with that prediction instead of waiting for the true gradient;
 when module k+1 has processed h_k, it sends the true gradient back and the synthesizer is
 regressed onto it (MSE). Module k+1's "true" gradient is itself computed from its own
-synthetic gradient (bootstrapping), except at the last module, which has the real loss.
+synthetic gradient (bootstrapping). With ``train.synth_last_block`` (the DGL code's
+``dni_comparisons/``, whose backward interfaces follow every conv block) a synthesizer also
+sits between the last block and the network's classifier: the last block steps on its
+prediction, the classifier learns from the true loss on the block's detached output, and that
+synthesizer is fitted to the classifier's gradient of the same batch, so the true loss reaches
+no block directly. Without it the last block trains with the classifier on the true loss.
 The synthesizers' last layer starts at zero, so training begins with zero synthetic
 gradients, as in the paper.
 """
@@ -22,7 +27,7 @@ from decoupled import optim
 from decoupled.methods.base import Method, ModuleStep
 from decoupled.optim import make_optimizer
 
-TRAITS = {"sends_gradients": True, "reads": ["train.probe_heads", "train.synth_hidden", "train.synth_lr", "train.synth_layers", "train.synth_kernel", "train.synth_batchnorm", "train.synth_target", "train.synth_zero_bias"], "report_order": 2}
+TRAITS = {"sends_gradients": True, "reads": ["train.probe_heads", "train.synth_hidden", "train.synth_lr", "train.synth_layers", "train.synth_kernel", "train.synth_batchnorm", "train.synth_target", "train.synth_zero_bias", "train.synth_last_block"], "report_order": 2}
 
 
 class Synthesizer(nn.Module):
@@ -79,7 +84,9 @@ class DNI(Method):
         self.optimizers = [o for o, _ in pairs]
         self.schedulers = [s for _, s in pairs]
         label = {"classes": self.num_classes, "label_input": train_cfg["synth_label_input"]} if self.conditioned else {"classes": 0, "label_input": None}
-        channels = [block_out_channels(b) for b in net.blocks[:-1]]
+        # one synthesizer per boundary between blocks, and with synth_last_block one more above the last block
+        self.last_block_synthesized = train_cfg["synth_last_block"]
+        channels = [block_out_channels(b) for b in (net.blocks if self.last_block_synthesized else net.blocks[:-1])]
         shape = {k: train_cfg[f"synth_{k}"] for k in ("layers", "kernel", "batchnorm", "zero_bias")}
         self.per_sample = train_cfg["synth_target"] == "per_sample"
         self.synthesizers = nn.ModuleList(Synthesizer(c, train_cfg["synth_hidden"], **shape, **label) for c in channels)
@@ -132,17 +139,24 @@ class DNI(Method):
         optimizer = self.optimizers[k]
         optimizer.zero_grad(set_to_none=True)
         outputs = self.net.blocks[k](inputs)
-        if k == self.net.K - 1:
+        last = k == self.net.K - 1
+        if last and not self.last_block_synthesized:
             loss = F.cross_entropy(self.net.heads[k](outputs), labels)
             loss.backward()
         else:
             h = outputs.detach()
             outputs.backward(self.synthetic_gradient(k, h, labels))
-            self.waiting[k].append((h, labels))
             loss = None
-            if self.probe_heads:  # heads on detached features measure the module, change nothing
-                loss = F.cross_entropy(self.net.heads[k](h), labels)
+            if last:  # the classifier, on the true loss; its gradient at h is synthesizer k's target, now
+                top = h.detach().requires_grad_()
+                loss = F.cross_entropy(self.net.heads[k](top), labels)
                 loss.backward()
+                self.fit(k, self.prediction_for(k, h, labels), top.grad)
+            else:
+                self.waiting[k].append((h, labels))
+                if self.probe_heads:  # heads on detached features measure the module, change nothing
+                    loss = F.cross_entropy(self.net.heads[k](h), labels)
+                    loss.backward()
         self.steps[k] += 1
         if loss is not None and self.first_nonfinite["modules"][k] is None and not math.isfinite(loss.item()):  # the engines read .item() per step too
             self.first_nonfinite["modules"][k] = self.steps[k]
@@ -152,18 +166,21 @@ class DNI(Method):
 
     def receive_gradient(self, k, grad):
         h, labels = self.waiting[k].popleft()
+        self.fit(k, self.prediction_for(k, h, labels), grad)
+        return None
+
+    def fit(self, k: int, prediction: torch.Tensor, grad: torch.Tensor) -> None:
+        """One step of synthesizer k towards the true gradient ``grad`` of its ``prediction``'s batch."""
         optimizer = self.synth_optimizers[k]
         optimizer.zero_grad(set_to_none=True)
-        prediction = self.prediction_for(k, h, labels)
         if self.per_sample:
-            loss = F.mse_loss(prediction, grad * len(h))
+            loss = F.mse_loss(prediction, grad * len(grad))
         else:
-            loss = ((prediction - grad) ** 2).sum().div(len(h))
+            loss = ((prediction - grad) ** 2).sum().div(len(grad))
         loss.backward()
         if self.first_nonfinite["synthesizer"] is None and not math.isfinite(loss.item()):
             self.first_nonfinite["synthesizer"] = min(self.steps)
         optimizer.step()
-        return None
 
     def state_dict(self):
         return {

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from decoupled import engines, methods
+from decoupled import engines, grid, methods
 from decoupled.errors import UserError
 from decoupled.files import read_json
 from decoupled.layout import FIGURE_NAMES, TABLE_NAMES, figures_for
@@ -37,7 +37,7 @@ __all__ = ["load_runs", "build_report", "add_time_to_accuracy", "time_to_accurac
 METHOD_ORDER = methods.report_order()
 MODE_ORDER = ["sync", "async"]
 # The swept axes a run may differ on (its ``varied`` list is a subset).
-AXES = ["K", "slowdown", "buffer_size", "budget", "beta", "groups", "quantize"]
+AXES = ["K", "slowdown", "buffer_size", "budget", "beta", "groups", "quantize", "synth_last_block"]
 # The schema's default for ``report.target_accuracy``, for callers without a config (a test
 # checks that the two agree).
 DEFAULT_TARGET_ACCURACY = 0.85
@@ -116,8 +116,26 @@ def add_time_to_accuracy(runs_df: pd.DataFrame, epochs_df: pd.DataFrame,
 
 
 def method_rank(method: str) -> tuple[int, str]:
-    """Sort key putting methods in the paper's order, unknown ones after, alphabetically."""
-    return (METHOD_ORDER.index(method), "") if method in METHOD_ORDER else (len(METHOD_ORDER), method)
+    """Sort key putting methods in the paper's order, unknown ones after, alphabetically; a
+    method's other form ("dni nolastsynth") right after the method."""
+    name, _, form = method.partition(" ")
+    return (METHOD_ORDER.index(name), form) if name in METHOD_ORDER else (len(METHOD_ORDER), method)
+
+
+def method_label(method: str, settings: dict) -> str:
+    """The name a run's method goes by in the tables and figures: its own name for the form its
+    paper ran, followed by the variant part that names any other form ("dni nolastsynth": the
+    last block on the true loss), so that the two are never averaged or read as one."""
+    last = settings.get("synth_last_block")
+    if last is None and method in methods.names() and "train.synth_last_block" in methods.traits(method).reads:
+        last = False  # trained before the option existed, in the form without it
+    form = "" if last is None else grid.method_form(last)[0]
+    return f"{method} {form}" if form else method
+
+
+def method_of(label: str) -> str:
+    """The method behind a label of ``method_label``."""
+    return label.partition(" ")[0]
 
 
 def mode_rank(mode: str) -> tuple[int, str]:
@@ -197,6 +215,7 @@ def _load_run(run_dir: Path) -> tuple[dict, list[dict]]:
     ident, engine, varied = _identity(metrics, evaluation, metrics_path, eval_path)
     K, is_async = ident["K"], ident["mode"] == "async"
     settings = _settings(_get(metrics, "settings", dict, metrics_path), is_async, metrics_path)
+    ident["method"] = method_label(ident["method"], settings)
     epochs = _get(metrics, "epochs", list, metrics_path)
     if not epochs:
         raise UserError(f"{metrics_path}: 'epochs' is empty")
@@ -299,8 +318,8 @@ def _epoch_rows(epochs: list, common: dict, clock: str, is_async: bool, metrics_
 def _settings(settings: dict, is_async: bool, where: Path) -> dict:
     """The swept settings the report uses, each a value or None (null: does not apply)."""
     kinds = {"slowdown_factor": float, "slowed_module": int, "buffer_size": int, "beta": float, "budget": str, "gradient_delay": int,
-             "groups": int, "quantize_bits_per_activation": float}
-    optional = ("budget", "gradient_delay", "groups", "quantize_bits_per_activation")  # absent from runs written before they existed
+             "groups": int, "quantize_bits_per_activation": float, "synth_last_block": bool}
+    optional = ("budget", "gradient_delay", "groups", "quantize_bits_per_activation", "synth_last_block")  # absent from runs written before they existed
     out = {}
     for key, kind in kinds.items():
         if key not in settings and key not in optional:

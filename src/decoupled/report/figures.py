@@ -26,7 +26,7 @@ from matplotlib.ticker import MaxNLocator, NullLocator  # noqa: E402
 
 from decoupled import methods  # noqa: E402
 from decoupled.files import atomic_path  # noqa: E402
-from decoupled.report import METHOD_ORDER, method_rank, mode_rank  # noqa: E402
+from decoupled.report import METHOD_ORDER, method_of, method_rank, mode_rank  # noqa: E402
 
 GROUP = ["method", "mode", "K"]
 _COLORS = plt.get_cmap("tab10").colors
@@ -244,7 +244,7 @@ def plot_accuracy_vs_worker_macs(runs_df: pd.DataFrame, figures_dir: Path) -> li
         for (method, K, G), rows in _groups(runs, ["method", "K", "G"]):
             acc, macs = 100 * rows["test_acc"], rows["max_worker_macs"].astype(float)
             workers = int(rows["workers"].iloc[0])
-            name = f"K{K}" + (f"G{G}" if "model.groups" in methods.traits(method).reads else "")
+            name = f"K{K}" + (f"G{G}" if "model.groups" in methods.traits(method_of(method)).reads else "")
             ax.errorbar(macs.mean(), acc.mean(), yerr=acc.std() if len(rows) > 1 else None, color=_color(method), capsize=3, zorder=1)
             ax.scatter(macs.mean(), acc.mean(), s=40 * workers, color=_color(method), alpha=0.5, edgecolors="black", zorder=2,
                        label=f"{method} {name} ({workers} worker{'s' if workers > 1 else ''}, {len(rows)} seeds)")
