@@ -25,7 +25,7 @@ from conftest import FASHION_DIR
 
 from decoupled import config, grid
 from decoupled.compute import as_params
-from decoupled.config import flatten
+from decoupled.grid import params_of
 from decoupled.files import read_json
 
 # Imports what a training job imports, waits for the gate file, then runs the CLI exactly as
@@ -158,15 +158,17 @@ def check_runs(experiment: dict, run_dirs: dict[str, Path]) -> list:
         assert run.info.experiment_id == experiment["experiment_id"], where
         assert run.data.tags["mlflow.parentRunId"] == experiment["parent_run_id"], where
         assert run.data.tags["decoupled.role"] == "child", where
-        # the job's settings, and its parameter and MAC counts (decoupled.compute)
-        assert run.data.params == {k: str(v) for k, v in {**flatten(job), **as_params(metrics["compute"])}.items()}, where
+        # the job's settings that apply to its network and schedule, and its parameter and MAC counts (decoupled.compute)
+        assert run.data.params == {k: str(v) for k, v in {**params_of(job), **as_params(metrics["compute"])}.items()}, where
+        [dataset] = run.inputs.dataset_inputs  # the prepared file it trained on
+        assert dataset.dataset.name == job["dataset"]["name"] and json.loads(dataset.dataset.profile)["train_images"] > 0, where
         expected: dict[str, dict[int, float]] = {}
         for record in metrics["epochs"]:
             for key, value in epoch_metrics(record).items():
                 expected.setdefault(key, {})[record["epoch"]] = value
-        expected["train_time_s"] = {job["train"]["epochs"]: metrics["train_time_s"]}
+        expected["time/train_s"] = {job["train"]["epochs"]: metrics["train_time_s"]}
         if "imbalance" in metrics["split"]:
-            expected["split_predicted_imbalance"] = {job["train"]["epochs"]: metrics["split"]["imbalance"]}
+            expected["split/predicted_imbalance"] = {job["train"]["epochs"]: metrics["split"]["imbalance"]}
         missing = set(expected) - set(run.data.metrics)
         assert not missing, f"{where}: metrics {sorted(missing)} missing"
         for key, by_step in expected.items():

@@ -211,3 +211,18 @@ def test_cli_help_names_choices_and_defaults_and_gives_the_version():
     train = " ".join(cli("train", "--help", cwd=REPO).stdout.split())
     assert "--method {backprop,cdni,ddg,dgl,dni,fdg,gn_dgl}" in train and "--mode {sync,async}" in train and "(default: sync)" in train
     assert "(default: None)" not in train
+
+
+def test_train_help_describes_the_command_and_its_example_is_a_job_of_the_default_experiment():
+    import shlex
+
+    from decoupled.cli import parser
+
+    text = cli("train", "--help", cwd=REPO).stdout
+    assert "Train one job of an experiment" in text and "resume.pt" in text
+    examples = [line for line in text.replace("\\\n", " ").splitlines() if line.strip().startswith("decoupled train")]
+    assert len(examples) == 2
+    args = parser().parse_args(shlex.split(examples[0].strip())[1:])  # every option the example gives exists
+    key = grid.RunKey(args.method, args.mode, args.K, args.seed)
+    assert key in grid.runs(config.load(REPO / args.config))
+    assert args.out == f"results/{key.path}"  # where the workflow writes that run

@@ -353,7 +353,7 @@ def test_the_workflow_launches_distributed_jobs_with_torchrun(tmp_path):
     assert sorted(by_method) == ["backprop", "dgl"] and all(r.info.status == "FINISHED" for r in runs)
     dgl = by_method["dgl"]
     assert dgl.data.params["engine"] == "distributed" and dgl.data.tags["split"] == "1-1"
-    assert {"busy_frac_m0", "busy_frac_m1", "queue_depth_m1", "bytes_sent_m0", "final_test_acc"} <= set(dgl.data.metrics)
+    assert {"workers/busy_frac_m0", "workers/busy_frac_m1", "workers/queue_depth_m1", "comm/bytes_sent_m0", "final/test_acc"} <= set(dgl.data.metrics)
     metrics = json.loads((workdir / "results/runs/dgl/sync/K2/default/seed0/metrics.json").read_text())
     assert metrics["engine"] == "distributed" and metrics["epochs"][-1]["test_acc"] > 0.2  # chance: 0.1
     assert "Nothing to be done" in (lambda r: r.stdout + r.stderr)(snakemake(workdir, configfile=config_path))

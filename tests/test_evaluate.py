@@ -47,7 +47,7 @@ def test_one_process_evaluates_every_run_and_logs_each_to_its_own_run(two_runs, 
         # the checkpoint's network, in its own numerics, gives what the last epoch measured
         assert evaluated["method"] == metrics["method"]
         assert evaluated["test_acc_per_module"] == metrics["epochs"][-1]["test_acc_per_module"]
-        assert client.get_run(metrics["mlflow_run_id"]).data.metrics["final_test_acc"] == evaluated["test_acc"]
+        assert client.get_run(metrics["mlflow_run_id"]).data.metrics["final/test_acc"] == 100 * evaluated["test_acc"]
 
 
 def test_when_no_checkpoint_can_be_read_nothing_is_written(two_runs, fashion_subset, tmp_path):

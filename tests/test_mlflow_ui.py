@@ -31,7 +31,8 @@ import pytest
 
 from conftest import REPO, free_port
 from decoupled import config, grid
-from decoupled.tracking import EXPERIMENT_TAGS, runs_page
+from decoupled.tracking import EXPERIMENT_TAGS, charts_page, epoch_metrics, runs_page
+from test_tracking import _record
 
 # The real binary; /usr/bin/chromium is Debian's shell wrapper around it.
 CHROMIUM_CANDIDATES = ("/usr/lib/chromium/chromium", "chromium", "chromium-browser")
@@ -40,7 +41,8 @@ PAGE_WAIT_MS = 30_000
 
 PARENT = "smoke"
 # the smoke experiment's child runs, by the names this project gives them
-CHILDREN = tuple(key.run_name for key in grid.runs(config.load(REPO / "config/smoke.yaml")))
+SMOKE = config.load(REPO / "config/smoke.yaml")
+CHILDREN = tuple(grid.run_name(SMOKE, key) for key in grid.runs(SMOKE))
 
 
 def _chromium() -> str | None:
@@ -51,12 +53,18 @@ def _chromium() -> str | None:
     return None
 
 
-def _make_experiment(client, name: str, tags: dict) -> str:
+def _make_experiment(client, name: str, tags: dict, record: dict) -> str:
+    """An experiment of the smoke grid's runs under a parent, each with two epochs of ``record``'s
+    metrics, as this project logs them."""
+    from mlflow.entities import Metric
+
     experiment_id = client.create_experiment(name, tags=tags)
     parent = client.create_run(experiment_id, run_name=PARENT).info.run_id
-    for child in CHILDREN:
+    for i, child in enumerate(CHILDREN):
         run = client.create_run(experiment_id, run_name=child, tags={"mlflow.parentRunId": parent}).info.run_id
-        client.log_metric(run, "test_accuracy", 0.5)
+        for epoch in (1, 2):
+            metrics = epoch_metrics({**record, "test_acc": record["test_acc"] * (1 + 0.01 * (i + epoch))})
+            client.log_batch(run, metrics=[Metric(k, float(v), 0, epoch) for k, v in metrics.items()])
         client.set_terminated(run)
     client.set_terminated(parent)
     return experiment_id
@@ -110,9 +118,10 @@ def mlflow_ui(tmp_path_factory):
     folder = tmp_path_factory.mktemp("mlflow-ui")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
+    record = _record()
     experiments = {
-        "tagged": _make_experiment(client, "tagged", EXPERIMENT_TAGS),
-        "untagged": _make_experiment(client, "untagged", {}),
+        "tagged": _make_experiment(client, "tagged", EXPERIMENT_TAGS, record),
+        "untagged": _make_experiment(client, "untagged", {}, record),
     }
     with serve_ui(uri, folder) as url:
         yield url, experiments
@@ -201,17 +210,49 @@ def test_runs_view_url_lists_child_runs(page, mlflow_ui):
         assert link.get_attribute("href").startswith(f"#/experiments/{experiments['tagged']}/runs/")
 
 
-def test_the_visible_part_of_each_run_name_tells_the_runs_apart(page, mlflow_ui):
+def test_the_visible_part_of_each_run_name_tells_sync_from_async(page, mlflow_ui):
     """MLflow 3.17 gives Run Name a 190 px column (its initialWidth; a user can drag it wider,
-    nothing sets it), where a child run shows ~14 characters and an ellipsis: what the
-    names show there must differ from run to run (the old `dgl-async-K3-S…` did not)."""
+    nothing sets it), where a child run shows ~14 characters and an ellipsis: each name shows
+    its method and mode there (the old "dgl K3 s0" and "dgl K3 s0 S1_B10" told them apart only
+    by a variant code); the full name, in its tooltip and the charts' legends, adds what the
+    grid varies and the seed."""
     url, experiments = mlflow_ui
     children = _open_child_runs(page, url, experiments["tagged"])
     shown = {name: link.locator("span").first.evaluate(_VISIBLE_TEXT_JS) for name, link in children.items()}
     for name, seen in shown.items():
         assert seen["text"] == name
+    keys = dict(zip(CHILDREN, grid.runs(SMOKE)))
     visible = {name: name[: seen["visible"]] for name, seen in shown.items()}
-    assert len(set(visible.values())) == len(CHILDREN), f"runs that look alike in the list: {visible}"
+    for name, text in visible.items():
+        assert text.startswith(f"{keys[name].method} {keys[name].mode}"), f"{name} shows only {text!r}"
+    modes = {(keys[name].method, text.split(" ")[1]) for name, text in visible.items()}
+    assert len(modes) == len({(key.method, key.mode) for key in keys.values()})
+
+
+def test_the_printed_charts_link_opens_on_test_accuracy(page, mlflow_ui):
+    """From the link the workflow prints (``tracking.how_to_browse``), with the parent run's row
+    unfolded, the first chart is the test accuracy, each run a line named by its run name."""
+    url, experiments = mlflow_ui
+    experiment_id = experiments["tagged"]
+    page.goto(charts_page(url, experiment_id))
+    page.wait_for_url(re.compile(rf"#/experiments/{experiment_id}/runs"), timeout=PAGE_WAIT_MS)
+    unfold = page.locator('[data-component-id*="runnamecellrenderer"]').first  # the parent run's row: its children fold under it
+    unfold.wait_for(timeout=PAGE_WAIT_MS)
+    unfold.click()
+    cards = page.locator('[data-testid="experiment-view-compare-runs-card"]')
+    cards.first.wait_for(timeout=PAGE_WAIT_MS)
+    page.wait_for_timeout(1000)  # every section drawn
+    titles = []
+    for card in cards.all():
+        title, box = card.locator("h4").first, card.bounding_box()
+        if box is not None:
+            titles.append((round(box["y"]), round(box["x"]), title.inner_text()))
+    assert len(titles) >= 2, titles  # (the cards below the window are drawn when scrolled to)
+    first = min(titles)
+    assert first[2] == "acc/test", f"the first chart is {first[2]}: {sorted(titles)[:6]}"
+    legend = cards.first.inner_text()
+    shown = [name for name in CHILDREN if f"\n{name} (acc/test)" in legend]  # (MLflow draws the newest 10 runs at first)
+    assert len(shown) >= 5 and {name.split(" ")[1] for name in shown} == {"sync", "async"}, legend[:800]
 
 
 def test_plain_experiment_url_opens_genai_view(page, mlflow_ui):

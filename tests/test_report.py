@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pandas as pd
@@ -20,10 +21,11 @@ import pytest
 
 from decoupled import config
 from decoupled.errors import UserError
-from decoupled.layout import figures_for, tables_for
+from decoupled.layout import TABLE_FORMATS, figures_for, tables_for
 from decoupled.report import (DEFAULT_TARGET_ACCURACY, FIGURE_NAMES, add_time_to_accuracy,
                               build_report, figures, load_runs)
-from decoupled.report.tables import main_table, summary, write_main, write_summary
+from decoupled.report.tables import (NO_RUN, NOT_APPLICABLE, NOT_REACHED, NOT_RECORDED, PER_BOUNDARY, main_table, summary,
+                                     write_main, write_summary)
 
 BASE = {"K": 3, "slowdown_factor": 1.0, "slowed_module": None, "buffer_size": 10, "beta": 0.5, "budget": "updates"}
 TRAIN_TIME = {0: 130.0, 1: 134.0}
@@ -240,6 +242,7 @@ def test_summary_numbers_and_columns(table):
         "train_time_s", "clock", "time_s", "images_per_s", "epochs",
         "time_to_85pct_s_mean", "time_to_85pct_s_std", "time_to_85pct_s_missed",
         "slowdown_factor", "slowed_module", "buffer_size", "budget", "beta", "gradient_delay",
+        "bits_per_activation", "bytes_per_image",
         "aux_acc_mean_m1", "aux_acc_mean_m2", "aux_acc_mean_m3", "aux_acc_mean_m4",
         "steps_mean_m1", "steps_mean_m2", "steps_mean_m3", "steps_mean_m4",
         "finish_time_s_mean_m1", "finish_time_s_mean_m2", "finish_time_s_mean_m3", "finish_time_s_mean_m4"]
@@ -282,7 +285,7 @@ def test_single_seed_group_has_nan_std_and_missing_modules(table):
 
 def test_written_tables_are_formatted(table, tmp_path):
     paths = write_summary(table, tmp_path / "tables")
-    assert [p.name for p in paths] == ["summary.csv", "summary.md", "summary.tex"]
+    assert [p.name for p in paths] == ["summary.csv", "summary.md", "summary.tex", "summary.html"]
 
     csv = pd.read_csv(paths[0])
     assert list(csv.columns) == list(table.columns)
@@ -295,17 +298,17 @@ def test_written_tables_are_formatted(table, tmp_path):
     single_line = next(line for line in md.splitlines() if "S1_B10_beta0.5" in line)
     assert "86.00" in single_line and "±" not in single_line
     slowed_line = next(line for line in md.splitlines() if "S4m1_B10 " in line)
-    # steps and finish times per module, slowdown, slowed module, buffer, budget, beta and delay (none for DGL)
-    assert re.search(r"\|\s+300/300/276 \|\s+36.2/37.2/38.2 \|\s+4 \|\s+1 \|\s+10 \|\s+updates\s+\|\s+– \|\s+– \|", slowed_line)
+    # steps and finish times per module, slowdown, slowed module, buffer, budget, beta and delay (none for DGL), bits, bytes
+    assert re.search(r"\|\s+300/300/276 \|\s+36.2/37.2/38.2 \|\s+4 \|\s+1 \|\s+10 \|\s+updates\s+\|\s+n/a \|\s+n/a \|\s+32 \|\s+not recorded \|", slowed_line)
 
     tex = paths[2].read_text()
     assert r"\begin{tabular}" in tex
     assert r"88.70 $\pm$ 0.28" in tex
-    assert r"test acc (\%)" in tex
+    assert r"test acc (\%, mean $\pm$ std)" in tex
     assert r"S4m1\_B10" in tex
     single_tex = next(line for line in tex.splitlines() if r"S1\_B10\_beta0.5" in line)
     assert r"\pm" not in single_tex
-    assert " -- " in single_tex or "& -- &" in single_tex  # no slowed module: LaTeX's en dash
+    assert "& n/a &" in single_tex  # no slowed module
 
 
 def test_latex_escapes_method_names(table, tmp_path):
@@ -317,7 +320,7 @@ def test_latex_escapes_method_names(table, tmp_path):
 def test_main_table_values(runs_df, tmp_path):
     main = main_table(runs_df)
     # Reference runs only, all at K=3, so no K column.
-    assert list(main.columns) == ["method", "sync_mean", "sync_std", "sync_clock", "async_mean", "async_std", "async_clock"]
+    assert list(main.columns) == ["method", "sync_mean", "sync_std", "sync_seeds", "sync_clock", "async_mean", "async_std", "async_seeds", "async_clock"]
     assert list(main["method"]) == ["backprop", "dgl", "fdg"]
     dgl = main.set_index("method").loc["dgl"]
     # By hand: sync mean(0.880, 0.876) = 0.878, std 0.004 / sqrt(2); async mean(0.870, 0.868).
@@ -332,23 +335,23 @@ def test_main_table_values(runs_df, tmp_path):
     assert fdg["async_mean"] == pytest.approx(0.860) and math.isnan(fdg["async_std"])
 
     paths = write_main(main, tmp_path)
-    assert [p.name for p in paths] == ["main.csv", "main.md", "main.tex"]
+    assert [p.name for p in paths] == ["main.csv", "main.md", "main.tex", "main.html"]
     csv = pd.read_csv(paths[0])
     assert list(csv.columns) == list(main.columns)
     assert csv.loc[1, "sync_mean"] == pytest.approx(0.878)
 
     md_lines = paths[1].read_text().splitlines()
-    assert "sync (%)" in md_lines[0] and md_lines[0].index("sync") < md_lines[0].index("async")
+    assert "sync (%, mean ± std)" in md_lines[0] and md_lines[0].index("sync") < md_lines[0].index("async")
     dgl_md = next(line for line in md_lines if line.startswith("| dgl"))
     assert "87.80 ± 0.28" in dgl_md and "86.90 ± 0.14" in dgl_md
     backprop_md = next(line for line in md_lines if line.startswith("| backprop"))
-    assert "88.70 ± 0.28" in backprop_md and re.search(r"\|\s+– \|$", backprop_md)
+    assert "88.70 ± 0.28" in backprop_md and re.search(r"\|\s+n/a \|$", backprop_md)  # backprop has no async form
     fdg_md = next(line for line in md_lines if line.startswith("| fdg"))
     assert "88.40" in fdg_md and "86.00" in fdg_md and "±" not in fdg_md  # one seed each
 
     tex = paths[2].read_text()
-    assert r"87.80 $\pm$ 0.28 & 86.90 $\pm$ 0.14" in tex
-    assert re.search(r"backprop & 88.70 \$\\pm\$ 0.28 & -- \\\\", tex)
+    assert r"87.80 $\pm$ 0.28 (n=2) & 86.90 $\pm$ 0.14 (n=2)" in tex
+    assert re.search(r"backprop & 88.70 \$\\pm\$ 0.28 \(n=2\) & n/a \\\\", tex)
 
 
 def test_a_method_in_a_form_other_than_its_authors_goes_by_a_name_of_its_own(tmp_path):
@@ -380,10 +383,10 @@ def test_main_table_with_several_reference_k(tmp_path):
                                  ("backprop", "sync", 3, "default", 0): [0.4, 0.6, 0.89]})
     k2 = write_run(tmp_path, "dgl", "sync", 2, "default", 0, [0.8, 0.86], varied=[])
     main = main_table(load_runs(dirs + [k2])[0])
-    assert list(main.columns) == ["method", "K", "sync_mean", "sync_std", "sync_clock"]
+    assert list(main.columns) == ["method", "K", "sync_mean", "sync_std", "sync_seeds", "sync_clock"]
     assert list(zip(main["method"], main["K"])) == [("backprop", 3), ("dgl", 2), ("dgl", 3)]
     header = write_main(main, tmp_path / "t")[1].read_text().splitlines()[0]
-    assert [c.strip() for c in header.strip("|").split("|")] == ["method", "K", "sync (%)"]
+    assert [c.strip() for c in header.strip("|").split("|")] == ["method", "K", "sync (%, mean ± std, n=1)"]
 
 
 def _magic_ok(path: Path) -> bool:
@@ -395,10 +398,10 @@ def test_build_report_writes_everything(run_dirs, tmp_path):
     paths = build_report(run_dirs, tmp_path / "out" / "tables", tmp_path / "out" / "figures")
     # these runs sweep slowdown, buffer size and K, not groups nor quantization
     # no published numbers given, so no reproduction table
-    expected = ([f"{t.name}.{ext}" for t in tables_for(published=False) for ext in ("csv", "md", "tex")]
+    expected = ([f"{t.name}.{ext}" for t in tables_for(published=False) for ext in ("csv", "md", "tex", "html")]
                 + [f"{f.name}.{ext}" for f in figures_for({"slowdown", "buffer_size", "K"}) for ext in ("png", "pdf")])
-    assert len(paths) == 18 and [p.name for p in paths] == expected
-    assert "acc_vs_wall_time.png" in expected
+    assert len(paths) == 20 and [p.name for p in paths] == expected
+    assert "acc_vs_time.png" in expected
     for path in paths:
         assert path.is_file() and path.stat().st_size > 0
         if path.suffix in (".png", ".pdf"):
@@ -413,14 +416,14 @@ def test_a_sweep_figure_without_its_sweep_is_not_written(tmp_path):
     the report says it wrote); the workflow lists the same (decoupled.layout.figures_for)."""
     dirs = write_runs(tmp_path, SYNC_REFERENCE)
     paths = build_report(dirs, tmp_path / "tables", tmp_path / "figures")
-    drawn = {"test_acc_vs_epoch", "acc_vs_wall_time", "layerwise_acc"}
+    drawn = {"test_acc_vs_epoch", "acc_vs_time", "layerwise_acc"}
     assert [f.name for f in figures_for(set())] == sorted(drawn, key=FIGURE_NAMES.index)
     for name in FIGURE_NAMES:
         for ext in (".png", ".pdf"):
             path = tmp_path / "figures" / f"{name}{ext}"
             assert (path in paths and _magic_ok(path)) if name in drawn else not (path in paths or path.exists())
     main = pd.read_csv(tmp_path / "tables" / "main.csv")
-    assert list(main.columns) == ["method", "sync_mean", "sync_std", "sync_clock", "sync_time_to_85pct_s_mean",
+    assert list(main.columns) == ["method", "sync_mean", "sync_std", "sync_seeds", "sync_clock", "sync_time_to_85pct_s_mean",
                                   "sync_time_to_85pct_s_std", "sync_time_to_85pct_s_missed"]
 
 
@@ -566,22 +569,23 @@ def test_time_to_accuracy_in_the_tables(tmp_path):
     assert math.isnan(backprop["time_to_85pct_s_mean"]) and backprop["time_to_85pct_s_missed"] == 2
 
     md = write_summary(table, tmp_path / "tables")[1].read_text().splitlines()
-    assert "time to 85% (s)" in md[0] and "engine" not in md[0]  # one engine: no column for it
-    cells = {line.split("|")[1].strip(): line for line in md[2:]}
-    assert re.search(r"\|\s+simulated parallel \|\s+38.2 \|", cells["dgl"])  # the clock, and the time on it
+    # one engine, one clock: no column for either, the headers name the clock
+    assert "time to 85% (s, simulated parallel)" in md[0] and "engine" not in md[0] and "| clock" not in md[0]
+    cells = {line.split("|")[1].strip(): line for line in md[2:] if line.startswith("|")}
+    assert re.search(r"\|\s+38.2 \|", cells["dgl"])  # the time on it
     assert re.search(r"\|\s+32.0 ± 9.9 \|", cells["dgl"])
     assert re.search(r"\|\s+12.5 \(not reached by 1 seed\) \|", cells["fdg"])
-    assert re.search(r"\|\s+3 \|\s+– \|", cells["backprop"])  # epochs, then no time
+    assert re.search(r"\|\s+3 \|\s+not reached \|", cells["backprop"])  # epochs, then no time
 
     main = main_table(runs_df)
-    assert list(main.columns) == ["method", "sync_mean", "sync_std", "sync_clock", "sync_time_to_85pct_s_mean",
+    assert list(main.columns) == ["method", "sync_mean", "sync_std", "sync_seeds", "sync_clock", "sync_time_to_85pct_s_mean",
                                   "sync_time_to_85pct_s_std", "sync_time_to_85pct_s_missed"]
     assert list(main["sync_time_to_85pct_s_mean"].fillna(-1)) == [-1, 32.0, 12.5]
     assert list(main["sync_time_to_85pct_s_missed"]) == [2, 0, 1]
-    md, tex = (p.read_text() for p in write_main(main, tmp_path / "main")[1:])
+    md, tex = (p.read_text() for p in write_main(main, tmp_path / "main")[1:3])
     assert [c.strip() for c in md.splitlines()[0].strip("|").split("|")] == [
-        "method", "sync (%)", "sync: time to 85% (s, simulated parallel)"]
-    assert re.search(r"\| backprop .*\|\s+– \|$", md, re.M)
+        "method", "sync (%, mean ± std, n=2)", "sync: time to 85% (s, simulated parallel)"]
+    assert re.search(r"\| backprop .*\|\s+not reached \|$", md, re.M)
     assert r"32.0 $\pm$ 9.9" in tex and "12.5 (not reached by 1 seed)" in tex
 
 
@@ -598,13 +602,13 @@ def _capture_lines(monkeypatch) -> dict:
     return seen
 
 
-def test_wall_time_figure_plots_reference_runs_against_seconds(run_dirs, tmp_path, monkeypatch):
+def test_time_figure_plots_reference_runs_against_seconds(run_dirs, tmp_path, monkeypatch):
     seen = _capture_lines(monkeypatch)
     epochs_df = load_runs(run_dirs)[1]
-    paths = figures.plot_accuracy_vs_wall_time(epochs_df, tmp_path, 0.85)
-    assert [p.name for p in paths] == ["acc_vs_wall_time.png", "acc_vs_wall_time.pdf"]
+    paths = figures.plot_accuracy_vs_time(epochs_df, tmp_path, 0.85)
+    assert [p.name for p in paths] == ["acc_vs_time.png", "acc_vs_time.pdf"]
     assert all(_magic_ok(p) for p in paths)
-    lines = seen["acc_vs_wall_time"]
+    lines = seen["acc_vs_time"]
     # Reference runs only, one engine (so not named), and the target.
     assert list(lines) == ["backprop sync (2 seeds)", "dgl sync (2 seeds)", "dgl async (2 seeds)",
                            "fdg sync (1 seed)", "fdg async (1 seed)", "target 85%"]
@@ -638,8 +642,8 @@ def test_runs_of_two_engines_are_told_apart(tmp_path, monkeypatch):
         ("dgl", "distributed"), ("dgl", "simulated")]
 
     seen = _capture_lines(monkeypatch)
-    figures.plot_accuracy_vs_wall_time(epochs_df, tmp_path, 0.85)
-    assert list(seen["acc_vs_wall_time"]) == [
+    figures.plot_accuracy_vs_time(epochs_df, tmp_path, 0.85)
+    assert list(seen["acc_vs_time"]) == [
         "dgl sync (distributed: wall clock, 2 seeds)", "dgl sync (simulated: simulated parallel, 2 seeds)", "target 85%"]
 
 
@@ -652,7 +656,7 @@ def test_cli_report_takes_the_target_accuracy(tmp_path):
     assert done.returncode == 0, done.stderr
     table = pd.read_csv(out / "tables" / "summary.csv").set_index("method")
     assert table.loc["dgl", "time_to_80pct_s_mean"] == pytest.approx(12.75)  # both at epoch 1
-    assert (out / "figures" / "acc_vs_wall_time.pdf").is_file()
+    assert (out / "figures" / "acc_vs_time.pdf").is_file()
 
     bad = subprocess.run([*report, "--target-accuracy", "85"], capture_output=True, text=True)
     assert bad.returncode == 2
@@ -754,3 +758,223 @@ def test_the_quantization_and_groups_figures_plot_their_runs(tmp_path, monkeypat
     centres = sorted(tuple(p) for c in bubbles for p in c)
     assert [x for x, _ in centres] == [3e5, 5e5, 9e5, 9e5, 2e6]
     assert [y for _, y in centres] == pytest.approx([84.0, 86.0, 87.0, 88.5, 90.0])
+
+
+class _TablePage(HTMLParser):
+    """What a table's HTML page (``tables._html``) shows: header cells, body rows, notes."""
+
+    def __init__(self, page: str):
+        super().__init__()
+        self.headers, self.rows, self.notes, self._row, self._cell = [], [], [], [], None
+        self.feed(page)
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "tr":
+            self._row = []
+        elif tag in ("th", "td", "li"):
+            self._cell = []
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
+
+    def handle_endtag(self, tag):
+        if tag in ("th", "td", "li"):
+            text = "".join(self._cell).replace("\xa0", " ")
+            {"th": self.headers, "td": self._row, "li": self.notes}[tag].append(text)
+            self._cell = None
+        elif tag == "tr" and self._row:
+            self.rows.append(self._row)
+
+
+def _markdown_table(md: str) -> tuple[list[str], list[list[str]], list[str]]:
+    """The header, rows and notes (the list under the table) of a Markdown table."""
+    lines = md.splitlines()
+    cells = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines if line.startswith("|")]
+    notes = [line.removeprefix("- ") for line in lines if line.startswith("- ")]
+    return cells[0], cells[2:], notes
+
+
+def _tables(writer, df: pd.DataFrame, tmp_path: Path) -> dict:
+    """The written files of one table, by format."""
+    return {p.suffix[1:]: p.read_text() for p in writer(df, tmp_path)}
+
+
+def test_every_table_is_an_html_page_with_every_column_row_and_note(table, runs_df, tmp_path):
+    """What `snakemake --report` shows of a table: a real <table>, nothing left out of the
+    Markdown version, and the notes under it."""
+    assert "html" in TABLE_FORMATS
+    for writer, df in ((write_summary, table), (write_main, main_table(runs_df))):
+        files = _tables(writer, df, tmp_path / writer.__name__)
+        assert list(files) == TABLE_FORMATS
+        header, rows, notes = _markdown_table(files["md"])
+        page = _TablePage(files["html"])
+        assert files["html"].startswith("<!DOCTYPE html>") and "<table>" in files["html"]
+        assert page.headers == header and len(header) > 2
+        assert page.rows == rows and len(rows) == len(df)
+        assert page.notes == notes and notes
+        assert all(f"% {note}" in files["tex"] for note in notes)  # under the tabular, as comments
+
+
+def test_a_missing_number_says_whether_it_does_not_apply_or_was_never_reached(tmp_path):
+    """Backprop has no async form (n/a) and never reaches 85 % (not reached); FDG has an async
+    form but no run of it (not yet run); a sync run has no slowdown (n/a). Each mark means one
+    thing, and the notes under the table say what."""
+    assert len({NOT_APPLICABLE, NOT_REACHED, NOT_RECORDED, NO_RUN, PER_BOUNDARY}) == 5
+    dirs = write_curves(tmp_path / "runs") + [write_run(tmp_path / "runs", "dgl", "async", 3, "S1_B10", 0, [0.8, 0.85, 0.87])]
+    runs_df = add_time_to_accuracy(*load_runs(dirs), 0.85)
+
+    main = _TablePage(_tables(write_main, main_table(runs_df), tmp_path / "main")["html"])
+    cells = {row[0]: dict(zip(main.headers, row)) for row in main.rows}
+    assert cells["backprop"]["async (%, mean ± std, n=1)"] == NOT_APPLICABLE
+    assert cells["backprop"]["sync: time to 85% (s, simulated parallel)"] == NOT_REACHED
+    assert cells["fdg"]["async (%, mean ± std, n=1)"] == NO_RUN
+    assert cells["fdg"]["async: time to 85% (s, simulated parallel)"] == NO_RUN
+    assert cells["dgl"]["async: time to 85% (s, simulated parallel)"] == "37.5"
+    for mark in (NOT_APPLICABLE, NOT_REACHED, NO_RUN):
+        assert sum(note.startswith(f'"{mark}": ') for note in main.notes) == 1, mark
+
+    page = _TablePage(_tables(write_summary, summary(runs_df), tmp_path / "summary")["html"])
+    backprop = dict(zip(page.headers, next(row for row in page.rows if row[0] == "backprop")))
+    assert backprop["slowdown"] == NOT_APPLICABLE and backprop["time to 85% (s, simulated parallel)"] == NOT_REACHED
+    assert any(note.startswith(f'"{NOT_REACHED}": no seed reached') for note in page.notes)
+
+
+def test_tables_say_what_plus_minus_is_and_over_how_many_seeds(table, runs_df, tmp_path):
+    files = _tables(write_summary, table, tmp_path / "summary")
+    plus_minus = "± is the sample standard deviation (n − 1) over the row's seeds (column seeds)"
+    assert all(plus_minus in text for ext, text in files.items() if ext != "csv")
+    assert "test acc (%, mean ± std)" in _markdown_table(files["md"])[0] and "seeds" in _markdown_table(files["md"])[0]
+
+    # the main table has no seeds column: the header says n where every row has the same
+    curves = write_curves(tmp_path / "same")
+    header = _markdown_table(_tables(write_main, main_table(load_runs(curves)[0]), tmp_path / "same")["md"])[0]
+    assert header[1] == "sync (%, mean ± std, n=2)"
+    # ... else each cell (FDG has one seed per mode, the others two)
+    files = _tables(write_main, main_table(runs_df), tmp_path / "differ")
+    header, rows, notes = _markdown_table(files["md"])
+    assert header[1:3] == ["sync (%, mean ± std)", "async (%, mean ± std)"]
+    assert {row[0]: row[1] for row in rows} == {"backprop": "88.70 ± 0.28 (n=2)", "dgl": "87.80 ± 0.28 (n=2)", "fdg": "88.40 (n=1)"}
+    assert notes[0].startswith("± is the sample standard deviation (n − 1) over n seeds")
+
+
+def test_every_time_column_names_its_clock(tmp_path):
+    """Process seconds (the training process's wall clock) beside the run's clock: simulated
+    parallel for the simulated engine, wall clock for real workers; a column of runs on several
+    clocks says so, and the clock column beside it names each."""
+    dgl = {k: v for k, v in CURVES.items() if k[0] == "dgl"}
+    simulated = write_curves(tmp_path / "simulated", dgl)
+    distributed = write_curves(tmp_path / "distributed", {k: [0.86, 0.87, 0.88] for k in dgl}, engine="distributed")
+
+    one = add_time_to_accuracy(*load_runs(simulated), 0.85)
+    header, _, notes = _markdown_table(_tables(write_summary, summary(one), tmp_path / "one")["md"])
+    timed = [h for h in header if "time" in h]
+    assert timed == ["process time (s, wall clock)", "time (s, simulated parallel)", "time to 85% (s, simulated parallel)",
+                     "finish time per module (s, simulated parallel)"]
+    assert "clock" not in header
+    assert any("simulated parallel: the simulated engine's clock, each module's measured work as if on a worker of its own" in n for n in notes)
+    assert any(n.startswith("process time (s, wall clock): the seconds the training process measured") for n in notes)
+
+    both = add_time_to_accuracy(*load_runs(simulated + distributed), 0.85)
+    header, rows, notes = _markdown_table(_tables(write_summary, summary(both), tmp_path / "both")["md"])
+    assert [h for h in header if "time" in h] == ["process time (s, wall clock)", "time (s, on the row's clock)",
+                                                  "time to 85% (s, on the row's clock)", "finish time per module (s, on the row's clock)"]
+    assert sorted(dict(zip(header, row))["clock"] for row in rows) == ["simulated parallel", "wall clock"]
+    assert any("wall clock: real workers" in n for n in notes)
+    main_header = _markdown_table(_tables(write_main, main_table(both), tmp_path / "main")["md"])[0]
+    assert main_header[-1] == "sync: time to 85% (s, on the row's clock)"
+
+
+def test_the_summary_gives_bits_per_activation_and_bytes_per_image(tmp_path):
+    """Floats: 32 bits; a quantizer at every boundary: its bits/dim; boundaries that differ:
+    "per boundary"; bytes sent per image from the last epoch, "not recorded" in a run without."""
+    runs = {2: (None, None, 6000.0), 3: (1.0, [0.1, 0.2], 220.0), 4: (None, [0.1, None, None], None)}
+    dirs = []
+    for k, (bits, errors, nbytes) in runs.items():
+        dirs.append(write_run(tmp_path / "runs", "dgl", "sync", k, "default", 0, [0.8] * (k - 1) + [0.88]))
+
+        def change(metrics, bits=bits, errors=errors, nbytes=nbytes):
+            metrics["settings"]["quantize_bits_per_activation"] = bits
+            for record in metrics["epochs"]:
+                if errors is not None:
+                    record["vq_recon_error_per_boundary"] = errors
+                if nbytes is not None:
+                    record["bytes_per_image"] = nbytes
+
+        _edit(dirs[-1] / "metrics.json", change)
+    table = summary(add_time_to_accuracy(*load_runs(dirs), 0.85))
+    assert list(table["bits_per_activation"].fillna(-1)) == [32.0, 1.0, -1]
+    assert list(table["bytes_per_image"].fillna(-1)) == [6000.0, 220.0, -1]
+    header, rows, notes = _markdown_table(_tables(write_summary, table, tmp_path / "t")["md"])
+    cells = [dict(zip(header, row)) for row in rows]
+    assert [c["bits per activation"] for c in cells] == ["32", "1", PER_BOUNDARY]
+    assert [c["bytes sent per image"] for c in cells] == ["6000", "220", NOT_RECORDED]
+    assert any(n.startswith("bits per activation: what one activation sent to the next module costs (32: floats") for n in notes)
+
+
+def _capture_spread(monkeypatch) -> dict:
+    """Per figure, the lowest and highest y of its error bars and bands, instead of only saving it."""
+    from matplotlib.collections import LineCollection, PolyCollection
+
+    seen, finish = {}, figures._finish
+
+    def spy(fig, ax, stem, legend_ax=None):
+        ys = []
+        for collection in (c for a in fig.axes for c in a.collections):
+            if isinstance(collection, LineCollection):
+                ys += [y for segment in collection.get_segments() for _, y in segment]
+            elif isinstance(collection, PolyCollection):
+                ys += [y for path in collection.get_paths() for _, y in path.vertices]
+        seen[stem.name] = (min(ys), max(ys)) if ys else None
+        return finish(fig, ax, stem, legend_ax)
+
+    monkeypatch.setattr(figures, "_finish", spy)
+    return seen
+
+
+def test_error_bars_and_bands_stay_between_0_and_100_percent(tmp_path, monkeypatch):
+    """Two seeds at 0 % and 6 % (or 97 % and 100 %) have a std of 4.2 (2.1) points: bars and
+    bands of ± std would reach below 0 % (above 100 %), which no accuracy can."""
+    seen = _capture_spread(monkeypatch)
+    finals = {("dgl", "sync", k, "default", seed): [[0.0, 0.06][seed]] * (k - 1) + [[0.97, 1.0][seed]]
+              for k in (2, 3) for seed in (0, 1)}
+    runs_df = load_runs(write_runs(tmp_path / "runs", finals))[0]
+    figures.plot_layerwise_accuracy(runs_df, tmp_path)
+    figures.plot_accuracy_vs_K(runs_df, tmp_path)
+    assert seen["layerwise_acc"] == pytest.approx((0.0, 100.0))  # drawn, and cut
+    assert seen["acc_vs_K"] == pytest.approx((98.5 - 3 / math.sqrt(2), 100.0))  # the mean 98.5 ± 2.1, cut above
+
+    rows = [{"method": "dgl", "mode": "sync", "K": 3, "seed": seed, "varied": varied, "test_acc": acc[seed],
+             "quantize_bits_per_activation": bits, "bytes_per_image": nbytes, "groups": groups, "max_worker_macs": macs,
+             "workers": 3 * (groups or 1)}
+            for seed in (0, 1)
+            for bits, nbytes, groups, macs, acc, varied in ((None, 6000.0, None, 9e5, [0.97, 1.0], []),
+                                                             (0.5, 120.0, None, 9e5, [0.0, 0.06], ["quantize"]),
+                                                             (None, 6000.0, 2, 5e5, [0.0, 0.06], ["groups"]))]
+    sweeps = pd.DataFrame(rows).assign(method=lambda df: ["gn_dgl" if g else "dgl" for g in df["groups"]])
+    figures.plot_accuracy_vs_bits(sweeps, tmp_path)
+    figures.plot_accuracy_vs_worker_macs(sweeps, tmp_path)
+    assert seen["acc_vs_bits"] == pytest.approx((0.0, 100.0))
+    assert seen["acc_vs_worker_macs"] == pytest.approx((0.0, 100.0))
+
+
+def test_the_time_figure_names_its_clock_in_its_title_and_axis(tmp_path, monkeypatch):
+    """Simulated parallel seconds are not wall-clock seconds: the figure says which it plots; its
+    file name, the same for either, names neither."""
+    seen, finish = {}, figures._finish
+
+    def spy(fig, ax, stem, legend_ax=None):
+        seen[stem.name] = (ax.get_title(), ax.get_xlabel())
+        return finish(fig, ax, stem, legend_ax)
+
+    monkeypatch.setattr(figures, "_finish", spy)
+    dgl = {k: v for k, v in CURVES.items() if k[0] == "dgl"}
+    paths = figures.plot_accuracy_vs_time(load_runs(write_curves(tmp_path / "simulated", dgl))[1], tmp_path, 0.85)
+    assert [p.stem for p in paths] == ["acc_vs_time", "acc_vs_time"] and "acc_vs_time" in FIGURE_NAMES
+    title, xlabel = seen["acc_vs_time"]
+    assert "simulated parallel clock" in title and "simulated parallel clock" in xlabel and "wall" not in title + xlabel
+
+    real = write_curves(tmp_path / "distributed", dgl, engine="distributed")
+    figures.plot_accuracy_vs_time(load_runs(real)[1], tmp_path, 0.85)
+    title, xlabel = seen["acc_vs_time"]
+    assert "wall clock" in title and "wall clock" in xlabel and "simulated" not in title + xlabel

@@ -222,9 +222,9 @@ def test_a_killed_job_run_again_resumes_into_the_same_mlflow_run(tmp_path, fashi
     resumed = client.get_run(killed.info.run_id)
     assert resumed.info.status == "FINISHED" and resumed.data.tags["resumes"] == "1"
     assert metrics["mlflow_run_id"] == killed.info.run_id
-    history = client.get_metric_history(killed.info.run_id, "test_acc")
+    history = client.get_metric_history(killed.info.run_id, "acc/test")
     assert sorted(m.step for m in history) == [1, 2, 3, 4]  # each epoch logged once
-    assert [m.value for m in sorted(history, key=lambda m: m.step)] == [e["test_acc"] for e in metrics["epochs"]]
+    assert [m.value for m in sorted(history, key=lambda m: m.step)] == [100 * e["test_acc"] for e in metrics["epochs"]]
     assert len(child_runs()) == 1  # the killed job resumed: no second run
 
 

@@ -127,7 +127,7 @@ def test_a_failed_rerun_loses_nothing_trained(edits):
     # the tables still describe that run, which exists
     assert seen["B tables"] == seen["A tables"]
     main = pd.read_csv(io.StringIO(seen["B tables"])).set_index("method")
-    assert main.loc["dgl", "sync_mean"] == pytest.approx(finished.data.metrics["final_test_acc"])
+    assert main.loc["dgl", "sync_mean"] == pytest.approx(finished.data.metrics["final/test_acc"] / 100)
 
 
 def _config_of(run) -> str:
@@ -179,7 +179,7 @@ def test_one_finished_child_run_per_job_and_configuration(edits):
     [child] = [r for r in runs if r.data.tags["decoupled.role"] == "child" and r.info.run_name != "killed"]  # (B's job failed before it made one)
     assert child.info.run_id == seen["A run"] and child.info.status == "FINISHED"
     assert child.data.tags["resumes"] == "1"  # the plain rerun went on in the run of the interrupted workflow
-    assert [m.step for m in client.get_metric_history(child.info.run_id, "test_acc")] == list(range(1, 41))  # each epoch once
+    assert [m.step for m in client.get_metric_history(child.info.run_id, "acc/test")] == list(range(1, 41))  # each epoch once
 
 
 # --- passwords ---------------------------------------------------------------------------------

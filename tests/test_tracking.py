@@ -129,3 +129,83 @@ def test_a_moved_store_reads_and_writes_its_artifacts_beside_itself(tmp_path, mo
     assert (tmp_path / "a/elsewhere/mlflow/artifacts" / run.run_id / "artifacts/note.txt").read_text() == "second"
     assert (tmp_path / "b/results/mlflow/artifacts" / run.run_id / "artifacts/note.txt").read_text() == "first"  # the copy untouched
     assert tracking.relocate(copy_db) == 0  # nothing moved since
+
+
+def _record(K: int = 3) -> dict:
+    """An async DGL epoch record as train.fit makes it, from a run of two tiny epochs."""
+    from decoupled import config, grid
+    from decoupled.data.prepared import Dataset
+    from decoupled.train import fit
+    import torch
+
+    cfg = config.validate({"experiment": "names", "model": {"widths": [4, 8, 8], "aux_hidden": 8},
+                           "train": {"epochs": 1, "batch_size": 10}, "async": {"buffer_size": 2},
+                           "grid": {"methods": ["dgl"], "modes": ["async"], "K": [K], "seeds": [0]}})
+    job = grid.job_config(cfg, grid.runs(cfg)[0])
+    g = torch.Generator().manual_seed(0)
+    data = Dataset(torch.randn(40, 1, 8, 8, generator=g), torch.arange(40) % 10, torch.randn(20, 1, 8, 8, generator=g), torch.arange(20) % 10,
+                   [str(c) for c in range(10)], 10, 1, 8, "tiny")
+    return fit(job, data, checkpoint=lambda state: None)["epochs"][-1]
+
+
+def test_the_charts_open_on_test_accuracy_the_only_metric_of_the_first_section():
+    """MLflow's chart view draws a section per prefix before "/", in alphabetical order: the
+    first section holds the test accuracy alone, in percent as every table."""
+    record = _record()
+    metrics = tracking.epoch_metrics(record)
+    sections = {name.partition("/")[0] for name in metrics}
+    assert all("/" in name for name in metrics) and len(sections) > 3
+    first = min(sections)
+    assert [name for name in metrics if name.startswith(first + "/")] == ["acc/test"]
+    assert metrics["acc/test"] == 100 * record["test_acc"]
+    assert metrics["acc_heads/test_m0"] == 100 * record["test_acc_per_module"][0]
+    assert {"workers/steps_m2", "staleness/input_mean_m1", "loss/train_m0", "time/simulated_parallel_s"} <= set(metrics)
+    final = tracking.final_metrics({"test_acc": 0.5, "test_loss": 1.0, "test_acc_per_module": [0.25, 0.5]})
+    assert final == {"final/test_acc": 50.0, "final/test_loss": 1.0, "final/test_acc_m0": 25.0, "final/test_acc_m1": 50.0}
+
+
+def test_a_runs_name_says_method_mode_what_the_grid_varies_and_seed():
+    from decoupled import config, grid
+
+    from conftest import REPO
+
+    for path in sorted(REPO.glob("config/**/*.yaml")):
+        if path.name == "schema.yaml":
+            continue
+        cfg = config.load(path)
+        keys = grid.runs(cfg)
+        names = [grid.run_name(cfg, key) for key in keys]
+        assert len(set(names)) == len(names), f"{path.name}: runs of one name"
+        for key, name in zip(keys, names):
+            assert name.startswith(f"{key.method} {key.mode} ") and name.endswith(f" s{key.seed}"), name
+    cfg = config.load(REPO / "config/smoke.yaml")  # its grid sweeps the slowdown of async runs, and nothing else
+    names = {grid.run_name(cfg, key) for key in grid.runs(cfg)}
+    assert {"dgl sync s0", "dgl async S1 s0", "dgl async S2m1 s1", "fdg sync s0", "gn_dgl async S2m1 s0"} <= names
+    cfg = config.load(REPO / "config/groups_sweep.yaml")  # K and groups
+    assert {"gn_dgl sync K2 G4 s1", "dgl sync K3 s0"} <= {grid.run_name(cfg, key) for key in grid.runs(cfg)}
+
+
+def test_a_runs_params_are_the_settings_its_network_and_schedule_read():
+    from decoupled import config, grid
+
+    def params(**sections):
+        cfg = config.validate({"experiment": "p", **sections, "grid": {"methods": ["dgl"], "modes": ["sync"], "K": [2], "seeds": [0]}})
+        return grid.params_of(grid.job_config(cfg, grid.runs(cfg)[0]))
+
+    cnn = params(train={"lr_schedule": "cosine"})
+    assert "model.widths" in cnn and "train.lr" in cnn and "train.momentum" in cnn
+    assert not {"model.shortcut", "model.wrn_final_bn_momentum", "model.dropout", "train.lr_milestones", "train.lr_gamma", "train.lr_warmup_start"} & set(cnn)
+    resnet = params(model={"arch": "resnet20"}, train={"lr_schedule": "multistep", "lr_warmup_epochs": 2, "optimizer": "adam"})
+    assert {"model.shortcut", "model.stem", "train.lr_milestones", "train.lr_gamma", "train.lr_warmup_start"} <= set(resnet)
+    assert not {"model.widths", "model.wrn_final_bn_momentum", "train.momentum", "train.nesterov"} & set(resnet)
+    assert {"model.dropout", "model.wrn_final_bn_momentum"} <= set(params(model={"arch": "wrn16_2"}))
+
+
+def test_the_parent_runs_description_names_the_experiment_its_grid_and_its_main_table():
+    from decoupled import config
+
+    cfg = config.validate({"experiment": "described", "grid": {"methods": ["dgl", "backprop"], "modes": ["sync"], "K": [3], "seeds": [0, 1, 2],
+                                                               "slowdown": [{"factor": 1}, {"factor": 2, "module": 1}]}})
+    text = tracking.parent_description(cfg, "| method | sync (%) |\n|---|---|\n| dgl | 80.00 ± 1.00 |\n")
+    assert text.startswith("**described**: dgl, backprop on fashion_mnist")
+    assert "seeds 0, 1, 2" in text and "slowdown" in text and "| dgl | 80.00 ± 1.00 |" in text

@@ -87,7 +87,7 @@ def test_main_table(smoke):
 @needs_fashion_mnist
 def test_figures(smoke):
     workdir, _ = smoke
-    for name in ("test_acc_vs_epoch", "acc_vs_wall_time", "layerwise_acc", "acc_vs_slowdown"):  # smoke sweeps the slowdown only
+    for name in ("test_acc_vs_epoch", "acc_vs_time", "layerwise_acc", "acc_vs_slowdown"):  # smoke sweeps the slowdown only
         assert (workdir / f"results/figures/{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert (workdir / f"results/figures/{name}.pdf").read_bytes()[:4] == b"%PDF"
     for name in ("acc_vs_buffer_size", "acc_vs_K"):  # no empty figure where nothing was swept
@@ -106,7 +106,7 @@ def test_progress_lines_on_the_terminal(smoke):
 
 @needs_fashion_mnist
 def test_mlflow_runs(smoke):
-    workdir, _ = smoke
+    workdir, result = smoke
     os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
     from mlflow.tracking import MlflowClient
 
@@ -126,6 +126,15 @@ def test_mlflow_runs(smoke):
 
     expected = {f"tables/{t.name}.{e}" for t in tables_for(published=False) for e in TABLE_FORMATS} | {f"figures/{f.name}.{e}" for f in figures_for({"slowdown"}) for e in FIGURE_FORMATS}
     assert expected == parent_files and "figures/acc_vs_slowdown.png" in expected
+    # its description: the experiment, its grid and the main table; the table as an MLflow table too
+    description = parent.data.tags["mlflow.note.content"]
+    assert "**smoke**" in description and "seeds 0, 1" in description
+    assert (workdir / "results/tables/main.md").read_text().strip() in description
+    assert "main_table.json" in {f.path for f in client.list_artifacts(parent.info.run_id)}
+    # the UI's command and links, again when the workflow ends
+    end = result.stderr[result.stderr.rindex("MLflow parent run"):]
+    assert f"mlflow ui --backend-store-uri sqlite:///results/mlflow/mlflow.db" in end
+    assert f"/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning&compareRunsMode=CHART" in end
 
     seen = set()
     for run in children:
@@ -135,7 +144,9 @@ def test_mlflow_runs(smoke):
         key = (tags["method"], tags["mode"], tags["K"], tags["variant"], tags["seed"])
         seen.add(key)
         assert tags["rule"] == "train"
-        assert run.info.run_name == " ".join([key[0], f"K{key[2]}", f"s{key[4]}"] + ([key[3]] if key[3] != "default" else []))
+        # method, mode, what the grid varies (async: the slowdown), seed; the tag "group" without the seed
+        swept = [key[3].split("_")[0]] if key[1] == "async" else []
+        assert run.info.run_name == " ".join([key[0], key[1], *swept, f"s{key[4]}"]) and tags["group"] == run.info.run_name.rsplit(" ", 1)[0]
         assert tags["wildcards"] == f"method={key[0]},mode={key[1]},K={key[2]},variant={key[3]},seed={key[4]}"
         commit = subprocess.run(["git", "-C", str(workdir), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
         assert tags["mlflow.source.git.commit"] == commit and len(commit) == 40
@@ -146,12 +157,12 @@ def test_mlflow_runs(smoke):
         assert params["dataset.subset_per_class"] == "100"
         assert ("async.buffer_size" in params) == (key[1] == "async") and ("train.beta" in params) == (key[0] == "fdg")
         assert ("train.synth_lr" in params) == (key[0] in ("dni", "cdni"))
-        history = client.get_metric_history(run.info.run_id, "test_acc")
+        history = client.get_metric_history(run.info.run_id, "acc/test")
         assert [m.step for m in history] == [1, 2, 3]
-        for name in ("train_loss", "test_acc_m0", "test_acc_m1", "wall_time_s", "images_per_s", "final_test_acc"):
+        for name in ("loss/train", "acc_heads/test_m0", "acc_heads/test_m1", "time/wall_s", "speed/images_per_s", "final/test_acc"):
             assert name in run.data.metrics, name
         if key[1] == "async":  # per-worker progress of the simulator
-            assert {"steps_m0", "steps_m1", "idle_m1", "input_staleness_mean_m1"} <= set(run.data.metrics)
+            assert {"workers/steps_m0", "workers/steps_m1", "workers/idle_ticks_m1", "staleness/input_mean_m1"} <= set(run.data.metrics)
             assert params["async.slowdown_factor"] == ("2" if key[3].startswith("S2") else "1")
         artifacts = {f.path for f in client.list_artifacts(run.info.run_id)}
         assert {"metrics.json", "config.json", "eval.json"} <= artifacts

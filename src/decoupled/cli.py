@@ -62,7 +62,7 @@ def cmd_prepare_data(args) -> None:
 
 def cmd_init_tracking(args) -> None:
     from decoupled.files import write_json
-    from decoupled.tracking import init_experiment, runs_page
+    from decoupled.tracking import how_to_browse, init_experiment
 
     if args.config is not None:
         cfg = _experiment_config(args)
@@ -76,11 +76,8 @@ def cmd_init_tracking(args) -> None:
         raise UserError("init-tracking needs --config, or --experiment (with --tracking-uri)")
     write_json(args.out, info)
     uri = info["tracking_uri"]
-    if uri.startswith(("http://", "https://")):
-        browse = runs_page(uri, info["experiment_id"])
-    else:
-        browse = f"{runs_page('http://127.0.0.1:5000', info['experiment_id'])} after: mlflow ui --backend-store-uri {uri}"
-    print(f"MLflow experiment '{info['experiment']}' ({uri}), parent run {info['parent_run_id']}; its runs: {browse}", file=sys.stderr)
+    print(f"MLflow experiment '{info['experiment']}' ({uri}), parent run {info['parent_run_id']}; to follow it: {how_to_browse(uri, info['experiment_id'])}",
+          file=sys.stderr)
 
 
 def cmd_train(args) -> None:
@@ -179,12 +176,10 @@ def cmd_evaluate(args) -> None:
         if checkpoint is None:
             continue
         if experiment is not None:
-            from decoupled.tracking import ChildRun
+            from decoupled.tracking import ChildRun, final_metrics
 
             run = ChildRun.attach(experiment, checkpoint["mlflow_run_id"])
-            final = {"final_test_acc": result["test_acc"], "final_test_loss": result["test_loss"]}
-            final.update({f"final_test_acc_m{k}": a for k, a in enumerate(result["test_acc_per_module"])})
-            run.log_metrics(final, step=checkpoint["epoch"])
+            run.log_metrics(final_metrics(result), step=checkpoint["epoch"])
             run.log_artifact(out)
         print(f"[{run_dir}] final test accuracy {100 * result['test_acc']:.2f}%", file=sys.stderr)
 
@@ -216,6 +211,7 @@ def cmd_report(args) -> None:
     from decoupled.rundir import make_again
 
     target = DEFAULT_TARGET_ACCURACY if args.target_accuracy is None else args.target_accuracy
+    args.runs = args.runs if args.runs is not None else [str(Path(m).parent) for m in args.metrics]
     described = _experiment_config(args) if args.config_json is not None else None
     left_out: list[tuple[Path, str]] = []
     written = build_report([Path(r) for r in args.runs], Path(args.tables), Path(args.figures), target,
@@ -225,20 +221,21 @@ def cmd_report(args) -> None:
     experiment = _tracking(args.tracking)
     if experiment is not None:
         from decoupled.files import read_json
-        from decoupled.tracking import log_to_parent, parent_for
+        from decoupled.tracking import describe_parent, log_to_parent, parent_for
 
         parent_id = None
         if described is not None:  # the parent run of this config, with these runs under it
             skipped = {damaged.parent for damaged, _ in left_out}
             children = [read_json(Path(r) / "metrics.json")["mlflow_run_id"] for r in args.runs if Path(r) not in skipped]
             parent_id = parent_for(experiment, described, children)
+        describe_parent(experiment, parent_id or experiment["parent_run_id"], described, Path(args.tables) / "main.csv", Path(args.tables) / "main.md")
         log_to_parent(experiment, written, parent_id=parent_id)
     for path in written:
         print(f"wrote {path}", file=sys.stderr)
 
 
 def cmd_workflow_state(args) -> None:
-    from decoupled.tracking import check_store, fail_abandoned_parents, fail_orphans, mark_parent
+    from decoupled.tracking import check_store, fail_abandoned_parents, fail_orphans, how_to_browse, mark_parent
 
     experiment = _tracking(args.tracking)
     described = _experiment_config(args)
@@ -257,6 +254,7 @@ def cmd_workflow_state(args) -> None:
     closed += f", {len(abandoned)} parent run(s) a killed workflow left RUNNING marked FAILED" if abandoned else ""
     state = "FINISHED" if args.state == "succeeded" else "FAILED"
     print(f"MLflow parent run {parent}: {state}{closed}" if parent else f"MLflow: no parent run of this config to mark {state}{closed}", file=sys.stderr)
+    print(f"MLflow: to see the runs of '{experiment['experiment']}', {how_to_browse(experiment['tracking_uri'], experiment['experiment_id'])}", file=sys.stderr)
 
 
 def cmd_relocate(args) -> None:
@@ -282,8 +280,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-class _HelpFormatter(argparse.HelpFormatter):
-    """Help that states an option's default where it has one (and the help does not say it)."""
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help that states an option's default where it has one (and the help does not say it), its
+    description and examples as written."""
 
     def _get_help_string(self, action):
         text = action.help or ""
@@ -337,7 +336,7 @@ def _init_tracking_command(sub) -> None:
 def _train_command(sub) -> None:
     from decoupled.grid import method_names
 
-    sp = sub.add_parser("train", help="train one job of the grid")
+    sp = sub.add_parser("train", help="train one job of the grid", description=TRAIN_DESCRIPTION, epilog=TRAIN_EXAMPLES)
     group = sp.add_mutually_exclusive_group(required=True)
     group.add_argument("--job-json", help="resolved job config as JSON (a job's config.json, say)")
     group.add_argument("--config", help="experiment config YAML file; pick the job with --method/--mode/--K/--seed")
@@ -354,6 +353,23 @@ def _train_command(sub) -> None:
     sp.set_defaults(func=cmd_train)
 
 
+TRAIN_DESCRIPTION = """Train one job of an experiment: one method, mode, K, variant and seed of its grid.
+
+It writes checkpoint.pt, metrics.json and config.json into the run directory (--out), logs
+each epoch to an MLflow child run, and resumes from the run directory's resume.pt if an
+earlier attempt left one. The workflow runs every job this way; `snakemake --cores all`
+runs them all, with evaluation, tables and figures."""
+
+TRAIN_EXAMPLES = """example, the default experiment's DGL in sync mode, K = 3, seed 0:
+  decoupled prepare-data --config config/config.yaml --out results/data/fashion_mnist.pt
+  decoupled train --config config/config.yaml --method dgl --mode sync --K 3 --seed 0 \\
+      --data results/data/fashion_mnist.pt --out results/runs/dgl/sync/K3/default/seed0
+
+again, from the job config a run wrote:
+  decoupled train --job-json "$(cat results/runs/dgl/sync/K3/default/seed0/config.json)" \\
+      --data results/data/fashion_mnist.pt --out /tmp/dgl-again"""
+
+
 def _evaluate_command(sub) -> None:
     sp = sub.add_parser("evaluate", help="test accuracy of every head of trained runs")
     sp.add_argument("--run", required=True, nargs="+", help="run directories holding checkpoint.pt")
@@ -365,8 +381,10 @@ def _evaluate_command(sub) -> None:
 
 def _report_command(sub) -> None:
     sp = sub.add_parser("report", help="tables and figures from finished runs")
-    sp.add_argument("--runs", nargs="+", required=True, help="run directories")
-    sp.add_argument("--tables", required=True, help="directory for summary.csv/.md/.tex")
+    runs = sp.add_mutually_exclusive_group(required=True)
+    runs.add_argument("--runs", nargs="+", help="run directories")
+    runs.add_argument("--metrics", nargs="+", help="the runs' metrics.json files (what the workflow's report rule has as inputs)")
+    sp.add_argument("--tables", required=True, help="directory for the tables (.csv, .md, .tex, .html)")
     sp.add_argument("--figures", required=True, help="directory for PNG/PDF figures")
     # No default here: the package's default is imported with the report, not on every command.
     sp.add_argument("--target-accuracy", type=float,

@@ -54,10 +54,10 @@ class RunKey:
 
     @property
     def run_name(self) -> str:
-        """The MLflow run's name, e.g. ``dgl K3 s0 S4m1_B10``: short, what tells runs apart first.
-        MLflow's runs table shows about 14 characters of a child run's name; the mode is read from
-        the variant (an async run's starts with its slowdown, S<factor>) and the ``mode`` tag."""
-        return " ".join([self.method, f"K{self.K}", f"s{self.seed}"] + ([self.variant] if self.variant != "default" else []))
+        """The MLflow run's name of a job known without its experiment (``decoupled train`` given
+        a job config): every part of its key, e.g. ``dgl async K3 S4m1_B10 s0``. A job of an
+        experiment is named by ``run_name(config, key)``."""
+        return " ".join([self.method, self.mode, f"K{self.K}"] + ([self.variant] if self.variant != "default" else []) + [f"s{self.seed}"])
 
 
 def runs(config: dict[str, Any]) -> list[RunKey]:
@@ -184,6 +184,21 @@ def _points(config: dict[str, Any], method: str, mode: str) -> list[tuple[int, s
     return list(dict.fromkeys(points))
 
 
+def run_name(config: dict[str, Any], key: RunKey) -> str:
+    """The MLflow run's name of one job of an experiment: its method, its mode, what the grid
+    varies (K where it lists several, the variant's part of each setting it sweeps for this
+    method and mode), its seed; e.g. ``dgl sync s0``, ``dgl async S4m1 s0``. A setting the grid
+    does not sweep (the async runs' one slowdown and buffer, FDG's one beta) is left out: it is
+    the same on every run of that method and mode."""
+    config = _with_overrides(config, key.method)
+    settings = variants(config, key.method, key.mode)[key.variant]
+    parts = [key.method, key.mode] + ([f"K{key.K}"] if len(config["grid"]["K"]) > 1 else [])
+    for _, options in _axes(config, key.method, key.mode):
+        if len({name for name, _ in options}) > 1:
+            parts += [name for name, option in options if name and all(settings[n] == v for n, v in option.items())][:1]
+    return " ".join(parts + [f"s{key.seed}"])
+
+
 def swept_axes(config: dict[str, Any]) -> set[str]:
     """The axes on which some job of the grid differs from the base settings (its ``varied``)."""
     return {axis for key in runs(config) for axis in job_config(config, key)["run"]["varied"]}
@@ -240,6 +255,25 @@ def _drop_settings_that_do_not_apply(job: dict[str, Any], key: RunKey) -> None:
         section, name = path.split(".")
         if key.method not in readers and section in job:
             job[section].pop(name, None)
+
+
+def params_of(job: dict[str, Any]) -> dict[str, Any]:
+    """A job's settings as MLflow params (``train.lr``, ...): those its network and schedule read,
+    by the schema's ``x-applies-when``; a ResNet's shortcut is not a CNN run's param, nor are a
+    multistep schedule's milestones a cosine run's."""
+    flat = config_lib.flatten(job)
+    family = shapes.parse(job["model"])[0] if "model" in job else None
+    sections = config_lib.schema()["properties"]
+
+    def applies(condition: dict[str, Any]) -> bool:
+        for path, allowed in condition.items():
+            value = family if path == "model.arch" else flat.get(path)
+            if isinstance(allowed, dict) and value in allowed["not"] or isinstance(allowed, list) and value not in allowed:
+                return False
+        return True
+
+    return {name: value for name, value in flat.items()
+            if applies(sections.get(name.partition(".")[0], {}).get("properties", {}).get(name.partition(".")[2], {}).get("x-applies-when", {}))}
 
 
 def _check_run(job: dict[str, Any], key: RunKey) -> None:

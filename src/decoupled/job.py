@@ -40,13 +40,13 @@ def run_job(job: dict, data_path: str | Path, out_dir: str | Path, experiment: d
         # main one holds the run directory, logs, checkpoints and writes the outputs
         return fit(job, data, checkpoint=lambda state: None, resume=load_resume(out_dir, job))
     with rundir.training(out_dir):
-        return _run_main(job, data, out_dir, experiment, tags, described)
+        return _run_main(job, data, Path(data_path), out_dir, experiment, tags, described)
 
 
-def _run_main(job: dict, data, out_dir: Path, experiment: dict | None, tags: dict[str, str], described: dict | None) -> dict:
+def _run_main(job: dict, data, data_path: Path, out_dir: Path, experiment: dict | None, tags: dict[str, str], described: dict | None) -> dict:
     abandoned: list[str] = []
     resume = load_resume(out_dir, job, abandoned)
-    run = PendingRun(lambda: _child_run(job, data.name, out_dir, experiment, tags, resume, abandoned, described))
+    run = PendingRun(lambda: _child_run(job, data, Path(data_path), out_dir, experiment, tags, resume, abandoned, described))
     if engines.of(job).process_count(job) > 1:
         # the other workers would wait for this one's epoch-end checkpoint, and a store that
         # takes longer than distributed.timeout_s to open would end the job: wait now, while
@@ -131,13 +131,13 @@ def _since_process_start(moment: float) -> float | None:
     return moment - started
 
 
-def _child_run(job: dict, dataset: str, out_dir: Path, experiment: dict | None, tags: dict[str, str], resume: dict | None, abandoned: list[str],
-               described: dict | None):
+def _child_run(job: dict, data, data_path: Path, out_dir: Path, experiment: dict | None, tags: dict[str, str], resume: dict | None,
+               abandoned: list[str], described: dict | None):
     """The job's MLflow run: the resumed attempt's, RUNNING again with the epochs it had not
     logged, or a new one (under the parent run of ``described``, if given); the runs of attempts
     nobody goes on with are marked FAILED."""
-    from decoupled.config import flatten
-    from decoupled.tracking import JOB_TAG, RUN_DIR_TAG, ChildRun, fail_orphans, init_experiment, job_digest, parent_run
+    from decoupled.grid import params_of, run_name
+    from decoupled.tracking import EPOCHS_METRIC, JOB_TAG, RUN_DIR_TAG, ChildRun, fail_orphans, init_experiment, job_digest, parent_run
 
     key = RunKey.of(job["run"])
     if experiment is None:
@@ -151,11 +151,17 @@ def _child_run(job: dict, dataset: str, out_dir: Path, experiment: dict | None, 
     fail_orphans(experiment, out_dir, f"abandoned: the process training {out_dir} ended without closing this run; a later attempt did not resume it",
                  keep=run.run_id if run is not None else None, live_ones=False)
     if run is None:
-        run_tags = {"method": key.method, "mode": key.mode, "K": str(key.K), "variant": key.variant, "seed": str(key.seed), "dataset": dataset,
+        run_tags = {"method": key.method, "mode": key.mode, "K": str(key.K), "variant": key.variant, "seed": str(key.seed), "dataset": data.name,
                     RUN_DIR_TAG: str(out_dir.resolve()), JOB_TAG: job_digest(job), **tags}
         parent_id = parent_run(experiment, described, "decoupled train") if described is not None else None
-        run = ChildRun.start(experiment, key.run_name, flatten(job), run_tags, parent_id)
-    logged = run.logged_steps("test_acc")
+        name = run_name(described, key) if described is not None else key.run_name
+        # "group": the run's name less its seed, for the UI's "Group by": one line per method,
+        # mode and setting, its band over the seeds
+        run_tags["group"] = name.rsplit(" ", 1)[0]
+        run = ChildRun.start(experiment, name, params_of(job), run_tags, parent_id)
+        run.log_dataset(data.name, data_path, {"train_images": len(data.train_y), "test_images": len(data.test_y), "classes": data.num_classes,
+                                               "image": [data.in_channels, data.image_size, data.image_size]})
+    logged = run.logged_steps(EPOCHS_METRIC)
     for record in resume["epochs"] if resume is not None else []:  # epochs an earlier attempt finished but had not logged here
         if record["epoch"] not in logged:
             run.log_epoch(record)
@@ -169,9 +175,9 @@ def _finish(job: dict, metrics: dict, out_dir: Path, run) -> None:
     write_json(out_dir / "config.json", job)
     write_json(out_dir / "metrics.json", metrics)
     link_or_copy(out_dir / RESUME_FILE, out_dir / "checkpoint.pt")
-    final = {"train_time_s": metrics["train_time_s"]}
+    final = {"time/train_s": metrics["train_time_s"]}
     if "imbalance" in metrics["split"]:  # a measured (balanced) split: how even it promised to be
-        final["split_predicted_imbalance"] = metrics["split"]["imbalance"]
+        final["split/predicted_imbalance"] = metrics["split"]["imbalance"]
     run.log_metrics(final, step=job["train"]["epochs"])
     run.log_params(as_params(metrics["compute"]))  # (the same values again when a finished run is finished again)
     run.set_tag("split", "-".join(map(str, metrics["split"]["counts"])))

@@ -1,6 +1,6 @@
 """The report's tables and figures, named once for the workflow, the package and the tests.
 
-One row per output: its file name (``results/tables/{name}.csv|md|tex``,
+One row per output: its file name (``results/tables/{name}.csv|md|tex|html``,
 ``results/figures/{name}.png|pdf``; its caption in ``workflow/report/{name}.rst``), how
 ``snakemake --report`` files and titles it, the function of ``decoupled.report.figures`` that
 draws a figure, and, for a sweep figure, the swept axis (a
@@ -34,7 +34,7 @@ TABLES = [
 ]
 FIGURES = [
     Output("test_acc_vs_epoch", "test accuracy vs epoch", "Learning curves", "plot_accuracy_vs_epoch"),
-    Output("acc_vs_wall_time", "test accuracy vs training time", "Learning curves", "plot_accuracy_vs_wall_time"),
+    Output("acc_vs_time", "test accuracy vs training time", "Learning curves", "plot_accuracy_vs_time"),
     Output("layerwise_acc", "layer-wise accuracy", "Learning curves", "plot_layerwise_accuracy"),
     Output("acc_vs_slowdown", "accuracy vs slowdown", "Sweeps", "plot_accuracy_vs_slowdown", sweeps="slowdown"),
     Output("acc_vs_buffer_size", "accuracy vs buffer size", "Sweeps", "plot_accuracy_vs_buffer_size", sweeps="buffer_size"),
@@ -44,8 +44,9 @@ FIGURES = [
 ]
 TABLE_NAMES = [t.name for t in TABLES]
 FIGURE_NAMES = [f.name for f in FIGURES]
-# Every table is written as .csv, .md and .tex; every figure as .png and .pdf.
-TABLE_FORMATS = ["csv", "md", "tex"]
+# Every table is written as .csv (raw numbers), .md, .tex and .html (the page `snakemake --report`
+# shows, every column visible); every figure as .png and .pdf.
+TABLE_FORMATS = ["csv", "md", "tex", "html"]
 FIGURE_FORMATS = ["png", "pdf"]
 
 

@@ -53,6 +53,27 @@ def runs_page(ui: str, experiment_id: str) -> str:
     return f"{ui.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
 
 
+def charts_page(ui: str, experiment_id: str) -> str:
+    """The MLflow UI's address of an experiment's runs in the chart view: its first chart is the
+    test accuracy (``epoch_metrics``), once the parent run's row is unfolded."""
+    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning&compareRunsMode=CHART"
+
+
+def how_to_browse(uri: str, experiment_id: str) -> str:
+    """Where to see an experiment's runs: its links on an MLflow server, or the command that
+    serves a store and the links it will then answer on."""
+    if uri.startswith(("http://", "https://")):
+        return f"runs {runs_page(uri, experiment_id)} ; charts {charts_page(uri, experiment_id)}"
+    import shlex
+
+    ui = f"http://127.0.0.1:{UI_PORT}"
+    return (f"run `mlflow ui --backend-store-uri {shlex.quote(uri)} --port {UI_PORT}`, then open"
+            f" runs {runs_page(ui, experiment_id)} ; charts {charts_page(ui, experiment_id)}")
+
+
+UI_PORT = 5000  # mlflow ui's default
+
+
 def tracking_uri(config: dict) -> str:
     """``MLFLOW_TRACKING_URI`` if set, else the config's ``tracking_uri``; without its password
     (``decoupled.credentials``: it reaches the store's client only)."""
@@ -312,9 +333,45 @@ def job_digest(job: dict) -> str:
     return _digest(job)
 
 
+def parent_description(described: dict | None, main_table: str | None = None) -> str:
+    """The parent run's description (Markdown, the UI's run page): the experiment, its grid,
+    and once the report has run its main table."""
+    if described is None:
+        return "The parent run of this experiment's training runs (made without its config)."
+    grid = described["grid"]
+    axes = {name: grid[name] for name in ("slowdown", "buffer_size", "budget", "beta", "groups", "quantize", "synth_last_block") if grid.get(name)}
+    lines = [
+        f"**{described['experiment']}**: {', '.join(grid['methods'])} on {described['dataset']['name']}, model {described['model']['arch']},"
+        f" {described['train']['epochs']} epochs, engine {described['engine']}.",
+        "",
+        f"Grid: modes {', '.join(grid['modes'])}; K {', '.join(map(str, grid['K']))}; seeds {', '.join(map(str, grid['seeds']))}"
+        + "".join(f"; {name} {value}" for name, value in axes.items()) + f" (design: {grid['design']}).",
+        "",
+        "Its training runs are the child runs under it, named method, mode, what the grid varies and seed (group them by the tag `group`).",
+    ]
+    if main_table is not None:
+        lines += ["", "**Main table** (the report's `tables/main.md`; as an MLflow table, `main_table.json`):", "", main_table.strip()]
+    return "\n".join(lines)
+
+
+def describe_parent(experiment: dict[str, str], parent_id: str, described: dict | None, main_csv: Path | None, main_md: Path | None) -> None:
+    """The report's main table on the parent run: in its description, and as an MLflow table."""
+    import pandas as pd
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
+
+    client = _client(experiment["tracking_uri"])
+    table = main_md.read_text() if main_md is not None and main_md.is_file() else None
+    client.set_tag(parent_id, MLFLOW_RUN_NOTE, parent_description(described, table))
+    if main_csv is not None and main_csv.is_file():
+        client.log_table(parent_id, data=pd.read_csv(main_csv), artifact_file="main_table.json")
+
+
 def _new_parent(client, experiment_id: str, name: str, described: dict | None, command: str) -> str:
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
+
     params = _described(described)
-    tags = {PARENT_TAG: "parent", **source_tags(command), **({CONFIG_TAG: _digest(params)} if described is not None else {})}
+    tags = {PARENT_TAG: "parent", MLFLOW_RUN_NOTE: parent_description(described), **source_tags(command),
+            **({CONFIG_TAG: _digest(params)} if described is not None else {})}
     parent_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
     _log_params(client, parent_id, params)
     return parent_id
@@ -332,6 +389,8 @@ def parent_run(experiment: dict[str, str], described: dict, command: str = "deco
 
 
 def _parent_run(client, experiment: dict[str, str], described: dict, command: str) -> str:
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
+
     params = _described(described)
     digest = _digest(params)
     found = _parent_with(client, experiment, digest)
@@ -341,6 +400,7 @@ def _parent_run(client, experiment: dict[str, str], described: dict, command: st
         current = _stored_run(client, experiment, experiment["parent_run_id"])
         if current is not None and CONFIG_TAG not in current.data.tags and not current.data.params:  # made without a config
             client.set_tag(current.info.run_id, CONFIG_TAG, digest)
+            client.set_tag(current.info.run_id, MLFLOW_RUN_NOTE, parent_description(described))
             _log_params(client, current.info.run_id, params)
             return current.info.run_id
     return _new_parent(client, experiment["experiment_id"], experiment["experiment"], described, command)
@@ -514,41 +574,64 @@ def _stored_run(client, experiment: dict[str, str], run_id: str):
     return stored
 
 
-# An epoch record (train.fit's) as MLflow metrics, logged once per epoch (step = epoch).
+# An epoch record (train.fit's) as MLflow metrics, logged once per epoch (step = epoch). The
+# MLflow UI's chart view draws one section per prefix before "/", sections in alphabetical
+# order: "acc" holds the test accuracy alone, so that it is the first chart a comparison opens
+# on. Accuracies are in percent, as in every table and figure.
 def epoch_metrics(record: dict) -> dict[str, float]:
-    """The flat per-epoch metrics of an epoch record: per-module lists become ``name_m{k}``."""
-    flat = {k: record[k] for k in ("train_loss", "test_acc", "test_acc_classifier", "epoch_time_s", "wall_time_s", "images_per_s", "sim_time_s", "bytes_per_image") if record.get(k) is not None}
+    """The flat per-epoch metrics of an epoch record, by section: ``acc/test``, then per module
+    ``acc_heads/test_m{k}``, ``loss/train_m{k}``, ``comm/bytes_sent_m{k}``, ``workers/…``, …"""
+    flat = {name: scale * record[key] for key, (name, scale) in EPOCH_METRICS.items() if record.get(key) is not None}
     for k, loss in enumerate(record["train_loss_per_module"]):
         if loss is not None:
-            flat[f"train_loss_m{k}"] = loss
+            flat[f"loss/train_m{k}"] = loss
     for k, acc in enumerate(record["test_acc_per_module"]):
-        flat[f"test_acc_m{k}"] = acc
-    for name, short in PER_WORKER_METRICS.items():
-        for k, value in enumerate(record.get(name, [])):
-            flat[f"{short}_m{k}"] = value
-    for name in ("vq_recon_error", "vq_perplexity"):  # per quantized boundary b (between modules b and b+1)
-        for b, value in enumerate(record.get(f"{name}_per_boundary", [])):
+        flat[f"acc_heads/test_m{k}"] = 100 * acc
+    for key, name in PER_WORKER_METRICS.items():
+        for k, value in enumerate(record.get(key, [])):
+            flat[f"{name}_m{k}"] = value
+    for key in ("vq_recon_error", "vq_perplexity"):  # per quantized boundary b (between modules b and b+1)
+        for b, value in enumerate(record.get(f"{key}_per_boundary", [])):
             if value is not None:
-                flat[f"{name}_b{b}"] = value
+                flat[f"vq/{key.removeprefix('vq_')}_b{b}"] = value
     for kind in ("input", "grad"):
         for k, summary in enumerate(record.get(f"{kind}_staleness", [])):
             if summary["mean"] is not None:
-                flat[f"{kind}_staleness_mean_m{k}"] = summary["mean"]
+                flat[f"staleness/{kind}_mean_m{k}"] = summary["mean"]
     return flat
 
 
+def final_metrics(evaluated: dict) -> dict[str, float]:
+    """The final checkpoint's evaluation (eval.json) as MLflow metrics, logged at the last epoch."""
+    final = {"final/test_acc": 100 * evaluated["test_acc"], "final/test_loss": evaluated["test_loss"]}
+    return final | {f"final/test_acc_m{k}": 100 * acc for k, acc in enumerate(evaluated["test_acc_per_module"])}
+
+
+# an epoch record's numbers -> (MLflow metric name, factor)
+EPOCH_METRICS = {
+    "test_acc": ("acc/test", 100),
+    "test_acc_classifier": ("acc_heads/test_classifier", 100),  # the classifier alone, where the run's accuracy is an ensemble's
+    "train_loss": ("loss/train", 1),
+    "epoch_time_s": ("time/epoch_s", 1),
+    "wall_time_s": ("time/wall_s", 1),
+    "sim_time_s": ("time/simulated_parallel_s", 1),
+    "images_per_s": ("speed/images_per_s", 1),
+    "bytes_per_image": ("comm/bytes_per_image", 1),
+}
 # per-module lists in an epoch record -> MLflow metric names (suffixed _m0, _m1, ...)
 PER_WORKER_METRICS = {
-    "steps_per_module": "steps",
-    "images_per_s_per_module": "images_per_s",
-    "idle_per_module": "idle",  # the async simulator's idle ticks
-    "busy_s_per_module": "busy_s",  # the distributed engine's seconds
-    "idle_s_per_module": "idle_s",
-    "busy_frac_per_module": "busy_frac",
-    "queue_depth_per_module": "queue_depth",
-    "bytes_sent_per_module": "bytes_sent",
-    "finish_time_s_per_module": "finish_time_s",  # when each worker ended its last step so far (simulated parallel or wall seconds)
+    "steps_per_module": "workers/steps",
+    "images_per_s_per_module": "speed/images_per_s",
+    "idle_per_module": "workers/idle_ticks",  # the async simulator's
+    "busy_s_per_module": "workers/busy_s",  # the distributed engine's seconds
+    "idle_s_per_module": "workers/idle_s",
+    "busy_frac_per_module": "workers/busy_frac",
+    "queue_depth_per_module": "workers/queue_depth",
+    "bytes_sent_per_module": "comm/bytes_sent",
+    "finish_time_s_per_module": "workers/finish_time_s",  # when each worker ended its last step so far (simulated parallel or wall seconds)
 }
+# the metric whose steps say which epochs a run has logged
+EPOCHS_METRIC = EPOCH_METRICS["test_acc"][0]
 
 
 class ChildRun:
@@ -608,6 +691,19 @@ class ChildRun:
 
     def log_params(self, params: dict[str, Any]) -> None:
         _log_params(self.client, self.run_id, params)
+
+    def log_dataset(self, name: str, path: str | Path, profile: dict[str, Any]) -> None:
+        """The prepared dataset file the run trains on, as the run's MLflow input (the runs
+        table's Dataset column): its name, a digest of the file, where it is, its shape."""
+        import hashlib
+        import json
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        with open(path, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()[:12]
+        dataset = Dataset(name, digest, "local", Path(path).resolve().as_uri(), profile=json.dumps(profile))
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "train")])])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric

@@ -2,6 +2,7 @@
 # imported from src/ so that the workflow and the CLI agree on every job; it needs only
 # pyyaml and jsonschema, which Snakemake itself depends on.
 import functools
+import hashlib
 import json
 import os
 import shlex
@@ -169,6 +170,14 @@ def run_dirs():
     return [f"{RESULTS}/{key.path}" for key in RUNS]
 
 
+def config_digest():
+    """A short digest of the experiment config: a param, so that a config change re-runs the
+    report (the parent run carries the config the report was made from, and a changed config
+    gets a parent run of its own, see decoupled/tracking.py) without the config itself, or the
+    run list, in the params that `snakemake --report` prints under every table and figure."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def report_tables():
     tables = tables_for(bool(config["report"]["published"]))
     return [f"{RESULTS}/tables/{table.name}.{ext}" for table in tables for ext in TABLE_FORMATS]
@@ -186,8 +195,9 @@ def report_outputs():
 # How `snakemake --report` shows each table and figure (decoupled/layout.py): its subcategory
 # and the name in its list; the caption is workflow/report/{name}.rst.
 REPORT_ENTRIES = {output.name: (output.subcategory, output.title) for output in TABLES + FIGURES}
-# Shown as the "format" label; PNG sorts before "vector PDF", so the report shows the PNG first.
-REPORT_FORMATS = {"csv": "CSV", "md": "Markdown", "tex": "LaTeX", "png": "PNG", "pdf": "vector PDF"}
+# Shown as the "format" label, in alphabetical order: HTML first ("raw CSV" after it), PNG
+# before "vector PDF", so that the report opens a table as HTML and a figure as PNG.
+REPORT_FORMATS = {"html": "HTML", "csv": "raw CSV", "md": "Markdown", "tex": "LaTeX", "png": "PNG", "pdf": "vector PDF"}
 
 
 def for_report(paths, category, kind):

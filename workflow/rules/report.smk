@@ -1,7 +1,6 @@
 # The plot code is an input, so editing it re-runs this rule alone: training outputs do not
-# depend on it. The experiment config is a param: the parent run carries the config the
-# report was made from (a changed config gets a parent run of its own, see
-# decoupled/tracking.py), so a config change re-runs the report.
+# depend on it. The runs are those of the metrics.json inputs; the config reaches the command
+# in $DECOUPLED_EXPERIMENT_CONFIG (common.smk).
 rule report:
     input:
         metrics=expand("{run}/metrics.json", run=run_dirs()),
@@ -16,12 +15,11 @@ rule report:
     conda:
         "../../envs/report.yaml"
     params:
-        runs=run_dirs(),
         tables=lambda wildcards, output: Path(output.tables[0]).parent,
         figures=lambda wildcards, output: Path(output.figures[0]).parent,
         target_accuracy=config["report"]["target_accuracy"],
-        config=json.dumps(config, sort_keys=True),  # (in $DECOUPLED_EXPERIMENT_CONFIG for the command: common.smk)
+        config_digest=config_digest(),
     shell:
-        "DECOUPLED_JOB_LOG={log:q} python -m decoupled report --runs {params.runs:q} --tables {params.tables:q} --figures {params.figures:q}"
+        "DECOUPLED_JOB_LOG={log:q} python -m decoupled report --metrics {input.metrics:q} --tables {params.tables:q} --figures {params.figures:q}"
         " --target-accuracy {params.target_accuracy}"
         ' --tracking {input.tracking:q} --config-json "$DECOUPLED_EXPERIMENT_CONFIG" 2>&1 | tee -a {log:q}'

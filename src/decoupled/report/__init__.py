@@ -48,6 +48,9 @@ DEFAULT_ENGINE = "simulated"
 # wall clock, or, for runs written before the simulated engines kept a parallel clock, one
 # process doing every module's work in turn.
 SIMULATED_PARALLEL, WALL_CLOCK, ONE_PROCESS = "simulated parallel", "wall clock", "one process"
+# Bits per activation of a boundary that sends floats (float32), where quantized boundaries
+# send bits/dim (model.quantize).
+FLOAT_BITS = 32
 
 # Runs of two engines may share a run directory layout (two experiments), so the engine is
 # part of what tells runs apart.
@@ -157,7 +160,9 @@ def load_runs(run_dirs: list[Path], left_out: list[tuple[Path, str]] | None = No
     measures: "simulated parallel", "wall clock" or "one process"), time_s (at the end of
     training, on that clock), epochs (count), images_per_s (mean over epochs), slowdown_factor,
     slowed_module, buffer_size, budget, beta, gradient_delay, groups, quantize_bits_per_activation
-    (missing where they do not apply), bytes_per_image (the last epoch's), max_worker_macs and
+    (missing where they do not apply), bits_per_activation (what one activation costs to send:
+    ``FLOAT_BITS`` where no boundary quantizes, bits/dim where every one quantizes alike, NaN
+    where the boundaries differ), bytes_per_image (the last epoch's), max_worker_macs and
     workers (``decoupled.compute``; missing in runs from before they were counted),
     steps_per_module (list, summed over epochs; None where metrics.json lacks it),
     finish_time_s_per_module (when each module made its last step, on the run's clock; None
@@ -193,7 +198,7 @@ def load_runs(run_dirs: list[Path], left_out: list[tuple[Path, str]] | None = No
     # Integers that may be missing: nullable, so 1 stays "1" rather than becoming "1.0".
     for col in ("slowed_module", "buffer_size", "gradient_delay", "groups", "workers"):
         runs_df[col] = runs_df[col].astype("Int64")
-    for col in ("slowdown_factor", "beta", "quantize_bits_per_activation", "bytes_per_image", "max_worker_macs"):
+    for col in ("slowdown_factor", "beta", "quantize_bits_per_activation", "bits_per_activation", "bytes_per_image", "max_worker_macs"):
         runs_df[col] = runs_df[col].astype(float)
     return runs_df, pd.DataFrame(epoch_rows)
 
@@ -245,6 +250,7 @@ def _load_run(run_dir: Path) -> tuple[dict, list[dict]]:
         **settings,
         "steps_per_module": steps,
         "finish_time_s_per_module": None if finish is None else [float(t) for t in finish],
+        "bits_per_activation": _bits_per_activation(settings["quantize_bits_per_activation"], epochs[-1]),
         # what every module sent per image read, forward and back (None: not counted)
         "bytes_per_image": epochs[-1].get("bytes_per_image"),
         # the largest forward MACs per image of one worker, and how many workers (decoupled.compute)
@@ -257,6 +263,16 @@ def _load_run(run_dir: Path) -> tuple[dict, list[dict]]:
             _staleness_means(epochs[-1], kind, K, f"{metrics_path}: epochs[{len(epochs) - 1}]")
             if is_async else None)
     return run_row, epoch_rows
+
+
+def _bits_per_activation(uniform_bits: float | None, last_epoch: dict) -> float:
+    """Bits per activation sent between modules: ``uniform_bits`` (bits/dim of the quantizer
+    every boundary uses), else floats' bits unless some boundary quantizes (its last epoch then
+    has the quantizer's numbers per boundary): NaN, boundaries that differ have no one value."""
+    if uniform_bits is not None:
+        return uniform_bits
+    quantized = any(error is not None for error in last_epoch.get("vq_recon_error_per_boundary") or [])
+    return math.nan if quantized else float(FLOAT_BITS)
 
 
 def _identity(metrics: dict, evaluation: dict, metrics_path: Path, eval_path: Path) -> tuple[dict, str, list]:

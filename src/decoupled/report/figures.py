@@ -11,6 +11,9 @@ in every figure; line styles tell apart its modes or its sweep settings.
 
 The learning curves and the layer-wise plot use the reference runs only (``varied == []``);
 each sweep figure uses the runs that differ from the base settings along its own axes only.
+
+Bars and bands of ± std are cut at 0 % and 100 %: no accuracy lies outside, and a spread of few
+seeds reaching past them would draw one.
 """
 
 from collections.abc import Iterable
@@ -26,7 +29,7 @@ from matplotlib.ticker import MaxNLocator, NullLocator  # noqa: E402
 
 from decoupled import methods  # noqa: E402
 from decoupled.files import atomic_path  # noqa: E402
-from decoupled.report import METHOD_ORDER, method_of, method_rank, mode_rank  # noqa: E402
+from decoupled.report import FLOAT_BITS, METHOD_ORDER, method_of, method_rank, mode_rank  # noqa: E402
 
 GROUP = ["method", "mode", "K"]
 _COLORS = plt.get_cmap("tab10").colors
@@ -56,16 +59,17 @@ def plot_accuracy_vs_epoch(epochs_df: pd.DataFrame, figures_dir: Path) -> list[P
     return _finish(fig, ax, Path(figures_dir) / "test_acc_vs_epoch")
 
 
-def plot_accuracy_vs_wall_time(epochs_df: pd.DataFrame, figures_dir: Path,
-                               target_accuracy: float) -> list[Path]:
+def plot_accuracy_vs_time(epochs_df: pd.DataFrame, figures_dir: Path,
+                          target_accuracy: float) -> list[Path]:
     """Test accuracy vs training seconds of the reference runs, one line per method × mode × engine.
 
     A point is one epoch: the means over seeds of its test accuracy and of its cumulative
     ``time_s`` on the run's clock (simulated parallel seconds for the simulated engine, wall
     clock for real workers), so the first line to cross the dotted target line is the method
-    that reached that accuracy first (the tables give the seconds). The axis names the clocks;
-    the engine and its clock are named in the labels, and told apart by the markers, only when
-    the runs use several.
+    that reached that accuracy first (the tables give the seconds). The title and the axis name
+    the clock (simulated parallel seconds are not wall-clock seconds), the file name none, as it
+    holds either; the engine and its clock are named in the labels, and told apart by the
+    markers, only when the runs use several.
     """
     ref = _select(epochs_df, set())
     engines = sorted(ref["engine"].unique()) if len(ref) else []
@@ -87,11 +91,11 @@ def plot_accuracy_vs_wall_time(epochs_df: pd.DataFrame, figures_dir: Path,
         ax.axhline(100 * target_accuracy, color="0.4", linestyle=":", linewidth=1,
                    label=f"target {100 * target_accuracy:g}%")
         ax.set_xlim(left=0)  # time to accuracy is read from the start of training
-    clocks = " / ".join(sorted(set(ref["clock"]))) if len(ref) else "seconds"
-    ax.set_xlabel(f"Training time (s, {clocks}; cumulative at the end of each epoch)")
+    clocks = " / ".join(sorted(set(ref["clock"]))) if len(ref) else "no runs"
+    ax.set_xlabel(f"Training time (s, {clocks} clock; cumulative at the end of each epoch)")
     ax.set_ylabel("Test accuracy (%)")
-    ax.set_title("Test accuracy vs training time (reference runs, mean over seeds)")
-    return _finish(fig, ax, Path(figures_dir) / "acc_vs_wall_time")
+    ax.set_title(f"Test accuracy vs training time on the {clocks} clock\n(reference runs, mean over seeds)", fontsize=11)
+    return _finish(fig, ax, Path(figures_dir) / "acc_vs_time")
 
 
 def plot_layerwise_accuracy(runs_df: pd.DataFrame, figures_dir: Path) -> list[Path]:
@@ -109,7 +113,7 @@ def plot_layerwise_accuracy(runs_df: pd.DataFrame, figures_dir: Path) -> list[Pa
             stats = rows.groupby("module")["acc"].agg(["mean", "std"])
             n_seeds = rows["seed"].nunique()
             # With one seed std is NaN; draw no bars rather than zero-length caps.
-            yerr = 100 * stats["std"] if n_seeds > 1 else None
+            yerr = _clipped_yerr(100 * stats["mean"], 100 * stats["std"]) if n_seeds > 1 else None
             ax.errorbar(stats.index, 100 * stats["mean"], yerr=yerr, marker="o", capsize=3,
                         **_style(*key[:2]), label=_label(key, n_seeds))
     ax.set_xlabel("Module index (depth of auxiliary head)")
@@ -200,7 +204,6 @@ def plot_accuracy_vs_K(runs_df: pd.DataFrame, figures_dir: Path) -> list[Path]:
     return _finish(fig, ax, Path(figures_dir) / "acc_vs_K")
 
 
-FLOATS_BITS = 32  # where unquantized runs sit on the bits axis
 
 
 def plot_accuracy_vs_bits(runs_df: pd.DataFrame, figures_dir: Path) -> list[Path]:
@@ -209,7 +212,7 @@ def plot_accuracy_vs_bits(runs_df: pd.DataFrame, figures_dir: Path) -> list[Path
     runs = _select(runs_df, {"quantize"})
     if len(runs):
         runs = runs[runs["quantize_bits_per_activation"].notna() | ~runs["varied"].map(bool)]
-        runs = runs.assign(bits=runs["quantize_bits_per_activation"].astype(float).fillna(FLOATS_BITS).to_numpy())
+        runs = runs.assign(bits=runs["quantize_bits_per_activation"].astype(float).fillna(FLOAT_BITS).to_numpy())
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
     if _varies(runs, "quantize"):
         for (method, mode), rows in _groups(runs, ["method", "mode"]):
@@ -220,7 +223,7 @@ def plot_accuracy_vs_bits(runs_df: pd.DataFrame, figures_dir: Path) -> list[Path
         for ax in axes:
             ax.set_xscale("log", base=2)
         ticks = sorted(set(runs["bits"]))
-        axes[0].set_xticks(ticks, labels=[f"{t:g}" + (" (floats)" if t == FLOATS_BITS else "") for t in ticks])
+        axes[0].set_xticks(ticks, labels=[f"{t:g}" + (" (floats)" if t == FLOAT_BITS else "") for t in ticks])
         axes[0].xaxis.set_minor_locator(NullLocator())
     else:
         _note(axes[0], "no runs vary model.quantize")
@@ -245,7 +248,8 @@ def plot_accuracy_vs_worker_macs(runs_df: pd.DataFrame, figures_dir: Path) -> li
             acc, macs = 100 * rows["test_acc"], rows["max_worker_macs"].astype(float)
             workers = int(rows["workers"].iloc[0])
             name = f"K{K}" + (f"G{G}" if "model.groups" in methods.traits(method_of(method)).reads else "")
-            ax.errorbar(macs.mean(), acc.mean(), yerr=acc.std() if len(rows) > 1 else None, color=_color(method), capsize=3, zorder=1)
+            yerr = _clipped_yerr(pd.Series([acc.mean()]), pd.Series([acc.std()])) if len(rows) > 1 else None
+            ax.errorbar(macs.mean(), acc.mean(), yerr=yerr, color=_color(method), capsize=3, zorder=1)
             ax.scatter(macs.mean(), acc.mean(), s=40 * workers, color=_color(method), alpha=0.5, edgecolors="black", zorder=2,
                        label=f"{method} {name} ({workers} worker{'s' if workers > 1 else ''}, {len(rows)} seeds)")
             ax.annotate(name, (macs.mean(), acc.mean()), fontsize=7, ha="center", va="center")
@@ -263,7 +267,7 @@ def _band(ax, rows: pd.DataFrame, x: str, label: str, **style) -> None:
     stats = rows.groupby(x)["test_acc"].agg(["mean", "std", "size"]).sort_index()
     xs, mean, std = stats.index.to_numpy(dtype=float), 100 * stats["mean"], 100 * stats["std"].fillna(0)
     ax.plot(xs, mean, label=f"{label} ({stats['size'].max()} seeds)", **style)
-    ax.fill_between(xs, mean - std, mean + std, color=style.get("color"), alpha=0.2)
+    ax.fill_between(xs, (mean - std).clip(lower=0), (mean + std).clip(upper=100), color=style.get("color"), alpha=0.2)
 
 
 def _draw(ax, series: list[tuple[str, pd.DataFrame, dict]], x: str, log2: bool = True) -> None:
@@ -318,8 +322,15 @@ def _errorbar(ax, rows: pd.DataFrame, x: str, label: str, **style) -> None:
     low, high = stats["size"].min(), stats["size"].max()
     seeds = f"{low} seed{'s' if low != 1 else ''}" if low == high else f"{low}–{high} seeds"
     # One seed has no std (NaN): matplotlib draws no bar there rather than a zero-length cap.
-    ax.errorbar(stats.index.to_numpy(dtype=float), 100 * stats["mean"], yerr=100 * stats["std"],
+    ax.errorbar(stats.index.to_numpy(dtype=float), 100 * stats["mean"], yerr=_clipped_yerr(100 * stats["mean"], 100 * stats["std"]),
                 capsize=3, label=f"{label} ({seeds})", **style)
+
+
+def _clipped_yerr(mean: pd.Series, std: pd.Series):
+    """Error bars of ± ``std`` (percent) about ``mean``, cut at 0 % and 100 %: the lengths below
+    and above, as matplotlib's ``yerr`` takes them (NaN: no bar)."""
+    return [(mean - (mean - std).clip(lower=0)).to_numpy(dtype=float),
+            ((mean + std).clip(upper=100) - mean).to_numpy(dtype=float)]
 
 
 def _color(method: str):

@@ -1,4 +1,4 @@
-"""Tables of the report, each written as CSV, Markdown and LaTeX.
+"""Tables of the report, each written as CSV, Markdown, LaTeX and HTML.
 
 ``summary``: one row per method × mode × K × variant × engine, aggregated over seeds.
 ``main``: the paper's main table, test accuracy of the reference runs, one row per method and
@@ -8,18 +8,25 @@ Both give the seconds of training it took to reach the report's target test accu
 per-run ``time_to_{X}pct_s`` column of ``add_time_to_accuracy``), as mean ± std over the seeds
 that reached it, with the number of seeds that never did (``..._missed``).
 
-The CSVs keep raw fractions for further analysis; the Markdown and LaTeX versions are for
-reading, so accuracies become percentages with two decimals and ``mean ± std``.
+The CSVs keep raw fractions for further analysis; the other three are for reading: accuracies
+in percent with two decimals as ``mean ± std``, every time column named by its clock, and notes
+under the table saying what ± is, over how many seeds, what each time column measures and what
+each mark standing for a missing number means (``MARKS``: a number that does not apply is not
+one that was never reached). The HTML version is a page of its own, the one ``snakemake
+--report`` shows (the others are downloads there).
 """
 
+import html
 import math
 import re
 from pathlib import Path
 
 import pandas as pd
 
+from decoupled import methods
 from decoupled.files import write_text
-from decoupled.report import method_rank, mode_rank
+from decoupled.layout import TABLE_FORMATS
+from decoupled.report import ONE_PROCESS, SIMULATED_PARALLEL, WALL_CLOCK, method_of, method_rank, mode_rank
 
 GROUP = ["method", "mode", "K", "variant", "engine"]
 SETTINGS = ["slowdown_factor", "slowed_module", "buffer_size", "budget", "beta", "gradient_delay"]
@@ -28,8 +35,29 @@ PER_MODULE = {"test_acc_per_module": "aux_acc_mean_m", "steps_per_module": "step
 # A per-run time-to-accuracy column; X (the target in percent) may have decimals.
 _TIME_COLUMN = r"time_to_(?P<percent>[\d.]+)pct_s"
 _TIME_STATS = ["mean", "std", "missed"]
-_PM = "\x00PM\x00"  # placeholders so LaTeX escaping cannot mangle the ± sign or the dash
-_NA = "\x00NA\x00"
+PM = " ± "
+
+# What stands in a cell without a number; each mark means one thing only.
+NOT_APPLICABLE = "n/a"
+NOT_REACHED = "not reached"
+NOT_RECORDED = "not recorded"
+NO_RUN = "not yet run"
+PER_BOUNDARY = "per boundary"
+MARKS = {
+    NOT_APPLICABLE: "does not apply (a mode the method has no form of: backprop has no async form; a setting "
+                    "the method or mode does not have)",
+    NOT_REACHED: "no seed reached the target test accuracy",
+    NOT_RECORDED: "not in the runs' metrics.json (written before it was counted)",
+    NO_RUN: "the method has this mode, but no run of it is on disk",
+    PER_BOUNDARY: "the boundaries send different bits per activation (model.quantize per boundary)",
+}
+# What each clock's seconds measure (decoupled.report: a run's clock).
+CLOCKS = {
+    SIMULATED_PARALLEL: "simulated parallel: the simulated engine's clock, each module's measured work as if on a "
+                        "worker of its own, waits for its neighbours included",
+    WALL_CLOCK: "wall clock: real workers, one process per module (distributed engine)",
+    ONE_PROCESS: "one process: a simulated run written before the parallel clock, every module's work in turn",
+}
 _LATEX_SPECIALS = {
     "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
     "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
@@ -46,7 +74,8 @@ def summary(runs_df: pd.DataFrame) -> pd.DataFrame:
     ``time_to_{X}pct_s_mean`` and ``_std`` over the seeds that reached X% (NaN where none did)
     and ``time_to_{X}pct_s_missed`` (seeds that never did), then slowdown_factor, slowed_module,
     buffer_size, budget, beta, gradient_delay (the variant's settings, missing where they do not
-    apply), then per module k (1-based, as in the layer-wise figure; NaN for groups with fewer
+    apply), bits_per_activation (32: floats; NaN: boundaries that differ) and bytes_per_image
+    (what every module sent per image read, forward and back; NaN: not counted), then per module k (1-based, as in the layer-wise figure; NaN for groups with fewer
     modules or runs that lack it): aux_acc_mean_m{k}, the mean test accuracy of its head,
     steps_mean_m{k}, its steps over the run, and finish_time_s_mean_m{k}, when it made its last
     one on the run's clock.
@@ -67,6 +96,8 @@ def summary(runs_df: pd.DataFrame) -> pd.DataFrame:
         **_time_aggregations(runs_df),
         # The variant fixes its settings, so every seed has the same ones.
         **{name: (name, "first") for name in SETTINGS},
+        bits_per_activation=("bits_per_activation", "first"),
+        bytes_per_image=("bytes_per_image", "mean"),
     )
     columns = [c for frame in per_module for c in frame.columns]
     return table.join(grouped[columns].mean()).reset_index()
@@ -84,8 +115,8 @@ def main_table(runs_df: pd.DataFrame) -> pd.DataFrame:
     """Test accuracy of the reference runs (``varied == []``), one row per method.
 
     Columns: method, then K and engine, each only if the reference runs have several, then
-    {mode}_mean, {mode}_std (fractions; std ddof=1, NaN for one seed) and {mode}_clock (what its
-    seconds measure) for each mode present, sync and async first, then for each per-run ``time_to_{X}pct_s`` column and each mode
+    {mode}_mean, {mode}_std (fractions; std ddof=1, NaN for one seed), {mode}_seeds and
+    {mode}_clock (what its seconds measure) for each mode present, sync and async first, then for each per-run ``time_to_{X}pct_s`` column and each mode
     {mode}_time_to_{X}pct_s_mean, _std and _missed, as in ``summary``. A method without a mode
     (backprop has no async) gets NaN there. Rows follow ``METHOD_ORDER``, then any other method
     alphabetically.
@@ -95,7 +126,7 @@ def main_table(runs_df: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame({"method": pd.Series([], dtype=str)})
     index = ["method"] + [col for col in ("K", "engine") if ref[col].nunique() > 1]
     stats = (ref.groupby(index + ["mode"])
-             .agg(mean=("test_acc", "mean"), std=("test_acc", "std"), **_time_aggregations(ref))
+             .agg(mean=("test_acc", "mean"), std=("test_acc", "std"), seeds=("seed", "size"), **_time_aggregations(ref))
              .unstack("mode"))
     modes = sorted(stats.columns.get_level_values("mode").unique(), key=mode_rank)
     table = pd.DataFrame(index=stats.index)
@@ -103,6 +134,7 @@ def main_table(runs_df: pd.DataFrame) -> pd.DataFrame:
     for mode in modes:
         table[f"{mode}_mean"] = stats[("mean", mode)]
         table[f"{mode}_std"] = stats[("std", mode)]
+        table[f"{mode}_seeds"] = stats[("seeds", mode)].astype("Int64")  # NA: no run in that mode
         table[f"{mode}_clock"] = clocks[mode]
     for time_col in _time_columns(ref):
         for mode in modes:
@@ -117,94 +149,197 @@ def main_table(runs_df: pd.DataFrame) -> pd.DataFrame:
 
 
 def write_summary(df: pd.DataFrame, tables_dir: Path) -> list[Path]:
-    """Write ``summary.csv``, ``summary.md`` and ``summary.tex``; return their paths.
+    """Write ``summary`` in every format of ``TABLE_FORMATS``; return their paths.
 
     The LaTeX tabular uses booktabs rules (``\\toprule``), so the paper needs ``booktabs``. The
-    engine column is shown only when the runs use several engines (the CSV always has it).
+    engine column is shown only when the runs use several engines, the clock column only when
+    they use several clocks (else the time headers name it); the CSV always has both.
     """
-    aux_cols = [c for c in df.columns if c.startswith("aux_acc_mean_m")]
+    clock = _clock_name(df["clock"])
     display = pd.DataFrame({
         "method": df["method"].astype(str),
         "mode": df["mode"].astype(str),
         "K": df["K"].map(str),
         "variant": df["variant"].astype(str),
         "seeds": df["seeds"].map(str),
-        "test acc (%)": [_pct(m, s) for m, s in zip(df["test_acc_mean"], df["test_acc_std"])],
-        "process time (s)": df["train_time_s"].map("{:.1f}".format),
-        "clock": df["clock"].astype(str),
-        "time (s)": df["time_s"].map("{:.1f}".format),
+        "test acc (%, mean ± std)": [_pct(m, s) for m, s in zip(df["test_acc_mean"], df["test_acc_std"])],
+        "process time (s, wall clock)": df["train_time_s"].map("{:.1f}".format),
+        f"time (s, {clock})": df["time_s"].map("{:.1f}".format),
         "images/s": df["images_per_s"].map("{:.0f}".format),
         "epochs": df["epochs"].map("{:g}".format),
     })
     if df["engine"].nunique() > 1:  # with one engine it would be the same word on every row
         display.insert(display.columns.get_loc("seeds"), "engine", df["engine"].astype(str))
+    if df["clock"].nunique() > 1:
+        display.insert(display.columns.get_loc(f"time (s, {clock})"), "clock", df["clock"].astype(str))
     for time_col in _time_columns(df, suffix="_mean"):
-        display[_time_header(time_col)] = _seconds_cells(df, time_col)
+        display[_time_header(time_col, clock)] = _seconds_cells(df, time_col)
     display = display.assign(**{
         "steps per module": _module_cells(df, "steps_mean_m", "{:.0f}"),
-        "finish time per module (s)": _module_cells(df, "finish_time_s_mean_m", "{:.1f}"),
+        f"finish time per module (s, {clock})": _module_cells(df, "finish_time_s_mean_m", "{:.1f}"),
         "slowdown": df["slowdown_factor"].map(_setting),
         "slowed module": df["slowed_module"].map(_setting),
         "buffer": df["buffer_size"].map(_setting),
-        "budget": df["budget"].map(lambda b: _NA if pd.isna(b) else str(b)),
+        "budget": [_budget(b, mode) for b, mode in zip(df["budget"], df["mode"])],
         "beta": df["beta"].map(_setting),
         "gradient delay": df["gradient_delay"].map(_setting),
+        "bits per activation": df["bits_per_activation"].map(lambda b: PER_BOUNDARY if pd.isna(b) else f"{b:g}"),
+        "bytes sent per image": df["bytes_per_image"].map(lambda b: NOT_RECORDED if pd.isna(b) else f"{b:.0f}"),
     })
-    for col in aux_cols:
-        display[f"module {col.removeprefix('aux_acc_mean_m')} acc (%)"] = df[col].map(_pct)
-    return _write("summary", df, display, ["method", "mode", "variant", "engine", "clock", "budget"], tables_dir)
+    # one cell, as the steps: the CSV has a column per module
+    display["head test acc per module (%)"] = _module_cells(df, "aux_acc_mean_m", "{:.2%}", percent=True)
+    notes = [
+        "± is the sample standard deviation (n − 1) over the row's seeds (column seeds); a row of one seed has none.",
+        "process time (s, wall clock): the seconds the training process measured over its epochs, test evaluations "
+        "excluded; the simulated engine's one process runs every module in turn, so this is their work added up.",
+        f"time (s, {clock}): the same training on the run's clock; " + "; ".join(CLOCKS[c] for c in sorted(set(df["clock"]))) + ".",
+        *_time_notes(df, clock),
+        "bits per activation: what one activation sent to the next module costs (32: floats; model.quantize: its bits/dim); "
+        "bytes sent per image: every module's messages forward and back per image read, in the last epoch.",
+    ]
+    return _write("summary", "Summary table", df, display, ["method", "mode", "variant", "engine", "clock", "budget"], notes, tables_dir)
 
 
 def write_main(df: pd.DataFrame, tables_dir: Path) -> list[Path]:
-    """Write ``main.csv``, ``main.md`` and ``main.tex``; return their paths.
+    """Write ``main`` in every format of ``TABLE_FORMATS``; return their paths.
 
-    Cells read "91.31 ± 0.11" (percent, mean ± std over seeds) and "–" where a method has no
-    run in that mode; the time-to-accuracy columns follow the accuracy ones, one per mode.
+    Cells read "91.31 ± 0.11" (percent, mean ± std over seeds; the header says over how many, or
+    each cell where the rows differ); where a method has no run in a mode, "n/a" if the method
+    has no form in that mode (backprop: no async), else "not yet run". The time-to-accuracy
+    columns follow the accuracy ones, one per mode, "not reached" where no seed reached it.
     """
     display = pd.DataFrame({"method": df["method"].astype(str)})
     for col in ("K", "engine"):
         if col in df.columns:
             display[col] = df[col].map(str)
-    # Mode names are single words (the workflow's wildcard), so "sync_mean" is an accuracy
-    # column and "sync_time_to_85pct_s_mean" is not.
-    for mean_col in [c for c in df.columns if re.fullmatch(r"[a-z]+_mean", c)]:
-        mode = mean_col.removesuffix("_mean")
-        display[f"{mode} (%)"] = [_pct(m, s) for m, s in zip(df[mean_col], df[f"{mode}_std"])]
+    modes = [c.removesuffix("_seeds") for c in df.columns if re.fullmatch(r"[a-z]+_seeds", c)]
+    for mode in modes:
+        absent = _absent_marks(df, mode)
+        seeds = df[f"{mode}_seeds"].dropna()
+        n = f", n={seeds.iloc[0]}" if seeds.nunique() == 1 else ""  # else each cell says its n
+        display[f"{mode} (%, mean ± std{n})"] = [
+            mark or _pct(m, s) + ("" if n else f" (n={count})")
+            for mark, m, s, count in zip(absent, df[f"{mode}_mean"], df[f"{mode}_std"], df[f"{mode}_seeds"])]
+    clocks = set()
     for time_col in _time_columns(df, suffix="_mean", mode_prefix=True):
         mode, _, bare = time_col.partition("_")
-        clocks = ", ".join(sorted(set(df[f"{mode}_clock"].dropna())))  # what the seconds measure
-        display[f"{mode}: {_time_header(bare)[:-1]}, {clocks})"] = _seconds_cells(df, time_col)
-    return _write("main", df, display, ["method", "engine"], tables_dir)
+        clocks |= set(df[f"{mode}_clock"].dropna())
+        clock = _clock_name(df[f"{mode}_clock"].dropna())
+        display[f"{mode}: {_time_header(bare, clock)}"] = _seconds_cells(df, time_col, _absent_marks(df, mode))
+    notes = ["± is the sample standard deviation (n − 1) over n seeds: n in the header, or after the cell where rows differ; "
+             "a cell of one seed has none."]
+    if clocks:
+        notes.append("Seconds are on the runs' clock; " + "; ".join(CLOCKS[c] for c in sorted(clocks)) + ".")
+        notes += _time_notes(df, _clock_name(pd.Series(sorted(clocks))), mode_prefix=True)
+    return _write("main", "Main table", df, display, ["method", "engine"], notes, tables_dir)
 
 
-def _write(name: str, df: pd.DataFrame, display: pd.DataFrame, text_cols: list[str],
-           tables_dir: Path) -> list[Path]:
-    """Write ``df`` as ``{name}.csv`` and the preformatted ``display`` as .md and .tex."""
+def _absent_marks(df: pd.DataFrame, mode: str) -> list[str | None]:
+    """Per row of the main table, the mark of a mode the method has no run in (None: it has)."""
+    return [None if not pd.isna(seeds) else _absent_mode(method, mode)
+            for method, seeds in zip(df["method"], df[f"{mode}_seeds"])]
+
+
+def _absent_mode(method: str, mode: str) -> str:
+    """Backprop has no async form: "n/a"; a method that has the mode and no run in it: "not yet run"."""
+    name = method_of(method)
+    sync_only = name in methods.names() and methods.traits(name).sync_only
+    return NOT_APPLICABLE if sync_only and mode != "sync" else NO_RUN
+
+
+def _write(name: str, title: str, df: pd.DataFrame, display: pd.DataFrame, text_cols: list[str],
+           notes: list[str], tables_dir: Path) -> list[Path]:
+    """Write ``df`` as ``{name}.csv`` and the preformatted ``display`` as .md, .tex and .html,
+    each followed by ``notes`` and the meaning of each mark its cells hold."""
     tables_dir = Path(tables_dir)
     tables_dir.mkdir(parents=True, exist_ok=True)
     # Text columns left, numbers right.
     align = ["left" if c in text_cols else "right" for c in display.columns]
-
-    # Cells are preformatted strings: numparse off keeps "83.00" from becoming "83", and
-    # numbers are right-aligned by hand since tabulate no longer sees them as numbers.
-    markdown = display.map(lambda s: s.replace(_PM, " ± ").replace(_NA, "–")).to_markdown(
-        index=False, disable_numparse=True, colalign=align or None)
-    # "--" is LaTeX's en dash, safe whatever the input encoding.
-    latex = (display.rename(columns=_latex_escape)
-             .map(lambda s: _latex_escape(s).replace(_PM, r" $\pm$ ").replace(_NA, "--"))
-             .style.hide(axis="index")
-             .to_latex(hrules=True, column_format="".join(a[0] for a in align)))
-
-    outputs = {
-        f"{name}.csv": df.to_csv(index=False),
-        f"{name}.md": markdown + "\n",
-        f"{name}.tex": latex,
+    notes = notes + [f'"{mark}": {meaning}.' for mark, meaning in MARKS.items() if (display == mark).any().any()]
+    texts = {
+        "csv": df.to_csv(index=False),
+        "md": _markdown(display, align, notes),
+        "tex": _latex(display, align, notes),
+        "html": _html(title, display, align, notes),
     }
     paths = []
-    for file_name, text in outputs.items():
-        paths.append(tables_dir / file_name)
-        write_text(paths[-1], text)
+    for ext in TABLE_FORMATS:
+        paths.append(tables_dir / f"{name}.{ext}")
+        write_text(paths[-1], texts[ext])
     return paths
+
+
+def _markdown(display: pd.DataFrame, align: list[str], notes: list[str]) -> str:
+    # Cells are preformatted strings: numparse off keeps "83.00" from becoming "83", and
+    # numbers are right-aligned by hand since tabulate no longer sees them as numbers.
+    table = display.to_markdown(index=False, disable_numparse=True, colalign=align or None)
+    return table + "\n\n" + "".join(f"- {note}\n" for note in notes)
+
+
+def _latex(display: pd.DataFrame, align: list[str], notes: list[str]) -> str:
+    """A booktabs tabular, the notes under it as comments: for whoever writes the paper's caption."""
+    tabular = (display.rename(columns=_latex_text).map(_latex_text)
+               .style.hide(axis="index")
+               .to_latex(hrules=True, column_format="".join(a[0] for a in align)))
+    return tabular + "".join(f"% {note}\n" for note in notes)
+
+
+def _latex_text(text: str) -> str:
+    return _latex_escape(text).replace("±", r"$\pm$")
+
+
+def _html(title: str, display: pd.DataFrame, align: list[str], notes: list[str]) -> str:
+    """A page of its own: the table with every column and the notes under it. Headers and cells
+    wrap at their spaces, so that a wide table fits the window where it can (and scrolls where
+    not), but never inside a number and its spread or a mark."""
+    def cell(text: str, side: str) -> str:
+        kind = "mark" if text in MARKS else side
+        return f'<td class="{kind}">{_escape(text).replace(PM, "&nbsp;±&nbsp;")}</td>'
+
+    head = "".join(f"<th>{_escape(c)}</th>" for c in display.columns)
+    body = "\n".join("<tr>" + "".join(cell(text, side) for text, side in zip(row, align)) + "</tr>"
+                     for row in display.itertuples(index=False))
+    items = "\n".join(f"<li>{_escape(note)}</li>" for note in notes)
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>{_escape(title)}</title>
+<style>
+body {{ font: 12px/1.35 system-ui, sans-serif; margin: 12px; color: #111; background: #fff; }}
+table {{ border-collapse: separate; border-spacing: 0; border-top: 1px solid #ccc; border-left: 1px solid #ccc; }}
+caption {{ text-align: left; font-weight: 600; font-size: 15px; margin-bottom: 6px; }}
+th, td {{ border-right: 1px solid #ccc; border-bottom: 1px solid #ccc; padding: 3px 5px; }}
+th {{ background: #eef0f3; text-align: left; vertical-align: bottom; min-width: 3em; max-width: 10em; position: sticky; top: 0; }}
+td.right {{ text-align: right; font-variant-numeric: tabular-nums; }}
+td.mark {{ text-align: center; color: #777; font-style: italic; white-space: nowrap; }}
+tbody tr {{ background: #fff; }}
+tbody tr:nth-child(even) {{ background: #f8f8f8; }}
+/* the row's name stays in view when a wide table scrolls sideways */
+th:first-child, td:first-child {{ position: sticky; left: 0; z-index: 1; background: inherit; }}
+th:first-child {{ z-index: 2; background: #eef0f3; }}
+ul.notes {{ max-width: 60em; padding-left: 1.2em; color: #333; }}
+</style>
+</head>
+<body>
+<table>
+<caption>{_escape(title)}</caption>
+<thead><tr>{head}</tr></thead>
+<tbody>
+{body}
+</tbody>
+</table>
+<ul class="notes">
+{items}
+</ul>
+</body>
+</html>
+"""
+
+
+def _escape(text: str) -> str:
+    """Text as HTML element content (quotes are plain characters there)."""
+    return html.escape(text, quote=False)
 
 
 def _time_aggregations(runs_df: pd.DataFrame) -> dict[str, tuple]:
@@ -230,20 +365,40 @@ def _time_columns(df: pd.DataFrame, suffix: str = "", mode_prefix: bool = False)
     return [c.removesuffix(suffix) for c in df.columns if re.fullmatch(pattern, c)]
 
 
-def _time_header(time_col: str) -> str:
-    """``time_to_85pct_s`` -> ``time to 85% (s)``."""
-    return f"time to {re.fullmatch(_TIME_COLUMN, time_col)['percent']}% (s)"
+def _clock_name(clocks: pd.Series) -> str:
+    """The clock the header of a time column names: the rows' one clock, else the column beside."""
+    found = sorted(set(clocks))
+    return found[0] if len(found) == 1 else "on the row's clock"
 
 
-def _seconds_cells(df: pd.DataFrame, time_col: str) -> list[str]:
-    """Cells like "31.0 ± 0.5": seconds over the seeds that reached the target; "–" where none
-    did, and "(not reached by 1 seed)" appended where some did not."""
+def _time_header(time_col: str, clock: str) -> str:
+    """``time_to_85pct_s`` -> ``time to 85% (s, simulated parallel)``."""
+    return f"time to {_percent(time_col)}% (s, {clock})"
+
+
+def _percent(time_col: str) -> str:
+    return re.fullmatch(_TIME_COLUMN, re.sub(r"^[a-z]+_(?=time_to)", "", time_col))["percent"]
+
+
+def _time_notes(df: pd.DataFrame, clock: str, mode_prefix: bool = False) -> list[str]:
+    """What a time-to-accuracy column holds, once per target (``mode_prefix``: the main table's columns)."""
+    targets = sorted({_percent(c) for c in _time_columns(df, suffix="_mean", mode_prefix=mode_prefix)}, key=float)
+    return [f"time to {x}% (s, {clock}): the seconds at the end of the first epoch whose test accuracy reached "
+            f"{x}% (accuracy is measured once an epoch), mean ± std over the seeds that reached it; "
+            f'"(not reached by k seeds)" counts the others.' for x in targets]
+
+
+def _seconds_cells(df: pd.DataFrame, time_col: str, absent: list[str | None] | None = None) -> list[str]:
+    """Cells like "31.0 ± 0.5": seconds over the seeds that reached the target; "not reached"
+    where none did, "(not reached by 1 seed)" appended where some did not, and the ``absent``
+    mark of a row without runs."""
     cells = []
-    for mean, std, missed in zip(*(df[f"{time_col}_{stat}"] for stat in _TIME_STATS)):
-        if pd.isna(mean):
-            cells.append(_NA)
+    absent = absent or [None] * len(df)
+    for mark, mean, std, missed in zip(absent, *(df[f"{time_col}_{stat}"] for stat in _TIME_STATS)):
+        if mark is not None or pd.isna(mean):
+            cells.append(mark or NOT_REACHED)
             continue
-        text = f"{mean:.1f}" if pd.isna(std) else f"{mean:.1f}{_PM}{std:.1f}"
+        text = f"{mean:.1f}" if pd.isna(std) else f"{mean:.1f}{PM}{std:.1f}"
         if missed:
             text += f" (not reached by {missed} seed{'s' if missed != 1 else ''})"
         cells.append(text)
@@ -253,19 +408,29 @@ def _seconds_cells(df: pd.DataFrame, time_col: str) -> list[str]:
 def _pct(mean: float, std: float = math.nan) -> str:
     """A fraction as a percentage; the spread is left out when there is none (one seed)."""
     if pd.isna(mean):
-        return _NA
+        return NOT_APPLICABLE
     text = f"{100 * mean:.2f}"
-    return text if pd.isna(std) else f"{text}{_PM}{100 * std:.2f}"
+    return text if pd.isna(std) else f"{text}{PM}{100 * std:.2f}"
 
 
 def _setting(value) -> str:
-    return _NA if pd.isna(value) else f"{value:g}"
+    """A setting of the variant; NaN: the method or mode does not have it."""
+    return NOT_APPLICABLE if pd.isna(value) else f"{value:g}"
 
 
-def _module_cells(df: pd.DataFrame, prefix: str, number: str) -> list[str]:
-    """Cells like "470/470/470": one number per module, "–" where the runs lack them."""
+def _budget(budget, mode: str) -> str:
+    """Sync runs have no budget; async runs from before budgets existed did not record theirs."""
+    if not pd.isna(budget):
+        return str(budget)
+    return NOT_APPLICABLE if mode == "sync" else NOT_RECORDED
+
+
+def _module_cells(df: pd.DataFrame, prefix: str, number: str, percent: bool = False) -> list[str]:
+    """Cells like "470/470/470": one number per module of the row's K (NaN beyond it), "not
+    recorded" where the runs lack them; ``percent``: fractions shown in percent, without the sign."""
     cols = [c for c in df.columns if c.startswith(prefix)]
-    return ["/".join(number.format(v) for v in row if not pd.isna(v)) or _NA for row in df[cols].itertuples(index=False)]
+    text = (lambda v: number.format(v).removesuffix("%")) if percent else number.format
+    return ["/".join(text(v) for v in row if not pd.isna(v)) or NOT_RECORDED for row in df[cols].itertuples(index=False)]
 
 
 def _latex_escape(text: str) -> str:
@@ -303,19 +468,22 @@ def paper_vs_ours(runs_df: pd.DataFrame, published: list[dict], reduced_run: boo
 
 
 def write_paper_vs_ours(df: pd.DataFrame, tables_dir: Path) -> list[Path]:
-    """Write ``paper_vs_ours.csv``, ``.md`` and ``.tex``: "not yet run" where no run exists."""
+    """Write ``paper_vs_ours`` in every format of ``TABLE_FORMATS``: "not yet run" where no run exists."""
     def ours(mean: float, std: float) -> str:
         if math.isnan(mean):
-            return "not yet run"
-        return f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f}{_PM}{std:.2f}"
+            return NO_RUN
+        return f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f}{PM}{std:.2f}"
 
     display = pd.DataFrame({
         "paper": df["paper"].astype(str), "table": df["table"].astype(str), "setting": df["setting"].astype(str),
         "method": df["method"].astype(str), "K": df["K"].map(str), "metric": df["metric"].astype(str),
         "published": df["published"].map("{:g}".format),
-        "ours": [ours(m, s) for m, s in zip(df["ours_mean"], df["ours_std"])],
+        "ours (mean ± std)": [ours(m, s) for m, s in zip(df["ours_mean"], df["ours_std"])],
         "seeds": df["seeds"].map(str),
-        "gap": df["gap"].map(lambda g: _NA if math.isnan(g) else f"{g:+.2f}"),
+        "gap": df["gap"].map(lambda g: NO_RUN if math.isnan(g) else f"{g:+.2f}"),
         "run": df["run"].astype(str),
     })
-    return _write("paper_vs_ours", df, display, ["paper", "table", "setting", "method", "metric", "run"], tables_dir)
+    notes = ["± is the sample standard deviation (n − 1) over the row's seeds (column seeds); a row of one seed has none.",
+             "gap: ours minus published, in the metric's unit; s_per_epoch is on the runs' clock.",
+             '"reduced run": from a config/paper/*_cpu.yaml config (other data, smaller network, fewer epochs): its gap says nothing about the paper.']
+    return _write("paper_vs_ours", "Paper vs ours", df, display, ["paper", "table", "setting", "method", "metric", "run"], notes, tables_dir)
