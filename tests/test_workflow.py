@@ -87,10 +87,10 @@ def test_main_table(smoke):
 @needs_fashion_mnist
 def test_figures(smoke):
     workdir, _ = smoke
-    for name in ("test_acc_vs_epoch", "acc_vs_time", "layerwise_acc", "acc_vs_slowdown"):  # smoke sweeps the slowdown only
+    for name in ("test_acc_vs_epoch", "acc_vs_simulated_time", "layerwise_acc", "acc_vs_slowdown"):  # smoke sweeps the slowdown only
         assert (workdir / f"results/figures/{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert (workdir / f"results/figures/{name}.pdf").read_bytes()[:4] == b"%PDF"
-    for name in ("acc_vs_buffer_size", "acc_vs_K"):  # no empty figure where nothing was swept
+    for name in ("acc_vs_buffer_size", "acc_vs_K", "acc_vs_wall_time"):  # no empty figure where nothing was swept, no clock no run keeps
         assert not list((workdir / "results/figures").glob(f"{name}.*"))
 
 
@@ -124,7 +124,7 @@ def test_mlflow_runs(smoke):
     parent_files = {f.path for d in ("tables", "figures") for f in client.list_artifacts(parent.info.run_id, d)}
     from decoupled.layout import FIGURE_FORMATS, TABLE_FORMATS, figures_for, tables_for
 
-    expected = {f"tables/{t.name}.{e}" for t in tables_for(published=False) for e in TABLE_FORMATS} | {f"figures/{f.name}.{e}" for f in figures_for({"slowdown"}) for e in FIGURE_FORMATS}
+    expected = {f"tables/{t.name}.{e}" for t in tables_for(published=False) for e in TABLE_FORMATS} | {f"figures/{f.name}.{e}" for f in figures_for({"slowdown"}, {"simulated parallel"}) for e in FIGURE_FORMATS}
     assert expected == parent_files and "figures/acc_vs_slowdown.png" in expected
     # its description: the experiment, its grid and the main table; the table as an MLflow table too
     description = parent.data.tags["mlflow.note.content"]

@@ -199,6 +199,11 @@ def run_name(config: dict[str, Any], key: RunKey) -> str:
     return " ".join(parts + [f"s{key.seed}"])
 
 
+def clocks(config: dict[str, Any]) -> set[str]:
+    """The clocks of the grid's engines (``EngineSpec.clock``): its time figures."""
+    return {engines.of(job_config(config, key)).clock for key in runs(config)}
+
+
 def swept_axes(config: dict[str, Any]) -> set[str]:
     """The axes on which some job of the grid differs from the base settings (its ``varied``)."""
     return {axis for key in runs(config) for axis in job_config(config, key)["run"]["varied"]}

@@ -25,6 +25,7 @@ class Output(NamedTuple):
     writer: str | None = None  # a figure's plot function (decoupled.report.figures)
     sweeps: str | None = None  # a figure's swept axis: written only when some run varies it
     published: bool = False  # a table written only when the config lists published numbers (report.published)
+    clock: str | None = None  # a time figure's clock (an engine's ``clock``): written only when some run's engine keeps it
 
 
 TABLES = [
@@ -34,7 +35,9 @@ TABLES = [
 ]
 FIGURES = [
     Output("test_acc_vs_epoch", "test accuracy vs epoch", "Learning curves", "plot_accuracy_vs_epoch"),
-    Output("acc_vs_time", "test accuracy vs training time", "Learning curves", "plot_accuracy_vs_time"),
+    Output("acc_vs_simulated_time", "test accuracy vs simulated parallel time", "Learning curves", "plot_accuracy_vs_simulated_time",
+           clock="simulated parallel"),
+    Output("acc_vs_wall_time", "test accuracy vs wall-clock time", "Learning curves", "plot_accuracy_vs_wall_time", clock="wall clock"),
     Output("layerwise_acc", "layer-wise accuracy", "Learning curves", "plot_layerwise_accuracy"),
     Output("acc_vs_slowdown", "accuracy vs slowdown", "Sweeps", "plot_accuracy_vs_slowdown", sweeps="slowdown"),
     Output("acc_vs_buffer_size", "accuracy vs buffer size", "Sweeps", "plot_accuracy_vs_buffer_size", sweeps="buffer_size"),
@@ -55,7 +58,8 @@ def tables_for(published: bool) -> list[Output]:
     return [t for t in TABLES if published or not t.published]
 
 
-def figures_for(swept: Iterable[str]) -> list[Output]:
-    """The figures of runs that vary the axes ``swept``: every figure but the sweeps of other axes."""
-    swept = set(swept)
-    return [f for f in FIGURES if f.sweeps is None or f.sweeps in swept]
+def figures_for(swept: Iterable[str], clocks: Iterable[str]) -> list[Output]:
+    """The figures of runs that vary the axes ``swept`` and whose engines keep the ``clocks``:
+    every figure but the sweeps of other axes and the time figures of other clocks."""
+    swept, clocks = set(swept), set(clocks)
+    return [f for f in FIGURES if (f.sweeps is None or f.sweeps in swept) and (f.clock is None or f.clock in clocks)]

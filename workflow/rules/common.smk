@@ -72,6 +72,7 @@ os.environ.update(DECOUPLED_EXPERIMENT_CONFIG=json.dumps(config, sort_keys=True)
 try:
     RUNS = decoupled_grid.runs(config)
     SWEPT = decoupled_grid.swept_axes(config)  # the axes some run varies: their sweep figures
+    CLOCKS = decoupled_grid.clocks(config)  # the clocks of its engines: their time figures
 except UserError as e:
     raise WorkflowError(str(e)) from None
 
@@ -184,8 +185,9 @@ def report_tables():
 
 
 def report_figures():
-    """The figures the report writes: a sweep figure only when the grid sweeps its axis."""
-    return [f"{RESULTS}/figures/{figure.name}.{ext}" for figure in figures_for(SWEPT) for ext in FIGURE_FORMATS]
+    """The figures the report writes: a sweep figure only when the grid sweeps its axis, a time
+    figure only when one of its engines keeps its clock."""
+    return [f"{RESULTS}/figures/{figure.name}.{ext}" for figure in figures_for(SWEPT, CLOCKS) for ext in FIGURE_FORMATS]
 
 
 def report_outputs():

@@ -100,7 +100,10 @@ def summary(runs_df: pd.DataFrame) -> pd.DataFrame:
         bytes_per_image=("bytes_per_image", "mean"),
     )
     columns = [c for frame in per_module for c in frame.columns]
-    return table.join(grouped[columns].mean()).reset_index()
+    table = table.join(grouped[columns].mean()).reset_index()
+    # rows in the main table's order: the paper's methods, sync before async
+    order = sorted(table.index, key=lambda i: (method_rank(table.at[i, "method"]), mode_rank(table.at[i, "mode"]), *table.loc[i, GROUP[2:]]))
+    return table.loc[order].reset_index(drop=True)
 
 
 def _per_module_columns(runs_df: pd.DataFrame, col: str, prefix: str) -> pd.DataFrame:
