@@ -209,3 +209,20 @@ def test_the_parent_runs_description_names_the_experiment_its_grid_and_its_main_
     text = tracking.parent_description(cfg, "| method | sync (%) |\n|---|---|\n| dgl | 80.00 ± 1.00 |\n")
     assert text.startswith("**described**: dgl, backprop on fashion_mnist")
     assert "seeds 0, 1, 2" in text and "slowdown" in text and "| dgl | 80.00 ± 1.00 |" in text
+
+
+def test_a_main_table_too_long_for_a_description_is_left_to_the_logged_table(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from decoupled import config
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = config.validate({"experiment": "wide", "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "grid": {"methods": ["dgl"], "modes": ["sync"], "K": [2], "seeds": [0]}})
+    info = tracking.init_experiment(cfg, described=cfg)
+    (tmp_path / "main.md").write_text("| method | sync |\n" + "| dgl | 1.00 |\n" * 1000)
+    (tmp_path / "main.csv").write_text("method,sync_mean\ndgl,0.01\n")
+    tracking.describe_parent(info, info["parent_run_id"], cfg, tmp_path / "main.csv", tmp_path / "main.md")
+    client = MlflowClient(tracking_uri=info["tracking_uri"])
+    note = client.get_run(info["parent_run_id"]).data.tags["mlflow.note.content"]
+    assert note.startswith("**wide**") and "too long" in note and "| dgl |" not in note
+    assert "main_table.json" in {f.path for f in client.list_artifacts(info["parent_run_id"])}

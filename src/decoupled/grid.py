@@ -268,17 +268,17 @@ def params_of(job: dict[str, Any]) -> dict[str, Any]:
     multistep schedule's milestones a cosine run's."""
     flat = config_lib.flatten(job)
     family = shapes.parse(job["model"])[0] if "model" in job else None
-    sections = config_lib.schema()["properties"]
 
-    def applies(condition: dict[str, Any]) -> bool:
-        for path, allowed in condition.items():
+    def applies(name: str) -> bool:
+        section, _, key = name.partition(".")
+        described = config_lib.schema()["properties"].get(section, {}).get("properties", {}).get(key, {})
+        for path, allowed in described.get("x-applies-when", {}).items():  # e.g. {train.lr_schedule: [multistep]}
             value = family if path == "model.arch" else flat.get(path)
-            if isinstance(allowed, dict) and value in allowed["not"] or isinstance(allowed, list) and value not in allowed:
+            if value in allowed["not"] if isinstance(allowed, dict) else value not in allowed:
                 return False
         return True
 
-    return {name: value for name, value in flat.items()
-            if applies(sections.get(name.partition(".")[0], {}).get("properties", {}).get(name.partition(".")[2], {}).get("x-applies-when", {}))}
+    return {name: value for name, value in flat.items() if applies(name)}
 
 
 def _check_run(job: dict[str, Any], key: RunKey) -> None:

@@ -46,7 +46,7 @@ def run_job(job: dict, data_path: str | Path, out_dir: str | Path, experiment: d
 def _run_main(job: dict, data, data_path: Path, out_dir: Path, experiment: dict | None, tags: dict[str, str], described: dict | None) -> dict:
     abandoned: list[str] = []
     resume = load_resume(out_dir, job, abandoned)
-    run = PendingRun(lambda: _child_run(job, data, Path(data_path), out_dir, experiment, tags, resume, abandoned, described))
+    run = PendingRun(lambda: _child_run(job, data, data_path, out_dir, experiment, tags, resume, abandoned, described))
     if engines.of(job).process_count(job) > 1:
         # the other workers would wait for this one's epoch-end checkpoint, and a store that
         # takes longer than distributed.timeout_s to open would end the job: wait now, while

@@ -359,9 +359,14 @@ def describe_parent(experiment: dict[str, str], parent_id: str, described: dict 
     import pandas as pd
     from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
+    from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
+
     client = _client(experiment["tracking_uri"])
     table = main_md.read_text() if main_md is not None and main_md.is_file() else None
-    client.set_tag(parent_id, MLFLOW_RUN_NOTE, parent_description(described, table))
+    description = parent_description(described, table)
+    if len(description) > MAX_TAG_VAL_LENGTH:  # a note is a tag: a wide table goes to main_table.json alone
+        description = parent_description(described, "(too long for a run's description: see `main_table.json` and the artifact `tables/main.html`)")
+    client.set_tag(parent_id, MLFLOW_RUN_NOTE, description)
     if main_csv is not None and main_csv.is_file():
         client.log_table(parent_id, data=pd.read_csv(main_csv), artifact_file="main_table.json")
 
