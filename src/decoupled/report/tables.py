@@ -36,6 +36,8 @@ PER_MODULE = {"test_acc_per_module": "aux_acc_mean_m", "steps_per_module": "step
 _TIME_COLUMN = r"time_to_(?P<percent>[\d.]+)pct_s"
 _TIME_STATS = ["mean", "std", "missed"]
 PM = " ± "
+# the note under a table whose rows say their seeds in a column of their own
+PM_OVER_SEEDS_COLUMN = "± is the sample standard deviation (n − 1) over the row's seeds (column seeds); a row of one seed has none."
 
 # What stands in a cell without a number; each mark means one thing only.
 NOT_APPLICABLE = "n/a"
@@ -192,7 +194,7 @@ def write_summary(df: pd.DataFrame, tables_dir: Path) -> list[Path]:
     # one cell, as the steps: the CSV has a column per module
     display["head test acc per module (%)"] = _module_cells(df, "aux_acc_mean_m", "{:.2%}", percent=True)
     notes = [
-        "± is the sample standard deviation (n − 1) over the row's seeds (column seeds); a row of one seed has none.",
+        PM_OVER_SEEDS_COLUMN,
         "process time (s, wall clock): the seconds the training process measured over its epochs, test evaluations "
         "excluded; the simulated engine's one process runs every module in turn, so this is their work added up.",
         f"time (s, {clock}): the same training on the run's clock; " + "; ".join(CLOCKS[c] for c in sorted(set(df["clock"]))) + ".",
@@ -486,7 +488,7 @@ def write_paper_vs_ours(df: pd.DataFrame, tables_dir: Path) -> list[Path]:
         "gap": df["gap"].map(lambda g: NO_RUN if math.isnan(g) else f"{g:+.2f}"),
         "run": df["run"].astype(str),
     })
-    notes = ["± is the sample standard deviation (n − 1) over the row's seeds (column seeds); a row of one seed has none.",
+    notes = [PM_OVER_SEEDS_COLUMN,
              "gap: ours minus published, in the metric's unit; s_per_epoch is on the runs' clock.",
              '"reduced run": from a config/paper/*_cpu.yaml config (other data, smaller network, fewer epochs): its gap says nothing about the paper.']
     return _write("paper_vs_ours", "Paper vs ours", df, display, ["paper", "table", "setting", "method", "metric", "run"], notes, tables_dir)
