@@ -321,7 +321,8 @@ def _described(config: dict | None) -> dict[str, str]:
     return {k: str(v) for k, v in flatten(config).items() if k != "output_dir"} if config is not None else {}
 
 
-def _digest(params: dict) -> str:
+def digest(params: dict) -> str:
+    """A short digest of a JSON value (a config, a job): what tells two of them apart."""
     import hashlib
     import json
 
@@ -330,7 +331,7 @@ def _digest(params: dict) -> str:
 
 def job_digest(job: dict) -> str:
     """What tells a job's configurations apart (``JOB_TAG``): a digest of its resolved config."""
-    return _digest(job)
+    return digest(job)
 
 
 def parent_description(described: dict | None, main_table: str | None = None) -> str:
@@ -376,7 +377,7 @@ def _new_parent(client, experiment_id: str, name: str, described: dict | None, c
 
     params = _described(described)
     tags = {PARENT_TAG: "parent", MLFLOW_RUN_NOTE: parent_description(described), **source_tags(command),
-            **({CONFIG_TAG: _digest(params)} if described is not None else {})}
+            **({CONFIG_TAG: digest(params)} if described is not None else {})}
     parent_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
     _log_params(client, parent_id, params)
     return parent_id
@@ -397,14 +398,14 @@ def _parent_run(client, experiment: dict[str, str], described: dict, command: st
     from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
     params = _described(described)
-    digest = _digest(params)
-    found = _parent_with(client, experiment, digest)
+    config_digest = digest(params)
+    found = _parent_with(client, experiment, config_digest)
     if found is not None:
         return found
     if experiment.get("parent_run_id"):
         current = _stored_run(client, experiment, experiment["parent_run_id"])
         if current is not None and CONFIG_TAG not in current.data.tags and not current.data.params:  # made without a config
-            client.set_tag(current.info.run_id, CONFIG_TAG, digest)
+            client.set_tag(current.info.run_id, CONFIG_TAG, config_digest)
             client.set_tag(current.info.run_id, MLFLOW_RUN_NOTE, parent_description(described))
             _log_params(client, current.info.run_id, params)
             return current.info.run_id
@@ -441,7 +442,7 @@ def mark_parent(experiment: dict[str, str], described: dict, status: str, reason
     if status == "RUNNING":
         parent_id = parent_run(experiment, described, "snakemake")
     else:
-        parent_id = _parent_with(client, experiment, _digest(_described(described)))
+        parent_id = _parent_with(client, experiment, digest(_described(described)))
         if parent_id is None:
             return None
     tags = client.get_run(parent_id).data.tags
@@ -706,8 +707,8 @@ class ChildRun:
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
         with open(path, "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()[:12]
-        dataset = Dataset(name, digest, "local", Path(path).resolve().as_uri(), profile=json.dumps(profile))
+            content = hashlib.file_digest(f, "sha256").hexdigest()[:12]
+        dataset = Dataset(name, content, "local", Path(path).resolve().as_uri(), profile=json.dumps(profile))
         self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "train")])])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:

@@ -2,7 +2,6 @@
 # imported from src/ so that the workflow and the CLI agree on every job; it needs only
 # pyyaml and jsonschema, which Snakemake itself depends on.
 import functools
-import hashlib
 import json
 import os
 import shlex
@@ -26,6 +25,7 @@ from decoupled.credentials import without_password  # noqa: E402
 from decoupled.errors import UserError  # noqa: E402
 from decoupled.layout import FIGURE_FORMATS, FIGURES, TABLE_FORMATS, TABLES, figures_for, tables_for  # noqa: E402
 from decoupled.slurm import patch_status_query  # noqa: E402
+from decoupled.tracking import digest as config_digest_of  # noqa: E402
 
 # Under the SLURM executor (workflow/profiles/slurm): a scancel-ed job fails the workflow
 # instead of being waited for for ever (see decoupled/slurm.py).
@@ -176,7 +176,7 @@ def config_digest():
     report (the parent run carries the config the report was made from, and a changed config
     gets a parent run of its own, see decoupled/tracking.py) without the config itself, or the
     run list, in the params that `snakemake --report` prints under every table and figure."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+    return config_digest_of(config)
 
 
 def report_tables():
