@@ -67,14 +67,14 @@ def runs(config: dict[str, Any]) -> list[RunKey]:
     keys = []
     for method in grid["methods"]:
         methods.check(method)
-        for mode in grid["modes"]:
+        own = _with_overrides(config, method)  # its overrides applied: its modes, the base of each swept setting
+        for mode in own["grid"]["modes"]:
             if mode == "async" and methods.traits(method).sync_only:
                 continue  # e.g. backprop: the locked baseline has no async form
-            # the base of each swept setting is the method's own, after its overrides
-            for K, variant in _points(_with_overrides(config, method), method, mode):
+            for K, variant in _points(own, method, mode):
                 keys += [RunKey(method, mode, K, seed, variant) for seed in grid["seeds"]]
     if not keys:
-        raise UserError("config key 'grid': no job to run (every method listed is sync-only and modes has only async)")
+        raise UserError("config key 'grid': no job to run (every method listed is sync-only and its modes are async only)")
     for key in keys:
         job_config(config, key)  # raises on the first job that cannot run
     return keys
