@@ -69,7 +69,8 @@ def test_bad_report_settings_name_the_key(report, culprit):
 
 
 def test_report_target_accuracy_has_a_default():
-    assert config.validate(base())["report"] == {"target_accuracy": 0.85, "reduced_run": False, "published": []}
+    report = config.validate(base())["report"]
+    assert {k: report[k] for k in ("target_accuracy", "reduced_run", "published")} == {"target_accuracy": 0.85, "reduced_run": False, "published": []}
 
 
 def test_unknown_method_and_too_many_modules():
@@ -89,6 +90,18 @@ def test_overrides_apply_to_one_method_only():
     bp = grid.job_config(cfg, grid.RunKey("backprop", "sync", 2, 0))
     assert dgl["train"]["lr"] == 0.08 and bp["train"]["lr"] == 0.05
     assert grid.check_job(json.loads(json.dumps(dgl))) == dgl
+
+
+def test_a_method_may_run_in_modes_of_its_own():
+    cfg = config.validate({"experiment": "x", "grid": {"methods": ["dgl", "dni"], "modes": ["sync", "async"], "seeds": [0]},
+                           "overrides": {"dni": {"grid": {"modes": ["sync"]}, "train": {"synth_lr": 0.01}}}})
+    assert sorted((k.method, k.mode) for k in grid.runs(cfg)) == [("dgl", "async"), ("dgl", "sync"), ("dni", "sync")]
+    job = grid.job_config(cfg, grid.RunKey("dni", "sync", 3, 0))
+    assert "grid" not in job and job["train"]["synth_lr"] == 0.01  # the override's other settings still apply
+    with pytest.raises(UserError, match=r"config key 'overrides.dni.grid.modes.0': 'both' is not one of \['sync', 'async'\]"):
+        config.validate({"experiment": "x", "grid": {"methods": ["dni"]}, "overrides": {"dni": {"grid": {"modes": ["both"]}}}})
+    with pytest.raises(UserError, match="config key 'overrides.dni.grid': Additional properties"):
+        config.validate({"experiment": "x", "grid": {"methods": ["dni"]}, "overrides": {"dni": {"grid": {"seeds": [1]}}}})
 
 
 def cli(*args, cwd):

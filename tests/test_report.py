@@ -238,9 +238,9 @@ def test_runs_written_before_the_parallel_clock_keep_their_seconds(tmp_path):
 
 def test_summary_numbers_and_columns(table):
     assert list(table.columns) == [
-        "method", "mode", "K", "variant", "engine", "seeds", "test_acc_mean", "test_acc_std",
+        "method", "mode", "K", "variant", "engine", "seeds", "test_acc_mean", "test_acc_std", "test_acc_ci95",
         "train_time_s", "clock", "time_s", "images_per_s", "epochs",
-        "time_to_85pct_s_mean", "time_to_85pct_s_std", "time_to_85pct_s_missed",
+        "time_to_85pct_s_mean", "time_to_85pct_s_std", "time_to_85pct_s_ci95", "time_to_85pct_s_missed",
         "slowdown_factor", "slowed_module", "buffer_size", "budget", "beta", "gradient_delay",
         "bits_per_activation", "bytes_per_image",
         "aux_acc_mean_m1", "aux_acc_mean_m2", "aux_acc_mean_m3", "aux_acc_mean_m4",
@@ -292,8 +292,9 @@ def test_written_tables_are_formatted(table, tmp_path):
     assert len(csv) == len(table)
 
     md = paths[1].read_text()
-    assert "88.70 ± 0.28" in md  # backprop: mean(0.885, 0.889), std 0.002 * sqrt(2)
-    assert "87.80 ± 0.28" in md
+    # backprop: mean(0.885, 0.889), std 0.002 * sqrt(2), ± t(0.975, 1) = 12.706 times std / sqrt(2)
+    assert "88.70 ± 2.54" in md
+    assert "87.80 ± 2.54" in md
     assert "82.00" in md  # aux head m1 of dgl/sync keeps its two decimals
     single_line = next(line for line in md.splitlines() if "S1_B10_beta0.5" in line)
     assert "86.00" in single_line and "±" not in single_line
@@ -303,8 +304,8 @@ def test_written_tables_are_formatted(table, tmp_path):
 
     tex = paths[2].read_text()
     assert r"\begin{tabular}" in tex
-    assert r"88.70 $\pm$ 0.28" in tex
-    assert r"test acc (\%, mean $\pm$ std)" in tex
+    assert r"88.70 $\pm$ 2.54" in tex
+    assert r"test acc (\%, mean $\pm$ 95\% CI)" in tex
     assert r"S4m1\_B10" in tex
     single_tex = next(line for line in tex.splitlines() if r"S1\_B10\_beta0.5" in line)
     assert r"\pm" not in single_tex
@@ -320,7 +321,8 @@ def test_latex_escapes_method_names(table, tmp_path):
 def test_main_table_values(runs_df, tmp_path):
     main = main_table(runs_df)
     # Reference runs only, all at K=3, so no K column.
-    assert list(main.columns) == ["method", "sync_mean", "sync_std", "sync_seeds", "sync_clock", "async_mean", "async_std", "async_seeds", "async_clock"]
+    assert list(main.columns) == ["method", "sync_mean", "sync_std", "sync_ci95", "sync_seeds", "sync_clock",
+                                  "async_mean", "async_std", "async_ci95", "async_seeds", "async_clock"]
     assert list(main["method"]) == ["backprop", "dgl", "fdg"]
     dgl = main.set_index("method").loc["dgl"]
     # By hand: sync mean(0.880, 0.876) = 0.878, std 0.004 / sqrt(2); async mean(0.870, 0.868).
@@ -341,17 +343,17 @@ def test_main_table_values(runs_df, tmp_path):
     assert csv.loc[1, "sync_mean"] == pytest.approx(0.878)
 
     md_lines = paths[1].read_text().splitlines()
-    assert "sync (%, mean ± std)" in md_lines[0] and md_lines[0].index("sync") < md_lines[0].index("async")
+    assert "sync (%, mean ± 95% CI)" in md_lines[0] and md_lines[0].index("sync") < md_lines[0].index("async")
     dgl_md = next(line for line in md_lines if line.startswith("| dgl"))
-    assert "87.80 ± 0.28" in dgl_md and "86.90 ± 0.14" in dgl_md
+    assert "87.80 ± 2.54" in dgl_md and "86.90 ± 1.27" in dgl_md
     backprop_md = next(line for line in md_lines if line.startswith("| backprop"))
-    assert "88.70 ± 0.28" in backprop_md and re.search(r"\|\s+n/a \|$", backprop_md)  # backprop has no async form
+    assert "88.70 ± 2.54" in backprop_md and re.search(r"\|\s+n/a \|$", backprop_md)  # backprop has no async form
     fdg_md = next(line for line in md_lines if line.startswith("| fdg"))
     assert "88.40" in fdg_md and "86.00" in fdg_md and "±" not in fdg_md  # one seed each
 
     tex = paths[2].read_text()
-    assert r"87.80 $\pm$ 0.28 (n=2) & 86.90 $\pm$ 0.14 (n=2)" in tex
-    assert re.search(r"backprop & 88.70 \$\\pm\$ 0.28 \(n=2\) & n/a \\\\", tex)
+    assert r"87.80 $\pm$ 2.54 (n=2) & 86.90 $\pm$ 1.27 (n=2)" in tex
+    assert re.search(r"backprop & 88.70 \$\\pm\$ 2.54 \(n=2\) & n/a \\\\", tex)
 
 
 def test_a_method_in_a_form_other_than_its_authors_goes_by_a_name_of_its_own(tmp_path):
@@ -373,7 +375,7 @@ def test_a_method_in_a_form_other_than_its_authors_goes_by_a_name_of_its_own(tmp
     assert list(main["method"]) == ["backprop", "dni", "dni nolastsynth"]
     assert list(main["sync_mean"]) == pytest.approx([0.89, 0.81, 0.85])
     md = write_main(main, tmp_path / "t")[1].read_text()
-    assert re.search(r"\| dni nolastsynth +\| +85\.00 ± 1\.41", md)
+    assert re.search(r"\| dni nolastsynth +\| +85\.00 ± 12\.71", md)
     assert list(summary(add_time_to_accuracy(runs, epochs, 0.85))["method"]) == ["backprop", "dni", "dni nolastsynth", "dni nolastsynth"]
 
 
@@ -383,10 +385,10 @@ def test_main_table_with_several_reference_k(tmp_path):
                                  ("backprop", "sync", 3, "default", 0): [0.4, 0.6, 0.89]})
     k2 = write_run(tmp_path, "dgl", "sync", 2, "default", 0, [0.8, 0.86], varied=[])
     main = main_table(load_runs(dirs + [k2])[0])
-    assert list(main.columns) == ["method", "K", "sync_mean", "sync_std", "sync_seeds", "sync_clock"]
+    assert list(main.columns) == ["method", "K", "sync_mean", "sync_std", "sync_ci95", "sync_seeds", "sync_clock"]
     assert list(zip(main["method"], main["K"])) == [("backprop", 3), ("dgl", 2), ("dgl", 3)]
     header = write_main(main, tmp_path / "t")[1].read_text().splitlines()[0]
-    assert [c.strip() for c in header.strip("|").split("|")] == ["method", "K", "sync (%, mean ± std, n=1)"]
+    assert [c.strip() for c in header.strip("|").split("|")] == ["method", "K", "sync (%, mean ± 95% CI, n=1)"]
 
 
 def _magic_ok(path: Path) -> bool:
@@ -398,7 +400,7 @@ def test_build_report_writes_everything(run_dirs, tmp_path):
     paths = build_report(run_dirs, tmp_path / "out" / "tables", tmp_path / "out" / "figures")
     # these runs sweep slowdown, buffer size and K, not groups nor quantization
     # no published numbers given, so no reproduction table
-    expected = ([f"{t.name}.{ext}" for t in tables_for(published=False) for ext in ("csv", "md", "tex", "html")]
+    expected = ([f"{t.name}.{ext}" for t in tables_for({}) for ext in ("csv", "md", "tex", "html")]
                 + [f"{f.name}.{ext}" for f in figures_for({"slowdown", "buffer_size", "K"}, {"simulated parallel"}) for ext in ("png", "pdf")])
     assert len(paths) == 20 and [p.name for p in paths] == expected
     assert "acc_vs_simulated_time.png" in expected and "acc_vs_wall_time.png" not in expected  # simulated runs only
@@ -423,8 +425,8 @@ def test_a_sweep_figure_without_its_sweep_is_not_written(tmp_path):
             path = tmp_path / "figures" / f"{name}{ext}"
             assert (path in paths and _magic_ok(path)) if name in drawn else not (path in paths or path.exists())
     main = pd.read_csv(tmp_path / "tables" / "main.csv")
-    assert list(main.columns) == ["method", "sync_mean", "sync_std", "sync_seeds", "sync_clock", "sync_time_to_85pct_s_mean",
-                                  "sync_time_to_85pct_s_std", "sync_time_to_85pct_s_missed"]
+    assert list(main.columns) == ["method", "sync_mean", "sync_std", "sync_ci95", "sync_seeds", "sync_clock", "sync_time_to_85pct_s_mean",
+                                  "sync_time_to_85pct_s_std", "sync_time_to_85pct_s_ci95", "sync_time_to_85pct_s_missed"]
 
 
 def _capture(monkeypatch) -> dict:
@@ -552,7 +554,7 @@ def test_target_accuracy_must_be_a_fraction(tmp_path, target):
 
 def test_default_target_accuracy_is_the_schema_default():
     cfg = config.validate({"experiment": "x", "grid": {"methods": ["dgl"]}})
-    assert cfg["report"] == {"target_accuracy": DEFAULT_TARGET_ACCURACY, "reduced_run": False, "published": []}
+    assert cfg["report"] == {"target_accuracy": DEFAULT_TARGET_ACCURACY, "reduced_run": False, "published": [], "claims": []}
 
 
 def test_time_to_accuracy_in_the_tables(tmp_path):
@@ -563,6 +565,7 @@ def test_time_to_accuracy_in_the_tables(tmp_path):
     # Mean and std over the seeds that reached 85%; how many did not.
     assert dgl["time_to_85pct_s_mean"] == pytest.approx(32.0)
     assert dgl["time_to_85pct_s_std"] == pytest.approx(14.0 / math.sqrt(2))
+    assert dgl["time_to_85pct_s_ci95"] == pytest.approx(12.7062 * 14.0 / math.sqrt(2) / math.sqrt(2), rel=1e-4)
     assert dgl["time_to_85pct_s_missed"] == 0
     assert fdg["time_to_85pct_s_mean"] == 12.5 and math.isnan(fdg["time_to_85pct_s_std"])
     assert fdg["time_to_85pct_s_missed"] == 1
@@ -573,20 +576,20 @@ def test_time_to_accuracy_in_the_tables(tmp_path):
     assert "time to 85% (s, simulated parallel)" in md[0] and "engine" not in md[0] and "| clock" not in md[0]
     cells = {line.split("|")[1].strip(): line for line in md[2:] if line.startswith("|")}
     assert re.search(r"\|\s+38.2 \|", cells["dgl"])  # the time on it
-    assert re.search(r"\|\s+32.0 ± 9.9 \|", cells["dgl"])
+    assert re.search(r"\|\s+32.0 ± 88.9 \|", cells["dgl"])
     assert re.search(r"\|\s+12.5 \(not reached by 1 seed\) \|", cells["fdg"])
     assert re.search(r"\|\s+3 \|\s+not reached \|", cells["backprop"])  # epochs, then no time
 
     main = main_table(runs_df)
-    assert list(main.columns) == ["method", "sync_mean", "sync_std", "sync_seeds", "sync_clock", "sync_time_to_85pct_s_mean",
-                                  "sync_time_to_85pct_s_std", "sync_time_to_85pct_s_missed"]
+    assert list(main.columns) == ["method", "sync_mean", "sync_std", "sync_ci95", "sync_seeds", "sync_clock", "sync_time_to_85pct_s_mean",
+                                  "sync_time_to_85pct_s_std", "sync_time_to_85pct_s_ci95", "sync_time_to_85pct_s_missed"]
     assert list(main["sync_time_to_85pct_s_mean"].fillna(-1)) == [-1, 32.0, 12.5]
     assert list(main["sync_time_to_85pct_s_missed"]) == [2, 0, 1]
     md, tex = (p.read_text() for p in write_main(main, tmp_path / "main")[1:3])
     assert [c.strip() for c in md.splitlines()[0].strip("|").split("|")] == [
-        "method", "sync (%, mean ± std, n=2)", "sync: time to 85% (s, simulated parallel)"]
+        "method", "sync (%, mean ± 95% CI, n=2)", "sync: time to 85% (s, simulated parallel)"]
     assert re.search(r"\| backprop .*\|\s+not reached \|$", md, re.M)
-    assert r"32.0 $\pm$ 9.9" in tex and "12.5 (not reached by 1 seed)" in tex
+    assert r"32.0 $\pm$ 88.9" in tex and "12.5 (not reached by 1 seed)" in tex
 
 
 def _capture_lines(monkeypatch) -> dict:
@@ -831,13 +834,22 @@ def test_a_missing_number_says_whether_it_does_not_apply_or_was_never_reached(tm
 
     main = _TablePage(_tables(write_main, main_table(runs_df), tmp_path / "main")["html"])
     cells = {row[0]: dict(zip(main.headers, row)) for row in main.rows}
-    assert cells["backprop"]["async (%, mean ± std, n=1)"] == NOT_APPLICABLE
+    assert cells["backprop"]["async (%, mean ± 95% CI, n=1)"] == NOT_APPLICABLE
     assert cells["backprop"]["sync: time to 85% (s, simulated parallel)"] == NOT_REACHED
-    assert cells["fdg"]["async (%, mean ± std, n=1)"] == NO_RUN
+    assert cells["fdg"]["async (%, mean ± 95% CI, n=1)"] == NO_RUN
     assert cells["fdg"]["async: time to 85% (s, simulated parallel)"] == NO_RUN
     assert cells["dgl"]["async: time to 85% (s, simulated parallel)"] == "37.5"
     for mark in (NOT_APPLICABLE, NOT_REACHED, NO_RUN):
         assert sum(note.startswith(f'"{mark}": ') for note in main.notes) == 1, mark
+    # an experiment that runs FDG in sync mode only (overrides.fdg.grid.modes): not a run to wait for
+    from decoupled.report.tables import NOT_IN_GRID
+
+    planned = {("backprop", "sync"), ("dgl", "sync"), ("dgl", "async"), ("fdg", "sync")}
+    html = (write_main(main_table(runs_df), tmp_path / "planned", planned)[3]).read_text()
+    only_sync = _TablePage(html)
+    cells = {row[0]: dict(zip(only_sync.headers, row)) for row in only_sync.rows}
+    assert cells["fdg"]["async (%, mean ± 95% CI, n=1)"] == NOT_IN_GRID and cells["backprop"]["async (%, mean ± 95% CI, n=1)"] == NOT_APPLICABLE
+    assert any(note.startswith(f'"{NOT_IN_GRID}": ') for note in only_sync.notes) and NO_RUN not in html
 
     page = _TablePage(_tables(write_summary, summary(runs_df), tmp_path / "summary")["html"])
     backprop = dict(zip(page.headers, next(row for row in page.rows if row[0] == "backprop")))
@@ -847,20 +859,20 @@ def test_a_missing_number_says_whether_it_does_not_apply_or_was_never_reached(tm
 
 def test_tables_say_what_plus_minus_is_and_over_how_many_seeds(table, runs_df, tmp_path):
     files = _tables(write_summary, table, tmp_path / "summary")
-    plus_minus = "± is the sample standard deviation (n − 1) over the row's seeds (column seeds)"
+    plus_minus = "± is the half-width of the 95% t-interval of the mean over the row's n seeds (column seeds), t(0.975, n − 1) · s / √n"
     assert all(plus_minus in text for ext, text in files.items() if ext != "csv")
-    assert "test acc (%, mean ± std)" in _markdown_table(files["md"])[0] and "seeds" in _markdown_table(files["md"])[0]
+    assert "test acc (%, mean ± 95% CI)" in _markdown_table(files["md"])[0] and "seeds" in _markdown_table(files["md"])[0]
 
     # the main table has no seeds column: the header says n where every row has the same
     curves = write_curves(tmp_path / "same")
     header = _markdown_table(_tables(write_main, main_table(load_runs(curves)[0]), tmp_path / "same")["md"])[0]
-    assert header[1] == "sync (%, mean ± std, n=2)"
+    assert header[1] == "sync (%, mean ± 95% CI, n=2)"
     # ... else each cell (FDG has one seed per mode, the others two)
     files = _tables(write_main, main_table(runs_df), tmp_path / "differ")
     header, rows, notes = _markdown_table(files["md"])
-    assert header[1:3] == ["sync (%, mean ± std)", "async (%, mean ± std)"]
-    assert {row[0]: row[1] for row in rows} == {"backprop": "88.70 ± 0.28 (n=2)", "dgl": "87.80 ± 0.28 (n=2)", "fdg": "88.40 (n=1)"}
-    assert notes[0].startswith("± is the sample standard deviation (n − 1) over n seeds")
+    assert header[1:3] == ["sync (%, mean ± 95% CI)", "async (%, mean ± 95% CI)"]
+    assert {row[0]: row[1] for row in rows} == {"backprop": "88.70 ± 2.54 (n=2)", "dgl": "87.80 ± 2.54 (n=2)", "fdg": "88.40 (n=1)"}
+    assert notes[0].startswith("± is the half-width of the 95% t-interval of the mean over the n seeds")
 
 
 def test_every_time_column_names_its_clock(tmp_path):

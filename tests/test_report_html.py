@@ -22,6 +22,7 @@ CAPTIONS = {
     "main": ("Tables", "Main table", "one row per method, one column per mode"),
     "summary": ("Tables", "Summary table", "one row per method × mode × K × variant"),
     "paper_vs_ours": ("Tables", "Reproduction", "each number the paper published"),
+    "claims": ("Tables", "Claims", "each claim of the paper this experiment reproduces"),
     "test_acc_vs_epoch": ("Figures", "Learning curves", "after each epoch (x axis)"),
     "acc_vs_simulated_time": ("Figures", "Learning curves", "training time on the <em>simulated parallel</em> clock"),
     "acc_vs_wall_time": ("Figures", "Learning curves", "training time on the <em>wall clock</em>"),
@@ -54,7 +55,9 @@ def finished(tmp_path_factory):
     cfg["grid"].update(methods=["backprop", "dgl", "gn_dgl"], modes=["sync"], seeds=[0], groups=[1, 2], quantize=[None, {"bits": 4, "dim": 4}])
     cfg["overrides"].pop("gn_dgl")
     cfg["train"]["epochs"] = 1
-    cfg["report"] = {"target_accuracy": 0.42}  # shows in the captions, through Jinja
+    cfg["report"] = {"target_accuracy": 0.42,  # shows in the captions, through Jinja
+                     "claims": [{"claim": "DGL is about as accurate as backprop", "source": "a paper", "a": {"method": "dgl"},
+                                 "b": {"method": "backprop"}, "margin": 1}]}
     configfile = workdir / "config/report_html.yaml"
     configfile.write_text(yaml.safe_dump(cfg))
     result = snakemake(workdir, configfile=configfile)
@@ -92,8 +95,9 @@ def test_html_report_holds_every_result_with_its_caption(finished):
     page = out.read_text()
     results = _script_var(page, "results", "results")
     categories = _script_var(page, "categories", "categories")
-    # no published numbers in this config, so no reproduction table
-    expected = {f"results/tables/{t.name}.{e}" for t in tables_for(published=False) for e in TABLE_FORMATS}
+    # a claim but no published numbers in this config: the claims table, no reproduction table
+    expected = {f"results/tables/{t.name}.{e}" for t in tables_for(yaml.safe_load(configfile.read_text())["report"]) for e in TABLE_FORMATS}
+    assert "results/tables/claims.html" in expected and "results/tables/paper_vs_ours.html" not in expected
     expected |= {f"results/figures/{f.name}.{e}" for f in figures_for({"groups", "quantize"}, {"simulated parallel"}) for e in FIGURE_FORMATS}  # the sweeps of these two only
     assert set(results) == expected
 
@@ -150,7 +154,7 @@ def test_the_report_shows_each_table_as_a_page_with_every_column(finished):
     out = workdir / "results/report_tables.html"
     assert snakemake(workdir, "--report", str(out), configfile=configfile).returncode == 0
     results = _script_var(out.read_text(), "results", "results")
-    for table in tables_for(published=False):
+    for table in tables_for({}):
         entry = results[f"results/tables/{table.name}.html"]
         assert entry["mime_type"] == "text/html" and entry["labels"] == {"table": table.title, "format": "HTML"}
         page = base64.b64decode(entry["data_uri"].split("base64,", 1)[1]).decode()

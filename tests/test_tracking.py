@@ -221,7 +221,7 @@ def test_a_main_table_too_long_for_a_description_is_left_to_the_logged_table(tmp
     info = tracking.init_experiment(cfg, described=cfg)
     (tmp_path / "main.md").write_text("| method | sync |\n" + "| dgl | 1.00 |\n" * 1000)
     (tmp_path / "main.csv").write_text("method,sync_mean\ndgl,0.01\n")
-    tracking.describe_parent(info, info["parent_run_id"], cfg, tmp_path / "main.csv", tmp_path / "main.md")
+    tracking.describe_parent(info, info["parent_run_id"], cfg, tmp_path)
     client = MlflowClient(tracking_uri=info["tracking_uri"])
     note = client.get_run(info["parent_run_id"]).data.tags["mlflow.note.content"]
     assert note.startswith("**wide**") and "too long" in note and "| dgl |" not in note

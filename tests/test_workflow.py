@@ -51,7 +51,8 @@ def smoke(tmp_path_factory):
 def test_summary_table(smoke):
     workdir, _ = smoke
     summary = pd.read_csv(workdir / "results/tables/summary.csv")
-    assert list(summary.columns[:9]) == ["method", "mode", "K", "variant", "engine", "seeds", "test_acc_mean", "test_acc_std", "train_time_s"]
+    assert list(summary.columns[:10]) == ["method", "mode", "K", "variant", "engine", "seeds", "test_acc_mean", "test_acc_std", "test_acc_ci95",
+                                          "train_time_s"]
     assert "time_to_85pct_s_mean" in summary.columns  # the schema's default target
     # every method in sync mode; every method but backprop in async mode, with and without slowdown
     rows = set(zip(summary["method"], summary["mode"], summary["variant"]))
@@ -124,13 +125,23 @@ def test_mlflow_runs(smoke):
     parent_files = {f.path for d in ("tables", "figures") for f in client.list_artifacts(parent.info.run_id, d)}
     from decoupled.layout import FIGURE_FORMATS, TABLE_FORMATS, figures_for, tables_for
 
-    expected = {f"tables/{t.name}.{e}" for t in tables_for(published=False) for e in TABLE_FORMATS} | {f"figures/{f.name}.{e}" for f in figures_for({"slowdown"}, {"simulated parallel"}) for e in FIGURE_FORMATS}
-    assert expected == parent_files and "figures/acc_vs_slowdown.png" in expected
-    # its description: the experiment, its grid and the main table; the table as an MLflow table too
+    smoke_config = yaml.safe_load((workdir / "config/smoke.yaml").read_text())
+    expected = ({f"tables/{t.name}.{e}" for t in tables_for(smoke_config["report"]) for e in TABLE_FORMATS}
+                | {f"figures/{f.name}.{e}" for f in figures_for({"slowdown"}, {"simulated parallel"}) for e in FIGURE_FORMATS})
+    assert expected == parent_files and {"figures/acc_vs_slowdown.png", "tables/claims.csv", "tables/claims.html"} <= expected
+    # its description: the experiment, its grid, the main table and the claims checked; each table as an MLflow table too
     description = parent.data.tags["mlflow.note.content"]
     assert "**smoke**" in description and "seeds 0, 1" in description
-    assert (workdir / "results/tables/main.md").read_text().strip() in description
-    assert "main_table.json" in {f.path for f in client.list_artifacts(parent.info.run_id)}
+    for name in ("main", "claims"):
+        assert (workdir / f"results/tables/{name}.md").read_text().strip() in description
+    assert {"main_table.json", "claims_table.json"} <= {f.path for f in client.list_artifacts(parent.info.run_id)}
+    # a verdict for every claim of the config, from both seeds, paired; the main table's cells with their intervals
+    claims = pd.read_csv(workdir / "results/tables/claims.csv")
+    assert list(claims["claim"]) == [c["claim"] for c in smoke_config["report"]["claims"]]
+    assert set(claims["verdict"]) <= {"holds", "fails", "undecided"} and claims["paired"].all() and (claims["n"] == 2).all()
+    assert (claims["ci_low"] < claims["estimate"]).all() and (claims["estimate"] < claims["ci_high"]).all()
+    main = pd.read_csv(workdir / "results/tables/main.csv")
+    assert main["sync_ci95"].notna().all() and "mean ± 95% CI, n=2" in (workdir / "results/tables/main.md").read_text()
     # the UI's command and links, again when the workflow ends
     end = result.stderr[result.stderr.rindex("MLflow parent run"):]
     assert f"mlflow ui --backend-store-uri sqlite:///results/mlflow/mlflow.db" in end
@@ -286,6 +297,17 @@ def test_unknown_method_stops_before_any_job(tmp_path):
     result = snakemake(tmp_path, configfile=tmp_path / "bad.yaml", snakefile=REPO / "Snakefile")
     assert result.returncode != 0
     assert "unknown method 'dgll' (known: backprop, cdni, ddg, dgl, dni, fdg, gn_dgl)" in result.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_claim_the_grid_cannot_evaluate_stops_before_any_job(tmp_path):
+    cfg = yaml.safe_load((REPO / "config/smoke.yaml").read_text())
+    cfg["report"]["claims"].append({"claim": "FDG beats DDG at K=4", "source": "a paper", "a": {"method": "fdg", "K": 4}, "b": {"method": "ddg", "K": 4}})
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
+    result = snakemake(tmp_path, configfile=tmp_path / "bad.yaml", snakefile=REPO / "Snakefile")
+    assert result.returncode != 0
+    where = len(cfg["report"]["claims"]) - 1
+    assert f"config key 'report.claims[{where}]' (\"FDG beats DDG at K=4\"): a: the grid has no run of fdg sync at K=4 (its K: 2)" in result.stderr
     assert not (tmp_path / "results").exists()
 
 

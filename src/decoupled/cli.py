@@ -25,11 +25,15 @@ def _json_arg(text: str, what: str):
 
 
 def _experiment_config(args) -> dict:
-    from decoupled import config
+    """The experiment config of ``--config-json`` or ``--config``, validated, its claims too."""
+    from decoupled import claims, config
 
     if getattr(args, "config_json", None) is not None:
-        return config.validate(_json_arg(args.config_json, "--config-json"))
-    return config.load(args.config)
+        described = config.validate(_json_arg(args.config_json, "--config-json"))
+    else:
+        described = config.load(args.config)
+    claims.of(described)  # a claim its grid cannot evaluate is refused before anything runs
+    return described
 
 
 def _tracking(path: str | None) -> dict | None:
@@ -207,6 +211,7 @@ def _evaluate_run(run_dir: Path, data) -> tuple[dict, dict]:
 
 
 def cmd_report(args) -> None:
+    from decoupled import claims, grid
     from decoupled.report import DEFAULT_TARGET_ACCURACY, build_report
     from decoupled.rundir import make_again
 
@@ -215,7 +220,9 @@ def cmd_report(args) -> None:
     described = _experiment_config(args) if args.config_json is not None else None
     left_out: list[tuple[Path, str]] = []
     written = build_report([Path(r) for r in args.runs], Path(args.tables), Path(args.figures), target,
-                           described["report"] if described is not None else None, left_out)
+                           described["report"] if described is not None else None, left_out,
+                           claims.of(described) if described is not None else None,
+                           {(key.method, key.mode) for key in grid.runs(described)} if described is not None else None)
     for damaged, why in left_out:  # one damaged run: the others are reported
         print(f"decoupled: warning: {why}; {make_again(damaged)}", file=sys.stderr)
     experiment = _tracking(args.tracking)
@@ -228,7 +235,7 @@ def cmd_report(args) -> None:
             skipped = {damaged.parent for damaged, _ in left_out}
             children = [read_json(Path(r) / "metrics.json")["mlflow_run_id"] for r in args.runs if Path(r) not in skipped]
             parent_id = parent_for(experiment, described, children)
-        describe_parent(experiment, parent_id or experiment["parent_run_id"], described, Path(args.tables) / "main.csv", Path(args.tables) / "main.md")
+        describe_parent(experiment, parent_id or experiment["parent_run_id"], described, Path(args.tables))
         log_to_parent(experiment, written, parent_id=parent_id)
     for path in written:
         print(f"wrote {path}", file=sys.stderr)

@@ -10,7 +10,8 @@ read statically so that no torch is needed (Snakemake's environment may lack it)
   shared file imports one, and ``fdg.py`` counts for FDG through its ``import`` of ``ddg.py``;
 * every engine's files count for every job: the engine registry imports them by name, from
   their ``SPEC``s;
-* the report package is left out: it is an input of the report rule, which alone re-runs.
+* the report package and the claims check are left out: they are inputs of the report rule,
+  which alone re-runs.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from pathlib import Path
 
 PACKAGE = "decoupled"
 ROOT = Path(__file__).resolve().parent  # src/decoupled
-NOT_TRAINING = ("decoupled.report",)  # modules whose code only the report runs
+# modules whose code never changes what a training job computes: the report's, and the claims'
+# check that reading an experiment config runs (a job never reads report.claims)
+NOT_TRAINING = ("decoupled.report", "decoupled.claims")
 
 
 def module_file(name: str) -> Path | None:

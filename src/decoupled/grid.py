@@ -168,6 +168,12 @@ def variants(config: dict[str, Any], method: str, mode: str) -> dict[str, dict[s
     return dict(_combine(combo) for combo in combos)
 
 
+def base_variant(config: dict[str, Any], method: str, mode: str) -> str:
+    """The variant of ``method``'s runs in ``mode`` that has every swept setting at its base (the
+    config's own value, after the method's overrides): its reference runs."""
+    return _combine([base for base, _ in _axes(_with_overrides(config, method), method, mode)])[0]
+
+
 def _points(config: dict[str, Any], method: str, mode: str) -> list[tuple[int, str]]:
     """The (K, variant) pairs to run: all combinations, or one axis at a time around the base."""
     Ks = config["grid"]["K"]

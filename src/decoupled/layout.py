@@ -24,14 +24,15 @@ class Output(NamedTuple):
     subcategory: str  # its group under "Tables" or "Figures" in the report
     writer: str | None = None  # a figure's plot function (decoupled.report.figures)
     sweeps: str | None = None  # a figure's swept axis: written only when some run varies it
-    published: bool = False  # a table written only when the config lists published numbers (report.published)
+    needs: str | None = None  # a table written only when the config's report lists these (report.published, report.claims)
     clock: str | None = None  # a time figure's clock (an engine's ``clock``): written only when some run's engine keeps it
 
 
 TABLES = [
     Output("summary", "summary", "Summary table"),
     Output("main", "main", "Main table"),
-    Output("paper_vs_ours", "paper vs ours", "Reproduction", published=True),
+    Output("claims", "claims checked", "Claims", needs="claims"),
+    Output("paper_vs_ours", "paper vs ours", "Reproduction", needs="published"),
 ]
 FIGURES = [
     Output("test_acc_vs_epoch", "test accuracy vs epoch", "Learning curves", "plot_accuracy_vs_epoch"),
@@ -53,9 +54,10 @@ TABLE_FORMATS = ["csv", "md", "tex", "html"]
 FIGURE_FORMATS = ["png", "pdf"]
 
 
-def tables_for(published: bool) -> list[Output]:
-    """The tables of an experiment: the reproduction table only with published numbers to compare."""
-    return [t for t in TABLES if published or not t.published]
+def tables_for(report: dict) -> list[Output]:
+    """The tables of an experiment whose config's ``report`` section is ``report``: the claims
+    table only with claims to check, the reproduction table only with published numbers."""
+    return [t for t in TABLES if t.needs is None or report.get(t.needs)]
 
 
 def figures_for(swept: Iterable[str], clocks: Iterable[str]) -> list[Output]:

@@ -334,9 +334,9 @@ def job_digest(job: dict) -> str:
     return digest(job)
 
 
-def parent_description(described: dict | None, main_table: str | None = None) -> str:
+def parent_description(described: dict | None, main_table: str | None = None, claims_table: str | None = None) -> str:
     """The parent run's description (Markdown, the UI's run page): the experiment, its grid,
-    and once the report has run its main table."""
+    and once the report has run its main table and the claims checked."""
     if described is None:
         return "The parent run of this experiment's training runs (made without its config)."
     grid = described["grid"]
@@ -352,24 +352,36 @@ def parent_description(described: dict | None, main_table: str | None = None) ->
     ]
     if main_table is not None:
         lines += ["", "**Main table** (the report's `tables/main.md`; as an MLflow table, `main_table.json`):", "", main_table.strip()]
+    if claims_table is not None:
+        lines += ["", "**Claims checked** (the report's `tables/claims.md`; as an MLflow table, `claims_table.json`):", "", claims_table.strip()]
     return "\n".join(lines)
 
 
-def describe_parent(experiment: dict[str, str], parent_id: str, described: dict | None, main_csv: Path | None, main_md: Path | None) -> None:
-    """The report's main table on the parent run: in its description, and as an MLflow table."""
+# The report's tables that the parent run shows: in its description and as MLflow tables.
+PARENT_TABLES = ("main", "claims")
+
+
+def describe_parent(experiment: dict[str, str], parent_id: str, described: dict | None, tables_dir: Path) -> None:
+    """The report's main table and claims table (where the config has claims) on the parent run:
+    in its description, and each as an MLflow table (``{name}_table.json``)."""
     import pandas as pd
     from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
-
     from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
     client = _client(experiment["tracking_uri"])
-    table = main_md.read_text() if main_md is not None and main_md.is_file() else None
-    description = parent_description(described, table)
-    if len(description) > MAX_TAG_VAL_LENGTH:  # a note is a tag: a wide table goes to main_table.json alone
-        description = parent_description(described, "(too long for a run's description: see `main_table.json` and the artifact `tables/main.html`)")
+    # a claims table from an earlier config's report may lie there: only this config's counts
+    shown = [name for name in PARENT_TABLES if name != "claims" or (described or {}).get("report", {}).get("claims")]
+    texts = {name: (tables_dir / f"{name}.md").read_text() if name in shown and (tables_dir / f"{name}.md").is_file() else None
+             for name in PARENT_TABLES}
+    description = parent_description(described, texts["main"], texts["claims"])
+    if len(description) > MAX_TAG_VAL_LENGTH:  # a note is a tag: wide tables go to their MLflow tables alone
+        description = parent_description(described, *(
+            None if texts[name] is None else f"(too long for a run's description: see `{name}_table.json` and the artifact `tables/{name}.html`)"
+            for name in PARENT_TABLES))
     client.set_tag(parent_id, MLFLOW_RUN_NOTE, description)
-    if main_csv is not None and main_csv.is_file():
-        client.log_table(parent_id, data=pd.read_csv(main_csv), artifact_file="main_table.json")
+    for name in shown:
+        if (tables_dir / f"{name}.csv").is_file():
+            client.log_table(parent_id, data=pd.read_csv(tables_dir / f"{name}.csv"), artifact_file=f"{name}_table.json")
 
 
 def _new_parent(client, experiment_id: str, name: str, described: dict | None, command: str) -> str:

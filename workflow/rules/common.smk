@@ -16,6 +16,7 @@ from snakemake.utils import validate
 REPO = Path(workflow.basedir)
 sys.path.insert(0, str(REPO / "src"))
 
+from decoupled import claims as decoupled_claims  # noqa: E402
 from decoupled import engines as decoupled_engines  # noqa: E402
 from decoupled import grid as decoupled_grid  # noqa: E402
 from decoupled import rundir as decoupled_rundir  # noqa: E402
@@ -73,6 +74,7 @@ try:
     RUNS = decoupled_grid.runs(config)
     SWEPT = decoupled_grid.swept_axes(config)  # the axes some run varies: their sweep figures
     CLOCKS = decoupled_grid.clocks(config)  # the clocks of its engines: their time figures
+    decoupled_claims.of(config)  # a claim (report.claims) the grid cannot evaluate is refused now
 except UserError as e:
     raise WorkflowError(str(e)) from None
 
@@ -108,7 +110,7 @@ if TRACKING_URI.startswith("sqlite:///") and Path(TRACKING).is_file():
     except UserError as e:
         raise WorkflowError(str(e)) from None
 RUN_DIR = f"{RESULTS}/runs/{{method}}/{{mode}}/K{{K}}/{{variant}}/seed{{seed}}"
-PLOT_CODE = sorted(str(p) for p in (REPO / "src/decoupled/report").glob("*.py"))
+PLOT_CODE = sorted([str(p) for p in (REPO / "src/decoupled/report").glob("*.py")] + [str(REPO / "src/decoupled/claims.py")])
 
 
 wildcard_constraints:
@@ -180,7 +182,7 @@ def config_digest():
 
 
 def report_tables():
-    tables = tables_for(bool(config["report"]["published"]))
+    tables = tables_for(config["report"])
     return [f"{RESULTS}/tables/{table.name}.{ext}" for table in tables for ext in TABLE_FORMATS]
 
 

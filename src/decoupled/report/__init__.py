@@ -60,14 +60,17 @@ _STALENESS = ["input_staleness", "grad_staleness"]
 
 def build_report(run_dirs: Iterable[Path], tables_dir: Path, figures_dir: Path,
                  target_accuracy: float = DEFAULT_TARGET_ACCURACY, report_cfg: dict | None = None,
-                 left_out: list[tuple[Path, str]] | None = None) -> list[Path]:
+                 left_out: list[tuple[Path, str]] | None = None, claims: list | None = None,
+                 planned: set[tuple[str, str]] | None = None) -> list[Path]:
     """Load the runs, write every table and the figures they have data for (``layout``: a
     sweep figure only when some run varies its axis); return every path written.
 
     ``target_accuracy`` (a fraction) is the test accuracy whose time to reach the tables give
     and the wall-time figure marks. ``report_cfg`` (the config's ``report``): with
-    ``published`` numbers, the reproduction table ``paper_vs_ours`` too. ``left_out``: see
-    ``load_runs``.
+    ``published`` numbers, the reproduction table ``paper_vs_ours`` too. ``claims`` (the
+    config's, resolved: ``decoupled.claims.of``): the claims table, each checked from the runs.
+    ``planned``: the experiment's (method, mode) pairs, so that the main table tells a mode it
+    does not run from one not yet run. ``left_out``: see ``load_runs``.
     """
     # Imported here so that loading runs (e.g. from a notebook) never touches matplotlib or
     # switches its backend.
@@ -79,7 +82,11 @@ def build_report(run_dirs: Iterable[Path], tables_dir: Path, figures_dir: Path,
     runs_df = add_time_to_accuracy(runs_df, epochs_df, target_accuracy)
     tables_dir, figures_dir = Path(tables_dir), Path(figures_dir)
     written = tables.write_summary(tables.summary(runs_df), tables_dir)
-    written += tables.write_main(tables.main_table(runs_df), tables_dir)
+    written += tables.write_main(tables.main_table(runs_df), tables_dir, planned)
+    if claims:
+        from decoupled.report import verdicts
+
+        written += verdicts.write(verdicts.evaluate(runs_df, claims), tables_dir)
     if report_cfg and report_cfg.get("published"):
         reproduction = tables.paper_vs_ours(runs_df, report_cfg["published"], report_cfg.get("reduced_run", False))
         written += tables.write_paper_vs_ours(reproduction, tables_dir)
