@@ -135,10 +135,12 @@ def test_mlflow_runs(smoke):
     for name in ("main", "claims"):
         assert (workdir / f"results/tables/{name}.md").read_text().strip() in description
     assert {"main_table.json", "claims_table.json"} <= {f.path for f in client.list_artifacts(parent.info.run_id)}
+    verdicts = {name: parent.data.metrics[f"claims/{name}"] for name in ("holds", "fails", "undecided")}
     # a verdict for every claim of the config, from both seeds, paired; the main table's cells with their intervals
     claims = pd.read_csv(workdir / "results/tables/claims.csv")
     assert list(claims["claim"]) == [c["claim"] for c in smoke_config["report"]["claims"]]
     assert set(claims["verdict"]) <= {"holds", "fails", "undecided"} and claims["paired"].all() and (claims["n"] == 2).all()
+    assert verdicts == {name: float((claims["verdict"] == name).sum()) for name in verdicts}
     assert (claims["ci_low"] < claims["estimate"]).all() and (claims["estimate"] < claims["ci_high"]).all()
     main = pd.read_csv(workdir / "results/tables/main.csv")
     assert main["sync_ci95"].notna().all() and "mean ± 95% CI, n=2" in (workdir / "results/tables/main.md").read_text()

@@ -22,6 +22,11 @@ from decoupled import grid
 from decoupled.errors import UserError
 
 
+# What the report can say of a claim at the runs' seeds (decoupled.report.intervals.verdict).
+HOLDS, FAILS, UNDECIDED = "holds", "fails", "undecided"
+VERDICTS = (HOLDS, FAILS, UNDECIDED)
+
+
 @dataclass(frozen=True)
 class Side:
     """The runs of one method in one mode at one K and variant, one per seed of the grid."""

@@ -363,7 +363,8 @@ PARENT_TABLES = ("main", "claims")
 
 def describe_parent(experiment: dict[str, str], parent_id: str, described: dict | None, tables_dir: Path) -> None:
     """The report's main table and claims table (where the config has claims) on the parent run:
-    in its description, and each as an MLflow table (``{name}_table.json``)."""
+    in its description, and each as an MLflow table (``{name}_table.json``); how many claims
+    hold, fail and are undecided as its metrics ``claims/{verdict}``."""
     import pandas as pd
     from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
     from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
@@ -382,6 +383,12 @@ def describe_parent(experiment: dict[str, str], parent_id: str, described: dict 
     for name in shown:
         if (tables_dir / f"{name}.csv").is_file():
             client.log_table(parent_id, data=pd.read_csv(tables_dir / f"{name}.csv"), artifact_file=f"{name}_table.json")
+    if "claims" in shown and (tables_dir / "claims.csv").is_file():  # the verdicts at a glance: the run's metrics
+        counts = pd.read_csv(tables_dir / "claims.csv")["verdict"].value_counts()
+        from decoupled.claims import VERDICTS
+
+        for verdict in VERDICTS:
+            client.log_metric(parent_id, f"claims/{verdict}", int(counts.get(verdict, 0)))
 
 
 def _new_parent(client, experiment_id: str, name: str, described: dict | None, command: str) -> str:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
+from decoupled.claims import FAILS, HOLDS, UNDECIDED
+
 LEVEL = 0.95  # of every interval in the report
 POWER = 0.8  # of the seeds-needed count: the chance that that many seeds decide
 MAX_SEEDS = 10_000  # beyond it, the seeds needed are reported as more than this
@@ -68,8 +70,6 @@ def difference(a: dict[int, float], b: dict[int, float]) -> Difference:
     return Difference(mean, mean - half, mean + half, False, len(x) + len(y), spread)
 
 
-HOLDS, FAILS, UNDECIDED = "holds", "fails", "undecided"
-VERDICTS = (HOLDS, FAILS, UNDECIDED)
 
 
 def verdict(diff: Difference, threshold: float) -> str:

@@ -25,6 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from decoupled import methods
+from decoupled.claims import VERDICTS
 from decoupled.files import write_text
 from decoupled.layout import TABLE_FORMATS
 from decoupled.report import ONE_PROCESS, SIMULATED_PARALLEL, WALL_CLOCK, intervals, method_of, method_rank, mode_rank
@@ -57,7 +58,7 @@ MARKS = {
     NOT_REACHED: "no seed reached the target test accuracy",
     NOT_RECORDED: "not in the runs' metrics.json (written before it was counted)",
     NO_RUN: "the method has this mode, but no run of it is on disk",
-    NOT_IN_GRID: "the method has this mode, but the experiment does not run it (its grid.modes, or overrides.<method>.grid.modes)",
+    NOT_IN_GRID: "the method has this mode, but the experiment does not run it (grid.modes, or the method's own under overrides: grid.modes)",
     PER_BOUNDARY: "the boundaries send different bits per activation (model.quantize per boundary)",
 }
 # What each clock's seconds measure (decoupled.report: a run's clock).
@@ -313,7 +314,7 @@ def _html(title: str, display: pd.DataFrame, align: list[str], notes: list[str])
     wrap at their spaces, so that a wide table fits the window where it can (and scrolls where
     not), but never inside a number and its spread or a mark."""
     def cell(text: str, side: str) -> str:
-        kind = "mark" if text in MARKS else text if text in intervals.VERDICTS else side
+        kind = "mark" if text in MARKS else text if text in VERDICTS else side
         return f'<td class="{kind}">{_escape(text).replace(PM, "&nbsp;±&nbsp;")}</td>'
 
     head = "".join(f"<th>{_escape(c)}</th>" for c in display.columns)
