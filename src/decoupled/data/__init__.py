@@ -1,8 +1,9 @@
 """Datasets: read the raw files, check them, and store them once as tensors.
 
 Experiments must be reproducible from the data as published, so each dataset is read from its
-real raw format (``fashion_mnist.py``: IDX; ``cifar10.py``: the pickled batches), and files
-whose checksum differs from the known one are refused. ``prepare`` then writes a single
+real raw format (``fashion_mnist.py``: IDX; ``cifar10.py``, ``cifar100.py``: the pickled batches;
+``imagenet32.py``: downsampled ImageNet's batches, in the same layout), and files whose checksum
+differs from the known one are refused (ImageNet32 has none published: see its module). ``prepare`` then writes a single
 ``torch.save`` file per dataset (optionally a class-balanced subset), and ``load_prepared``
 (``prepared.py``) turns it into normalized float tensors that training keeps in memory.
 Adding a dataset = a file here with its ``SPEC`` + a row in ``DATASETS`` + its name in the schema.
@@ -15,20 +16,25 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from decoupled.data import cifar10, fashion_mnist
+from decoupled.data import cifar10, cifar100, fashion_mnist, imagenet32
 from decoupled.data.cifar10 import CIFAR10_CLASSES, CIFAR10_DIR_NAME, CIFAR10_MD5, read_cifar10, read_cifar_batch
+from decoupled.data.cifar100 import CIFAR100_CLASSES, CIFAR100_DIR_NAME, CIFAR100_MD5, read_cifar100
 from decoupled.data.fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_SHA256, read_fashion_mnist, read_idx
+from decoupled.data.imagenet32 import IMAGENET32_CLASSES, read_imagenet32
 from decoupled.data.prepared import Dataset, balanced_subset, channel_stats, load_prepared
 from decoupled.data.raw import DatasetSpec, RawData
 from decoupled.errors import UserError
 from decoupled.files import save_torch
 
 DEFAULT_DOWNLOAD_DIR = "results/data/downloads"
-DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (fashion_mnist.SPEC, cifar10.SPEC)}
+DATASETS: dict[str, DatasetSpec] = {
+    spec.name: spec for spec in (fashion_mnist.SPEC, cifar10.SPEC, cifar100.SPEC, imagenet32.SPEC)
+}
 
-__all__ = ["CIFAR10_CLASSES", "CIFAR10_DIR_NAME", "CIFAR10_MD5", "DATASETS", "DEFAULT_DOWNLOAD_DIR", "FASHION_MNIST_CLASSES",
-           "FASHION_MNIST_SHA256", "Dataset", "DatasetSpec", "RawData", "balanced_subset", "channel_stats", "dataset_spec",
-           "load_prepared", "prepare", "read_cifar10", "read_cifar_batch", "read_fashion_mnist", "read_idx", "read_raw"]
+__all__ = ["CIFAR100_CLASSES", "CIFAR100_DIR_NAME", "CIFAR100_MD5", "CIFAR10_CLASSES", "CIFAR10_DIR_NAME", "CIFAR10_MD5",
+           "DATASETS", "DEFAULT_DOWNLOAD_DIR", "FASHION_MNIST_CLASSES", "FASHION_MNIST_SHA256", "IMAGENET32_CLASSES", "Dataset",
+           "DatasetSpec", "RawData", "balanced_subset", "channel_stats", "dataset_spec", "load_prepared", "prepare",
+           "read_cifar10", "read_cifar100", "read_cifar_batch", "read_fashion_mnist", "read_idx", "read_imagenet32", "read_raw"]
 
 
 def read_raw(

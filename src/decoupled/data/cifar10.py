@@ -1,5 +1,7 @@
 """CIFAR-10: the python version's five pickled training batches and its test batch, each checked
-against its md5 before it is unpickled."""
+against its md5 before it is unpickled. The batch layout (a dict holding a uint8 (N, 3072) array
+and its labels) is shared with CIFAR-100 and downsampled ImageNet, whose readers use the
+helpers here."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from decoupled.data.raw import DatasetSpec, RawData, check_digest, check_labels, existing_dir, expected, first_line, read_bytes
+from decoupled.data.raw import DatasetSpec, RawData, check_digest, existing_dir, expected, first_line, read_bytes
 from decoupled.data.raw import download as fetch
 from decoupled.errors import UserError
 
@@ -72,36 +74,72 @@ def read_cifar10(
     return RawData(train_x, train_y, test_x, test_y, list(CIFAR10_CLASSES), str(directory))
 
 
-def read_cifar_batch(path: str | Path, *, expected_md5: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def read_cifar_batch(
+    path: str | Path,
+    *,
+    expected_md5: str | None = None,
+    label_key: bytes = b"labels",
+    num_classes: int = len(CIFAR10_CLASSES),
+) -> tuple[np.ndarray, np.ndarray]:
     """One pickled batch -> (uint8 images (N, 3, 32, 32), int64 labels (N,)).
 
     The checksum is checked *before* unpickling because unpickling can run arbitrary code;
-    with ``expected_md5=None`` the caller trusts the file.
+    with ``expected_md5=None`` the caller trusts the file. ``label_key`` picks the labels
+    (CIFAR-100's batches hold b'fine_labels' and b'coarse_labels').
     """
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"missing dataset file: {path}")
-    content = read_bytes(path)
+    content = read_batch_file(path)
     if expected_md5 is not None:
         check_digest(path, "md5 of the file", hashlib.md5(content).hexdigest(), expected_md5)
+    batch = unpickle(path, content, encoding="bytes")  # the batches were pickled by Python 2
+    return batch_arrays(batch, path, data_key=b"data", label_key=label_key, num_classes=num_classes)
+
+
+def read_batch_file(path: Path) -> bytes:
+    if not path.is_file():
+        raise UserError(f"missing dataset file: {path}")
+    return read_bytes(path)
+
+
+def unpickle(path: Path, content: bytes, *, encoding: str = "ASCII") -> object:
+    """Unpickle a file's bytes; only for bytes whose checksum was checked, or that are trusted."""
     try:
-        batch = pickle.loads(content, encoding="bytes")  # the batches were pickled by Python 2
+        return pickle.loads(content, encoding=encoding)
     except Exception as e:  # a damaged pickle can fail in many ways
         raise UserError(f"{path} is corrupt: cannot unpickle it ({type(e).__name__}: {first_line(e)})") from None
-    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
-        raise UserError(f"{path} is corrupt: not a CIFAR batch (a dict with b'data' and b'labels')")
-    data = batch[b"data"]
+
+
+def batch_arrays(
+    batch: object,
+    path: Path,
+    *,
+    data_key: bytes | str,
+    label_key: bytes | str,
+    num_classes: int,
+    first_label: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A batch dict in the CIFAR layout -> (uint8 images (N, 3, 32, 32), int64 labels 0.. (N,)).
+
+    The layout CIFAR-10, CIFAR-100 and downsampled ImageNet share: ``data_key`` a uint8
+    (N, 3072) array, ``label_key`` N integers from ``first_label`` (ImageNet32 counts from 1);
+    the labels returned count from 0.
+    """
+    if not isinstance(batch, Mapping) or data_key not in batch or label_key not in batch:
+        raise UserError(f"{path} is corrupt: not an image batch (a dict with {data_key!r} and {label_key!r})")
+    data = batch[data_key]
     if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3 * 32 * 32):
-        raise UserError(f"{path} is corrupt: b'data' is not a uint8 array of shape (N, 3072)")
+        raise UserError(f"{path} is corrupt: {data_key!r} is not a uint8 array of shape (N, 3072)")
     try:
-        labels = np.asarray(batch[b"labels"], dtype=np.int64)
-    except (TypeError, ValueError):
-        raise UserError(f"{path} is corrupt: b'labels' is not a list of integers") from None
+        labels = np.asarray(batch[label_key], dtype=np.int64)
+    except (TypeError, ValueError, OverflowError):
+        raise UserError(f"{path} is corrupt: {label_key!r} is not a list of integers") from None
     if labels.shape != (len(data),):
         raise UserError(f"{path} is corrupt: {len(data)} images but {labels.size} labels")
-    check_labels(labels, len(CIFAR10_CLASSES), path)
+    last = first_label + num_classes - 1
+    if labels.size and (labels.min() < first_label or labels.max() > last):
+        raise UserError(f"{path} is corrupt: labels range {labels.min()}..{labels.max()}, expected {first_label}..{last}")
     # rows are stored channel-major (1024 red, 1024 green, 1024 blue), so this is (N, C, H, W)
-    return data.reshape(-1, 3, 32, 32), labels
+    return data.reshape(-1, 3, 32, 32), labels - first_label
 
 
 SPEC = DatasetSpec("cifar10", CIFAR10_CLASSES, locate_cifar10, read_cifar10)
