@@ -8,16 +8,19 @@ engine (one GPU: the distributed engine wants a GPU per worker), and trained in 
 GPU box without the package's other dependencies can be given). A thread reads the GPU's
 utilisation and memory from ``nvidia-smi`` every ``--sample-s`` seconds meanwhile.
 
-Data: CIFAR-10 from ``--cifar-root`` where a copy is at hand (read and checked as the pipeline
-reads it), else a stand-in of CIFAR-10's shape made from Fashion-MNIST (``--fashion-mnist-root``,
-default Debian's folder, or a copy carried to the GPU box): each 28x28 image zero-padded to
-32x32 and its one channel repeated to 3, with Fashion-MNIST's labels and split. The JSON says
-which (``data``); the stand-in's accuracies are Fashion-MNIST's, not CIFAR-10's.
+Data: ``--dataset`` (cifar10, cifar100 or imagenet32, default cifar10) from ``--data-root``
+(``--cifar-root``: the same) where a copy is at hand, read and checked as the pipeline reads it
+(ImageNet32 has no published checksums: ``--no-verify-checksums``), else a stand-in of CIFAR's
+shape made from Fashion-MNIST (``--fashion-mnist-root``, default Debian's folder, or a copy
+carried to the GPU box): each 28x28 image zero-padded to 32x32 and its one channel repeated to
+3, with Fashion-MNIST's labels and split. The JSON says which (``data``); the stand-in's
+accuracies are Fashion-MNIST's, not the dataset's.
 
     python benchmarks/gpu_check.py [--config config/paper/fdg_resnet56.yaml] [--epochs 2]
         [--methods backprop,dgl,ddg,fdg] [--K 2] [--seeds 0] [--device cuda]
         [--precision fp32|bf16] [--memory-format contiguous|channels_last]
-        [--cifar-root DIR | --fashion-mnist-root DIR] [--subset-per-class N] [--out FILE]
+        [--dataset cifar10|cifar100|imagenet32 --data-root DIR [--no-verify-checksums] | --fashion-mnist-root DIR]
+        [--subset-per-class N] [--out FILE]
 
 Writes results/benchmarks/gpu_check.json (``--out``): per job its images/s in every epoch (the
 first pays cuDNN's autotuning and the first kernels' loading), its last test accuracy, and the
@@ -50,20 +53,26 @@ from decoupled.files import write_json  # noqa: E402
 from decoupled.train import fit  # noqa: E402
 
 
-def dataset(cifar_root: str | None, fashion_mnist_root: str | None, subset_per_class: int | None) -> tuple[Dataset, dict]:
-    """CIFAR-10 from ``cifar_root``; without one, Fashion-MNIST in CIFAR-10's shape (28x28
-    zero-padded to 32x32, its one channel repeated to 3). Normalized as ``load_prepared`` does."""
-    raw = read_raw("cifar10", cifar_root) if cifar_root else read_raw("fashion_mnist", fashion_mnist_root)
-    shaped = (lambda x: x) if cifar_root else (lambda x: F.pad(x, (2, 2, 2, 2)).repeat(1, 3, 1, 1))  # noqa: E731
+# what the JSON calls each dataset read from --data-root
+ABOUT = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100 (fine labels)", "imagenet32": "ImageNet32 (downsampled ImageNet 32x32)"}
+
+
+def dataset(data_root: str | None, fashion_mnist_root: str | None, subset_per_class: int | None, name: str = "cifar10",
+            verify_checksums: bool = True) -> tuple[Dataset, dict]:
+    """Dataset ``name`` (of ``ABOUT``: 32x32 colour images) from ``data_root``; without one,
+    Fashion-MNIST in their shape (28x28 zero-padded to 32x32, its one channel repeated to 3).
+    Normalized as ``load_prepared`` does."""
+    raw = read_raw(name, data_root, verify_checksums=verify_checksums) if data_root else read_raw("fashion_mnist", fashion_mnist_root)
+    shaped = (lambda x: x) if data_root else (lambda x: F.pad(x, (2, 2, 2, 2)).repeat(1, 3, 1, 1))  # noqa: E731
     x_train, y_train = raw.train_x, raw.train_y
     if subset_per_class is not None:
         x_train, y_train = balanced_subset(x_train, y_train, subset_per_class)
     x_train, x_test = shaped(x_train), shaped(raw.test_x)
     mean, std = channel_stats(x_train)
     train = normalize(x_train, mean, std)
-    name = "cifar10" if cifar_root else "fashion_mnist_cifar_shaped"
+    name = name if data_root else "fashion_mnist_cifar_shaped"
     data = Dataset(train, y_train.long(), normalize(x_test, mean, std), raw.test_y.long(), list(raw.classes), len(raw.classes), train.shape[1], train.shape[2], name)
-    about = "CIFAR-10" if cifar_root else "Fashion-MNIST zero-padded to 32x32, its channel repeated to 3 (a stand-in for CIFAR-10)"
+    about = ABOUT[name] if data_root else "Fashion-MNIST zero-padded to 32x32, its channel repeated to 3 (a stand-in for CIFAR's shape)"
     return data, {"name": about, "source": raw.source}
 
 
@@ -102,7 +111,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--precision", choices=["fp32", "bf16"], help="train.precision (default: the config's)")
     parser.add_argument("--memory-format", choices=["contiguous", "channels_last"], help="train.memory_format (default: the config's)")
-    parser.add_argument("--cifar-root", help="a cifar-10-batches-py folder or its parent")
+    parser.add_argument("--dataset", choices=sorted(ABOUT), default="cifar10", help="what --data-root holds")
+    parser.add_argument("--data-root", "--cifar-root", dest="data_root",
+                        help="the dataset's folder (cifar-10-batches-py, cifar-100-python, ImageNet32's batches) or its parent")
+    parser.add_argument("--no-verify-checksums", action="store_true", help="read files without a known checksum (ImageNet32: none is published)")
     parser.add_argument("--fashion-mnist-root", help="Fashion-MNIST's IDX files (default: Debian's folder), for the stand-in")
     parser.add_argument("--subset-per-class", type=int, help="fewer training images per class (a quick look)")
     parser.add_argument("--sample-s", type=float, default=0.2)
@@ -113,7 +125,7 @@ def main() -> None:
     train = {"epochs": args.epochs, "device": args.device, "threads": torch.get_num_threads() if args.device == "cpu" else 1}
     train.update({k: v for k, v in (("precision", args.precision), ("memory_format", args.memory_format)) if v is not None})
     cfg = config.validate(config.deep_merge(config.load(REPO / args.config), {"engine": "simulated", "train": train}))
-    data, about = dataset(args.cifar_root, args.fashion_mnist_root, args.subset_per_class)
+    data, about = dataset(args.data_root, args.fashion_mnist_root, args.subset_per_class, args.dataset, not args.no_verify_checksums)
     Ks, seeds = split(args.K), split(args.seeds)
     todo = jobs(cfg, split(args.methods), None if Ks is None else [int(k) for k in Ks], None if seeds is None else [int(s) for s in seeds])
     if not todo:

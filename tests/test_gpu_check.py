@@ -17,6 +17,8 @@ import torch
 
 from conftest import needs_fashion_mnist
 
+from decoupled.errors import UserError
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -77,3 +79,28 @@ def test_with_a_cifar_root_it_reads_cifar10_as_it_is(gpu_check, tmp_path, monkey
     # the test images keep their pixels' order: normalization is one increasing map per channel
     assert torch.equal(torch.argsort(data.test_x[3, 1].flatten(), stable=True), torch.argsort(torch.from_numpy(images[3, 1]).float().flatten(), stable=True))
     assert data.test_y.tolist() == labels
+
+
+def test_with_a_data_root_it_reads_cifar100_and_imagenet32_as_they_are(gpu_check, tmp_path, monkeypatch):
+    """--dataset cifar100 / imagenet32 with --data-root: their real formats (small files written
+    here), 100 and 1000 classes, ImageNet32's 1-indexed labels from 0, neither padded nor repeated."""
+    import functools
+
+    from decoupled.data import read_raw
+
+    from test_datasets_more import make_cifar100, make_imagenet32
+
+    md5s, arrays = make_cifar100(tmp_path / "c100")
+    monkeypatch.setattr(gpu_check, "read_raw", functools.partial(read_raw, checksums=md5s))
+    data, about = gpu_check.dataset(str(tmp_path / "c100"), None, None, "cifar100")
+    assert about["name"] == "CIFAR-100 (fine labels)" and data.name == "cifar100" and data.num_classes == 100
+    assert data.test_x.shape[1:] == (3, 32, 32) and data.test_y.tolist() == list(arrays["test"][1])
+
+    sha256s, arrays = make_imagenet32(tmp_path / "i32")
+    monkeypatch.setattr(gpu_check, "read_raw", functools.partial(read_raw, checksums=sha256s))
+    data, about = gpu_check.dataset(str(tmp_path / "i32"), None, None, "imagenet32")
+    assert data.name == "imagenet32" and data.num_classes == 1000 and data.test_y.tolist() == [label - 1 for label in arrays["val_data"][1]]
+    monkeypatch.setattr(gpu_check, "read_raw", read_raw)  # no checksum known: refused unless told to trust the files
+    with pytest.raises(UserError, match="no checksum known for .*val_data|no checksum known for .*train_data_batch_1"):
+        gpu_check.dataset(str(tmp_path / "i32"), None, None, "imagenet32")
+    assert gpu_check.dataset(str(tmp_path / "i32"), None, None, "imagenet32", verify_checksums=False)[0].num_classes == 1000
