@@ -36,7 +36,7 @@ def test_the_stand_in_is_fashion_mnist_padded_to_cifars_shape(gpu_check):
 
     data, about = gpu_check.dataset(None, None, 10)
     assert data.train_x.shape == (100, 3, 32, 32) and data.test_x.shape == (10000, 3, 32, 32) and data.num_classes == 10
-    assert "stand-in for CIFAR-10" in about["name"]
+    assert "stand-in for CIFAR" in about["name"]
     # one channel repeated, a 2-pixel frame of zeros (normalized) around the 28x28 image
     assert torch.equal(data.test_x[:, 0], data.test_x[:, 1]) and torch.equal(data.test_x[:, 0], data.test_x[:, 2])
     raw = read_raw("fashion_mnist", None)
