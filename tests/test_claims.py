@@ -67,6 +67,19 @@ def test_one_run_a_side_has_no_interval_and_decides_nothing():
     assert intervals.seeds_needed(40.0, diff.spread) is None
 
 
+def test_seeds_that_all_give_the_same_difference_measure_no_spread_and_decide_nothing():
+    """A coarse test set (200 images: accuracies in steps of half a point) can give two seeds
+    the same difference; a zero-width interval would call that certain."""
+    diff = intervals.difference({0: 80.0, 1: 90.0}, {0: 83.5, 1: 93.5})
+    assert diff.paired and diff.estimate == -3.5 and diff.spread == 0 and math.isnan(diff.low)
+    assert intervals.verdict(diff, -1.0) == intervals.UNDECIDED and intervals.seeds_needed(-2.5, 0.0) is None
+    row = verdicts.evaluate(_runs([("dgl", "async", 2, "S1_B4", s, a / 100) for s, a in ((0, 80.0), (1, 90.0))]
+                                  + [("dgl", "sync", 2, "default", s, a / 100) for s, a in ((0, 83.5), (1, 93.5))]),
+                            [_claim(("dgl", "async", 2, "S1_B4"), ("dgl", "sync", 2, "default"), margin=1.0)]).iloc[0]
+    assert row["verdict"] == intervals.UNDECIDED and row["spread"] == 0 and pd.isna(row["seeds_needed"])
+    assert verdicts._needed(row["verdict"], row["seeds_needed"], row).startswith("every seed gave the same difference")
+
+
 @pytest.mark.parametrize("effect, seeds", [(0.5, 34), (0.8, 15), (1.0, 10), (0.2, 199)])
 def test_seeds_needed_are_a_paired_t_tests_at_80_percent_power(effect, seeds):
     # G*Power, "difference between two dependent means (matched pairs)", two tails, α 0.05,

@@ -141,7 +141,10 @@ def test_mlflow_runs(smoke):
     assert list(claims["claim"]) == [c["claim"] for c in smoke_config["report"]["claims"]]
     assert set(claims["verdict"]) <= {"holds", "fails", "undecided"} and claims["paired"].all() and (claims["n"] == 2).all()
     assert verdicts == {name: float((claims["verdict"] == name).sum()) for name in verdicts}
-    assert (claims["ci_low"] < claims["estimate"]).all() and (claims["estimate"] < claims["ci_high"]).all()
+    # an interval where the seeds' differences spread (the smoke test set's 200 images can give both seeds the same one)
+    spread = claims["spread"] > 0
+    assert (claims["ci_low"] < claims["estimate"])[spread].all() and (claims["estimate"] < claims["ci_high"])[spread].all()
+    assert claims["ci_low"][~spread].isna().all() and (claims["verdict"][~spread] == "undecided").all()
     main = pd.read_csv(workdir / "results/tables/main.csv")
     assert main["sync_ci95"].notna().all() and "mean ± 95% CI, n=2" in (workdir / "results/tables/main.md").read_text()
     # the UI's command and links, again when the workflow ends

@@ -55,14 +55,16 @@ def difference(a: dict[int, float], b: dict[int, float]) -> Difference:
     if len(shared) >= 2:
         d = np.array([a[s] - b[s] for s in shared], dtype=float)
         mean, half = float(d.mean()), half_width(d)
+        if half == 0:  # every seed the same difference (a coarse test set): no spread measured, no interval
+            return Difference(mean, math.nan, math.nan, True, len(d), 0.0)
         return Difference(mean, mean - half, mean + half, True, len(d), float(d.std(ddof=1)))
     x, y = _finite(list(a.values())), _finite(list(b.values()))
     mean = float(x.mean() - y.mean()) if len(x) and len(y) else math.nan
     if len(x) < 2 or len(y) < 2:
         return Difference(mean, math.nan, math.nan, False, len(x) + len(y), math.nan)
     va, vb = x.var(ddof=1) / len(x), y.var(ddof=1) / len(y)
-    if va + vb == 0:
-        return Difference(mean, mean, mean, False, len(x) + len(y), 0.0)
+    if va + vb == 0:  # as above: identical runs on each side measure no spread
+        return Difference(mean, math.nan, math.nan, False, len(x) + len(y), 0.0)
     df = (va + vb) ** 2 / (va**2 / (len(x) - 1) + vb**2 / (len(y) - 1))  # Welch-Satterthwaite
     half = float(stats.t.ppf(0.5 + LEVEL / 2, df) * math.sqrt(va + vb))
     # one seed's difference, were the two runs independent: what a paired test would see at worst
@@ -74,7 +76,7 @@ def difference(a: dict[int, float], b: dict[int, float]) -> Difference:
 
 def verdict(diff: Difference, threshold: float) -> str:
     """holds: the interval of a − b lies above ``threshold``; fails: below it; undecided: it
-    contains it, or there is no interval."""
+    contains it, or there is no interval (NaN bounds compare false both ways)."""
     if diff.low > threshold:
         return HOLDS
     if diff.high < threshold:
@@ -88,12 +90,10 @@ def seeds_needed(gap: float, spread: float) -> int | None:
     difference lies ``gap`` from the threshold and one seed's difference has standard deviation
     ``spread``: the power is 1 − F(t(0.975, n − 1); n − 1, gap · √n / spread), F the noncentral
     t's distribution function. None: no number does (a gap of 0, or more than ``MAX_SEEDS``);
-    NaN input (one seed, no spread measured): None too."""
+    no spread measured (one seed, or seeds that all gave the same difference): None too."""
     gap = abs(gap)
-    if not (gap > 0 and spread >= 0) or math.isnan(spread):
+    if not (gap > 0 and spread > 0):  # NaN fails both comparisons
         return None
-    if spread == 0:
-        return 2
 
     def decides(n: int) -> bool:
         critical = stats.t.ppf(0.5 + LEVEL / 2, n - 1)

@@ -19,14 +19,15 @@ from decoupled.claims import Claim, Side
 from decoupled.report import intervals, method_of, tables
 
 COLUMNS = ["claim", "source", "statement", "a", "b", "margin", "seeds_a", "seeds_b", "paired", "n", "estimate", "ci_low", "ci_high",
-           "verdict", "seeds_needed"]
+           "spread", "verdict", "seeds_needed"]
 
 
 def evaluate(runs_df: pd.DataFrame, claims: list[Claim]) -> pd.DataFrame:
     """One row per claim: claim, source, statement (as tested), a and b (the sides' labels),
     margin, seeds_a and seeds_b (runs found), paired, n (pairs, or runs of both sides), estimate,
     ci_low and ci_high (a − b in points and its 95 % interval; NaN where a side has no run or
-    no interval), verdict (holds, fails, undecided) and seeds_needed (an undecided claim's; NaN
+    no interval), spread (the standard deviation of one seed's difference; 0: every seed gave
+    the same, NaN: one run a side), verdict (holds, fails, undecided) and seeds_needed (an undecided claim's; NaN
     where none would do or no spread is known; empty where decided)."""
     rows = []
     for claim in claims:
@@ -37,7 +38,7 @@ def evaluate(runs_df: pd.DataFrame, claims: list[Claim]) -> pd.DataFrame:
         rows.append({
             "claim": claim.claim, "source": claim.source, "statement": claim.statement, "a": claim.a.label, "b": claim.b.label,
             "margin": claim.margin, "seeds_a": len(a), "seeds_b": len(b), "paired": diff.paired, "n": diff.n,
-            "estimate": diff.estimate, "ci_low": diff.low, "ci_high": diff.high, "verdict": verdict,
+            "estimate": diff.estimate, "ci_low": diff.low, "ci_high": diff.high, "spread": diff.spread, "verdict": verdict,
             "seeds_needed": pd.NA if needed is None else needed,
         })
     return pd.DataFrame(rows, columns=COLUMNS).astype({"seeds_needed": "Int64"})
@@ -70,7 +71,8 @@ def write(df: pd.DataFrame, tables_dir: Path) -> list[Path]:
         "its 95% t-interval is paired (over the per-seed differences) where both sides ran the same seeds, which share "
         "the data order and the initial weights, else Welch's.",
         "holds: the interval lies above the claim's threshold (0 for >, −margin for ≥ … − margin); fails: below it; "
-        "undecided: it contains the threshold, or a side has fewer than two runs.",
+        "undecided: it contains the threshold, or there is none (a side has fewer than two runs, or every seed gave the same "
+        "difference: a coarse test set's steps, no spread measured).",
         f"seeds to decide: the fewest seeds with which a paired t-test (the 95% interval excluding the threshold) decides "
         f"with probability {intervals.POWER:.0%}, were the observed difference and its spread the truth.",
     ]
@@ -81,7 +83,7 @@ def _interval(estimate: float, low: float, high: float) -> str:
     if math.isnan(estimate):
         return tables.NO_RUN
     if math.isnan(low):
-        return f"{estimate:+.2f} (no interval)"
+        return f"{estimate:+.2f} (no interval)"  # one run a side, or no spread among the seeds
     return f"{estimate:+.2f} [{low:+.2f},\u00a0{high:+.2f}]"  # the interval never wraps inside
 
 
@@ -96,6 +98,8 @@ def _needed(verdict: str, needed, row) -> str:
         return tables.NO_RUN
     if not pd.isna(needed):
         return str(needed)
+    if row.spread == 0:
+        return "every seed gave the same difference: more seeds, to measure its spread"
     if math.isnan(row.estimate) or math.isnan(row.ci_low):
         return "≥ 2 a side, to measure the spread"
     return f"more than {intervals.MAX_SEEDS}" if row.estimate != -row.margin else "none: the difference is at the threshold"
