@@ -39,18 +39,27 @@ _CIFAR_TRAIN = ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", 
 _CIFAR_TEST = ["test_batch"]
 
 
-def locate_cifar10(root: str | Path | None, download: bool, download_dir: str | Path) -> Path:
-    """``root`` (the batches directory or its parent) if given, else a torchvision download."""
-    if root is not None:
-        root = existing_dir(root)
-        inner = root / CIFAR10_DIR_NAME
-        return inner if inner.is_dir() else root
-    if download:
-        from torchvision import datasets
+def batches_locator(name: str, dir_name: str, torchvision_class: str):
+    """The ``locate`` of a dataset torchvision downloads as a folder ``dir_name`` of pickled
+    batches (CIFAR-10, CIFAR-100): ``root`` (that folder or its parent) if given, else a
+    torchvision download."""
 
-        fetch("cifar10", download_dir, lambda: datasets.CIFAR10(str(download_dir), train=True, download=True))
-        return Path(download_dir) / CIFAR10_DIR_NAME
-    raise UserError(f"cifar10 not found: no root given (a {CIFAR10_DIR_NAME} directory or its parent) and download is off")
+    def locate(root: str | Path | None, download: bool, download_dir: str | Path) -> Path:
+        if root is not None:
+            root = existing_dir(root)
+            inner = root / dir_name
+            return inner if inner.is_dir() else root
+        if download:
+            from torchvision import datasets
+
+            fetch(name, download_dir, lambda: getattr(datasets, torchvision_class)(str(download_dir), train=True, download=True))
+            return Path(download_dir) / dir_name
+        raise UserError(f"{name} not found: no root given (a {dir_name} directory or its parent) and download is off")
+
+    return locate
+
+
+locate_cifar10 = batches_locator("cifar10", CIFAR10_DIR_NAME, "CIFAR10")
 
 
 def read_cifar10(

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import torch
 
-from decoupled.data.cifar10 import read_batch_file, read_cifar_batch, unpickle
-from decoupled.data.raw import DatasetSpec, RawData, check_digest, existing_dir, expected
-from decoupled.data.raw import download as fetch
+from decoupled.data.cifar10 import batches_locator, read_batch_file, read_cifar_batch, unpickle
+from decoupled.data.raw import DatasetSpec, RawData, check_digest, expected
 from decoupled.errors import UserError
 
 # md5 of each file of the python version, as torchvision publishes them.
@@ -40,18 +39,7 @@ CIFAR100_CLASSES = [
 CIFAR100_DIR_NAME = "cifar-100-python"
 
 
-def locate_cifar100(root: str | Path | None, download: bool, download_dir: str | Path) -> Path:
-    """``root`` (the ``cifar-100-python`` directory or its parent) if given, else a torchvision download."""
-    if root is not None:
-        root = existing_dir(root)
-        inner = root / CIFAR100_DIR_NAME
-        return inner if inner.is_dir() else root
-    if download:
-        from torchvision import datasets
-
-        fetch("cifar100", download_dir, lambda: datasets.CIFAR100(str(download_dir), train=True, download=True))
-        return Path(download_dir) / CIFAR100_DIR_NAME
-    raise UserError(f"cifar100 not found: no root given (a {CIFAR100_DIR_NAME} directory or its parent) and download is off")
+locate_cifar100 = batches_locator("cifar100", CIFAR100_DIR_NAME, "CIFAR100")
 
 
 def read_cifar100(
