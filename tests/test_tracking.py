@@ -226,3 +226,32 @@ def test_a_main_table_too_long_for_a_description_is_left_to_the_logged_table(tmp
     note = client.get_run(info["parent_run_id"]).data.tags["mlflow.note.content"]
     assert note.startswith("**wide**") and "too long" in note and "| dgl |" not in note
     assert "main_table.json" in {f.path for f in client.list_artifacts(info["parent_run_id"])}
+
+
+def test_a_dataset_two_jobs_log_at_once_is_linked_not_lost(tmp_path):
+    """Two jobs of one experiment logging the same dataset at once both insert its row (the
+    store looks it up first): the second breaks the table's unique key, and is tried again."""
+    from mlflow.exceptions import RestException
+
+    run = tracking.ChildRun.__new__(tracking.ChildRun)
+    calls = []
+
+    class Store:
+        def log_inputs(self, run_id, datasets):
+            calls.append(datasets[0].dataset.digest)
+            if len(calls) == 1:
+                raise RestException({"error_code": "BAD_REQUEST", "message": '(psycopg2.errors.UniqueViolation) duplicate key value violates '
+                                                                              'unique constraint "dataset_pk"'})
+
+    run.client, run.run_id = Store(), "r"
+    (tmp_path / "data.pt").write_bytes(b"images")
+    run.log_dataset("fashion_mnist", tmp_path / "data.pt", {"classes": 10})
+    assert len(calls) == 2 and calls[0] == calls[1]
+
+    class Broken:
+        def log_inputs(self, run_id, datasets):
+            raise RestException({"error_code": "BAD_REQUEST", "message": "something else"})
+
+    run.client = Broken()
+    with pytest.raises(RestException, match="something else"):  # any other fault is not retried
+        run.log_dataset("fashion_mnist", tmp_path / "data.pt", {"classes": 10})

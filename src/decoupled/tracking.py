@@ -136,6 +136,8 @@ class _StoreClient:
 
 
 _relocated: set[Path] = set()  # stores checked by this process
+# a dataset row inserted twice at once: PostgreSQL's, SQLite's and MySQL's words for it
+_DUPLICATE_DATASET = re.compile(r'"dataset_pk"|UNIQUE constraint failed: datasets\.|Duplicate entry .* for key .*dataset')
 
 
 def _store_artifacts(db: Path) -> str:
@@ -728,7 +730,17 @@ class ChildRun:
         with open(path, "rb") as f:
             content = hashlib.file_digest(f, "sha256").hexdigest()[:12]
         dataset = Dataset(name, content, "local", Path(path).resolve().as_uri(), profile=json.dumps(profile))
-        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "train")])])
+        inputs = [DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "train")])]
+        for attempt in range(3):
+            try:
+                self.client.log_inputs(self.run_id, datasets=inputs)
+                return
+            except Exception as e:
+                # The store looks the dataset up, then inserts it: two jobs of one experiment that
+                # log it at once both insert, and the second breaks the table's unique key. Tried
+                # again, it finds the row the first wrote and only links this run to it.
+                if attempt == 2 or not _DUPLICATE_DATASET.search(str(e)):
+                    raise
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
