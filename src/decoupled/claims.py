@@ -71,11 +71,12 @@ class Claim:
 UNITS = {"test_acc_pct": ("point", "test accuracy, %"), "test_error_pct": ("point", "test error, %"), "s_per_epoch": ("second", "s per epoch")}
 
 
-def of(config: dict[str, Any]) -> list[Claim]:
+def of(config: dict[str, Any], keys: list[grid.RunKey] | None = None) -> list[Claim]:
     """The claims of an experiment config, every side resolved; UserError naming the
-    first claim the grid cannot evaluate (a method, mode, K or variant it does not run)."""
+    first claim the grid cannot evaluate (a method, mode, K or variant it does not run).
+    ``keys``: the grid's jobs, where the caller has them (``grid.runs``)."""
     config = config_lib.validate(config)  # the sides' defaults filled in
-    keys = grid.runs(config)
+    keys = grid.runs(config) if keys is None else keys
     claims = []
     for i, entry in enumerate(config["report"]["claims"]):
         text = entry["claim"] if len(entry["claim"]) <= 60 else entry["claim"][:59] + "…"

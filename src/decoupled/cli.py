@@ -25,15 +25,11 @@ def _json_arg(text: str, what: str):
 
 
 def _experiment_config(args) -> dict:
-    """The experiment config of ``--config-json`` or ``--config``, validated, its claims too."""
-    from decoupled import claims, config
+    from decoupled import config
 
     if getattr(args, "config_json", None) is not None:
-        described = config.validate(_json_arg(args.config_json, "--config-json"))
-    else:
-        described = config.load(args.config)
-    claims.of(described)  # a claim its grid cannot evaluate is refused before anything runs
-    return described
+        return config.validate(_json_arg(args.config_json, "--config-json"))
+    return config.load(args.config)
 
 
 def _tracking(path: str | None) -> dict | None:
@@ -69,7 +65,10 @@ def cmd_init_tracking(args) -> None:
     from decoupled.tracking import how_to_browse, init_experiment
 
     if args.config is not None:
+        from decoupled import claims
+
         cfg = _experiment_config(args)
+        claims.of(cfg)  # the experiment's start: a claim its grid cannot evaluate is refused before anything runs
         info = init_experiment(cfg, described=cfg)
     elif args.experiment is not None:
         from decoupled import config
@@ -219,10 +218,11 @@ def cmd_report(args) -> None:
     args.runs = args.runs if args.runs is not None else [str(Path(m).parent) for m in args.metrics]
     described = _experiment_config(args) if args.config_json is not None else None
     left_out: list[tuple[Path, str]] = []
+    keys = grid.runs(described) if described is not None else None
     written = build_report([Path(r) for r in args.runs], Path(args.tables), Path(args.figures), target,
                            described["report"] if described is not None else None, left_out,
-                           claims.of(described) if described is not None else None,
-                           {(key.method, key.mode) for key in grid.runs(described)} if described is not None else None)
+                           claims.of(described, keys) if described is not None else None,
+                           {(key.method, key.mode) for key in keys} if keys is not None else None)
     for damaged, why in left_out:  # one damaged run: the others are reported
         print(f"decoupled: warning: {why}; {make_again(damaged)}", file=sys.stderr)
     experiment = _tracking(args.tracking)

@@ -74,7 +74,7 @@ try:
     RUNS = decoupled_grid.runs(config)
     SWEPT = decoupled_grid.swept_axes(config)  # the axes some run varies: their sweep figures
     CLOCKS = decoupled_grid.clocks(config)  # the clocks of its engines: their time figures
-    decoupled_claims.of(config)  # a claim (report.claims) the grid cannot evaluate is refused now
+    decoupled_claims.of(config, RUNS)  # a claim (report.claims) the grid cannot evaluate is refused now
 except UserError as e:
     raise WorkflowError(str(e)) from None
 

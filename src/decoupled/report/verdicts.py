@@ -63,7 +63,7 @@ def write(df: pd.DataFrame, tables_dir: Path) -> list[Path]:
         "a − b (95% interval)": [_interval(e, lo, hi) for e, lo, hi in zip(df["estimate"], df["ci_low"], df["ci_high"])],
         "seeds": [_seeds(row) for row in df.itertuples(index=False)],
         "verdict": df["verdict"].astype(str),
-        "seeds to decide": [_needed(v, n, row) for v, n, row in zip(df["verdict"], df["seeds_needed"], df.itertuples(index=False))],
+        "seeds to decide": [_needed(row) for row in df.itertuples(index=False)],
     })
     notes = [
         "a − b: the difference of test accuracy (the final checkpoint's, in points; or of the metric the claim names) "
@@ -91,13 +91,14 @@ def _seeds(row) -> str:
     return f"{row.n} paired" if row.paired else f"{row.seeds_a} vs {row.seeds_b}"
 
 
-def _needed(verdict: str, needed, row) -> str:
-    if verdict != intervals.UNDECIDED:
+def _needed(row) -> str:
+    """An undecided claim's seeds to decide, or why there is no such number."""
+    if row.verdict != intervals.UNDECIDED:
         return ""
     if row.seeds_a == 0 or row.seeds_b == 0:
         return tables.NO_RUN
-    if not pd.isna(needed):
-        return str(needed)
+    if not pd.isna(row.seeds_needed):
+        return str(row.seeds_needed)
     if row.spread == 0:
         return "every seed gave the same difference: more seeds, to measure its spread"
     if math.isnan(row.estimate) or math.isnan(row.ci_low):
