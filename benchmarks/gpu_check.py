@@ -13,13 +13,16 @@ Data: ``--dataset`` (cifar10, cifar100 or imagenet32, default cifar10) from ``--
 (ImageNet32 has no published checksums: ``--no-verify-checksums``), else a stand-in of CIFAR's
 shape made from Fashion-MNIST (``--fashion-mnist-root``, default Debian's folder, or a copy
 carried to the GPU box): each 28x28 image zero-padded to 32x32 and its one channel repeated to
-3, with Fashion-MNIST's labels and split. The JSON says which (``data``); the stand-in's
-accuracies are Fashion-MNIST's, not the dataset's.
+3, with Fashion-MNIST's labels and split. ``--dataset imagenet`` (with an ImageNet config, e.g.
+``config/paper/dgl_vgg13_imagenet.yaml``) streams ImageNet from ``--data-root`` (its ``train/``
+and ``val/``) through the loader's workers, at the config's crop size; without a root, from a
+folder of Fashion-MNIST's images written as JPEG files for it (the ImageNet twins' stand-in).
+The JSON says which (``data``); the stand-in's accuracies are Fashion-MNIST's, not the dataset's.
 
     python benchmarks/gpu_check.py [--config config/paper/fdg_resnet56.yaml] [--epochs 2]
         [--methods backprop,dgl,ddg,fdg] [--K 2] [--seeds 0] [--device cuda]
         [--precision fp32|bf16] [--memory-format contiguous|channels_last]
-        [--dataset cifar10|cifar100|imagenet32 --data-root DIR [--no-verify-checksums] | --fashion-mnist-root DIR]
+        [--dataset cifar10|cifar100|imagenet32|imagenet --data-root DIR [--no-verify-checksums] | --fashion-mnist-root DIR]
         [--subset-per-class N] [--out FILE]
 
 Writes results/benchmarks/gpu_check.json (``--out``): per job its images/s in every epoch (the
@@ -36,6 +39,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -47,14 +51,33 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from decoupled import config, grid  # noqa: E402
-from decoupled.data import Dataset, balanced_subset, channel_stats, read_raw  # noqa: E402
-from decoupled.data.prepared import normalize  # noqa: E402
+from decoupled.data import Dataset, balanced_subset, channel_stats, load_prepared, prepare, read_raw, write_image_folder  # noqa: E402
+from decoupled.data.pixels import normalize  # noqa: E402
 from decoupled.files import write_json  # noqa: E402
 from decoupled.train import fit  # noqa: E402
 
 
 # what the JSON calls each dataset read from --data-root
-ABOUT = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100 (fine labels)", "imagenet32": "ImageNet32 (downsampled ImageNet 32x32)"}
+ABOUT = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100 (fine labels)", "imagenet32": "ImageNet32 (downsampled ImageNet 32x32)",
+         "imagenet": "ImageNet (ILSVRC 2012), streamed"}
+
+
+def streamed(data_root: str | None, fashion_mnist_root: str | None, subset_per_class: int | None, dataset_cfg: dict, workdir: Path):
+    """ImageNet's file list from ``data_root`` as the pipeline prepares it; without one, from a
+    folder of Fashion-MNIST's images written in ImageNet's layout under ``workdir``."""
+    root = data_root
+    if root is None:
+        raw = read_raw("fashion_mnist", fashion_mnist_root)
+        if subset_per_class is not None:  # the test set too: each image is a file to write
+            raw.train_x, raw.train_y = balanced_subset(raw.train_x, raw.train_y, subset_per_class)
+            raw.test_x, raw.test_y = balanced_subset(raw.test_x, raw.test_y, subset_per_class)
+        root = workdir / "imagenet_stand_in"
+        write_image_folder(raw, root)
+    prepare("imagenet", workdir / "imagenet.pt", root, subset_per_class=subset_per_class if data_root else None,
+            crop_size=dataset_cfg["crop_size"], resize_size=dataset_cfg["resize_size"])
+    data = load_prepared(workdir / "imagenet.pt")
+    about = ABOUT["imagenet"] if data_root else "Fashion-MNIST written as an ImageNet-layout folder of JPEG files, streamed (a stand-in)"
+    return data, {"name": about, "source": str(root)}
 
 
 def dataset(data_root: str | None, fashion_mnist_root: str | None, subset_per_class: int | None, name: str = "cifar10",
@@ -125,12 +148,16 @@ def main() -> None:
     train = {"epochs": args.epochs, "device": args.device, "threads": torch.get_num_threads() if args.device == "cpu" else 1}
     train.update({k: v for k, v in (("precision", args.precision), ("memory_format", args.memory_format)) if v is not None})
     cfg = config.validate(config.deep_merge(config.load(REPO / args.config), {"engine": "simulated", "train": train}))
-    data, about = dataset(args.data_root, args.fashion_mnist_root, args.subset_per_class, args.dataset, not args.no_verify_checksums)
+    workdir = Path(tempfile.mkdtemp(prefix="gpu_check_"))
+    if args.dataset == "imagenet":
+        data, about = streamed(args.data_root, args.fashion_mnist_root, args.subset_per_class, cfg["dataset"], workdir)
+    else:
+        data, about = dataset(args.data_root, args.fashion_mnist_root, args.subset_per_class, args.dataset, not args.no_verify_checksums)
     Ks, seeds = split(args.K), split(args.seeds)
     todo = jobs(cfg, split(args.methods), None if Ks is None else [int(k) for k in Ks], None if seeds is None else [int(s) for s in seeds])
     if not todo:
         sys.exit("gpu_check: no job of the grid matches --methods/--K/--seeds")
-    if args.device == "cuda":
+    if args.device == "cuda" and isinstance(data, Dataset):  # in memory: on the GPU once (a streamed one is read by its workers)
         data = Dataset(data.train_x.cuda(), data.train_y.cuda(), data.test_x.cuda(), data.test_y.cuda(), *(getattr(data, f) for f in ("classes", "num_classes", "in_channels", "image_size", "name")))
     index = torch.device(args.device).index or 0
     sampler = GpuSampler(index, args.sample_s) if args.device == "cuda" and shutil.which("nvidia-smi") else None
@@ -160,7 +187,8 @@ def main() -> None:
     write_json(REPO / args.out if not Path(args.out).is_absolute() else Path(args.out), {
         "benchmark": "gpu_check", "config": args.config, "epochs": args.epochs, "device": device_name, "torch": torch.__version__,
         "numerics": {k: cfg["train"][k] for k in ("precision", "memory_format")}, "batch_size": cfg["train"]["batch_size"],
-        "data": {**about, "n_train": len(data.train_y), "n_test": len(data.test_y)}, "jobs": results})
+        "data": {**about, "n_train": data.n_train, "n_test": data.n_test}, "jobs": results})
+    shutil.rmtree(workdir, ignore_errors=True)
     print(f"wrote {args.out}")
 
 

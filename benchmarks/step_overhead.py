@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from decoupled import config, methods, model
+from decoupled.data.batches import BatchStream
 from decoupled.engines.simulated import SimulatedEngine
 from decoupled.files import write_json
 from decoupled.optim import make_optimizer
@@ -70,7 +71,7 @@ def measure(method_name, job, x, y, steps, repeats):
     def framework_run():
         torch.manual_seed(0)
         net = model.build(job["model"], K, x.shape[1], 10)
-        engine = SimulatedEngine(methods.get(method_name)(net, cfg, steps), x[:n], y[:n], batch, seed=0)
+        engine = SimulatedEngine(methods.get(method_name)(net, cfg, steps), BatchStream(x[:n], y[:n], batch, 0))
         start = time.perf_counter()
         engine.run_epoch()
         return n / (time.perf_counter() - start)

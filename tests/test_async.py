@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from decoupled import config
+from decoupled.data.batches import BatchStream
 from decoupled.engines.buffers import Entry, FifoQueue, ReplayBuffer
 from decoupled.engines.simulated import SimulatedEngine
 from decoupled.engines.simulated_async import AsyncSimulator
@@ -31,8 +32,8 @@ def test_async_dgl_without_slowdown_and_buffer_one_is_sync_dgl():
     x, y = data()
     sync_net, sync_dgl = make("dgl", K=3)
     async_net, async_dgl = make("dgl", K=3)
-    SimulatedEngine(sync_dgl, x, y, batch_size=16, seed=0).run_epoch()
-    sim = AsyncSimulator(async_dgl, x, y, batch_size=16, seed=0, async_cfg=async_cfg(schedule="event", buffer_size=1))
+    SimulatedEngine(sync_dgl, BatchStream(x, y, 16, 0)).run_epoch()
+    sim = AsyncSimulator(async_dgl, BatchStream(x, y, 16, 0), 0, async_cfg(schedule="event", buffer_size=1))
     stats = sim.run_epoch()
     assert stats["steps_per_module"] == [6, 6, 6] and stats["idle_per_module"] == [0, 0, 0]
     assert all(s["max"] == 0 for s in stats["input_staleness"][1:])  # every input is fresh
@@ -45,7 +46,7 @@ def test_simulator_is_deterministic_under_a_seed(schedule, budget):
     def run(seed):
         x, y = data()
         _, dgl = make("dgl", K=3)
-        sim = AsyncSimulator(dgl, x, y, 16, seed, async_cfg(schedule=schedule, slowdown_factor=2, slowed_module=1, budget=budget))
+        sim = AsyncSimulator(dgl, BatchStream(x, y, 16, seed), seed, async_cfg(schedule=schedule, slowdown_factor=2, slowed_module=1, budget=budget))
         stats = [sim.run_epoch() for _ in range(2)]
         return [(s["train_loss_per_module"], s["steps_per_module"], s["input_staleness"]) for s in stats]
 
@@ -56,7 +57,7 @@ def test_simulator_is_deterministic_under_a_seed(schedule, budget):
 def test_event_schedule_steps_follow_the_slowdown_exactly():
     x, y = data(n=16 * 24)
     _, dgl = make("dgl", K=3)
-    sim = AsyncSimulator(dgl, x, y, 16, 0, async_cfg(schedule="event", slowdown_factor=4, slowed_module=1, budget="time"))
+    sim = AsyncSimulator(dgl, BatchStream(x, y, 16, 0), 0, async_cfg(schedule="event", slowdown_factor=4, slowed_module=1, budget="time"))
     stats = sim.run_epoch()
     assert stats["steps_per_module"][0] == 24 and stats["steps_per_module"][1] == 6
     # module 2 reads module 1's replay buffer: it keeps training on recent entries
@@ -109,7 +110,7 @@ def test_a_full_fifo_queue_frees_its_slot_when_the_entry_size_puts_back_is_taken
 def test_equal_updates_budget_gives_every_module_the_steps_of_sync_mode(method, slowed):
     x, y = data(n=16 * 10)  # 10 steps per epoch, 3 epochs
     _, m = make(method, K=3, total_steps=30)
-    sim = AsyncSimulator(m, x, y, 16, 0, async_cfg(slowdown_factor=3, slowed_module=slowed))
+    sim = AsyncSimulator(m, BatchStream(x, y, 16, 0), 0, async_cfg(slowdown_factor=3, slowed_module=slowed))
     epochs = [sim.run_epoch() for _ in range(3)]
     assert [sum(e["steps_per_module"][k] for e in epochs) for k in range(3)] == [30, 30, 30]
     # epoch i ends as soon as the last module has made its 10 i steps; faster ones may be ahead
@@ -122,7 +123,7 @@ def test_equal_updates_budget_gives_every_module_the_steps_of_sync_mode(method, 
 def test_time_budget_gives_the_slowed_module_fewer_steps(method):
     x, y = data(n=16 * 24)
     _, m = make(method, K=3, total_steps=48)
-    sim = AsyncSimulator(m, x, y, 16, 0, async_cfg(schedule="event", slowdown_factor=4, slowed_module=0, budget="time"))
+    sim = AsyncSimulator(m, BatchStream(x, y, 16, 0), 0, async_cfg(schedule="event", slowdown_factor=4, slowed_module=0, budget="time"))
     for _ in range(2):  # every epoch: the same schedule time
         steps = sim.run_epoch()["steps_per_module"]
         assert steps[0] == 6  # a quarter of the epoch's 24
@@ -154,7 +155,7 @@ def test_fifo_queue_is_in_order_and_bounded():
 def test_fifo_back_pressure_makes_the_fast_producer_wait():
     x, y = data(n=16 * 20)
     _, dni = make("dni", K=2)
-    sim = AsyncSimulator(dni, x, y, 16, 0, async_cfg(schedule="event", slowdown_factor=4, slowed_module=1, buffer_size=2, budget="time"))
+    sim = AsyncSimulator(dni, BatchStream(x, y, 16, 0), 0, async_cfg(schedule="event", slowdown_factor=4, slowed_module=1, buffer_size=2, budget="time"))
     stats = sim.run_epoch()
     assert stats["steps_per_module"][1] == 5
     # module 0 may only run 2 batches ahead of module 1, so it idles most ticks
@@ -167,7 +168,7 @@ def test_fifo_back_pressure_makes_the_fast_producer_wait():
 def test_gradients_are_as_stale_as_the_schedule_makes_them(method):
     x, y = data(n=16 * 24)
     _, m = make(method, K=3)
-    sim = AsyncSimulator(m, x, y, 16, 0, async_cfg(schedule="event", slowdown_factor=3, slowed_module=2, buffer_size=4))
+    sim = AsyncSimulator(m, BatchStream(x, y, 16, 0), 0, async_cfg(schedule="event", slowdown_factor=3, slowed_module=2, buffer_size=4))
     stats = sim.run_epoch()
     steps, staleness, inputs = stats["steps_per_module"], stats["grad_staleness"], stats["input_staleness"]
     assert staleness[2]["mean"] is None  # the top module computes its own loss
@@ -187,7 +188,7 @@ def test_gradients_are_as_stale_as_the_schedule_makes_them(method):
 
 @pytest.mark.parametrize("augment", ["crop_flip", "crop_flip_reflect"])
 def test_crop_flip_shifts_by_every_offset_and_flips_half_the_images(augment):
-    from decoupled.engines.batches import BatchStream, crop_flip
+    from decoupled.data.batches import crop_flip
 
     n, size, padding = 600, 8, 4  # the default padding
     x = torch.arange(n * size * size, dtype=torch.float32).reshape(n, 1, size, size) + 1  # every pixel distinct, none 0
@@ -223,7 +224,6 @@ def test_batches_stay_on_the_datas_device(augment):
     """With train.device cuda the data lives on the GPU: a batch's indices and its crops and flips,
     drawn by CPU generators, must go to the data's device, not the images to the CPU. The meta
     device stands in for a GPU here: a CPU tensor mixed into its ops fails as it would on cuda."""
-    from decoupled.engines.batches import BatchStream
 
     x, y = torch.zeros(40, 3, 8, 8, device="meta"), torch.zeros(40, dtype=torch.long, device="meta")
     images, labels = BatchStream(x, y, 8, seed=0, augment=augment).next()
@@ -247,19 +247,19 @@ def test_parallel_clock_of_a_sync_pipeline(monkeypatch):
     monkeypatch.setattr(clock, "time", FakeTime())
     x, y = data(n=16 * 6)
     _, dgl = make("dgl", K=3)
-    stats = SimulatedEngine(dgl, x, y, 16, 0).run_epoch()
+    stats = SimulatedEngine(dgl, BatchStream(x, y, 16, 0)).run_epoch()
     assert stats["finish_time_s_per_module"] == [6, 7, 8]  # a pipeline: module k starts one step late
     _, backprop = make("backprop", K=3)
-    stats = SimulatedEngine(backprop, x, y, 16, 0).run_epoch()
+    stats = SimulatedEngine(backprop, BatchStream(x, y, 16, 0)).run_epoch()
     assert stats["sim_time_s"] == 18  # locked: the next batch waits for the last backward
     # DNI: module 0 fits its synthesizer to a batch's true gradient once module 1 has sent it
     # (same step): forward, wait, fit, 3 s a batch
     _, dni = make("dni", K=2)
-    assert SimulatedEngine(dni, x, y, 16, 0).run_epoch()["finish_time_s_per_module"] == [18, 17]
+    assert SimulatedEngine(dni, BatchStream(x, y, 16, 0)).run_epoch()["finish_time_s_per_module"] == [18, 17]
     # DDG: module 0 alternates a forward and the gradient of the batch before (2 s a batch,
     # 6 forwards and 5 gradients); module 1 takes each batch as module 0 hands it on
     _, ddg = make("ddg", K=2)
-    assert SimulatedEngine(ddg, x, y, 16, 0).run_epoch()["finish_time_s_per_module"] == [11, 11]
+    assert SimulatedEngine(ddg, BatchStream(x, y, 16, 0)).run_epoch()["finish_time_s_per_module"] == [11, 11]
 
 
 def test_parallel_clock_counts_the_slowdown_and_the_waits(monkeypatch):
@@ -268,13 +268,13 @@ def test_parallel_clock_counts_the_slowdown_and_the_waits(monkeypatch):
     monkeypatch.setattr(clock, "time", FakeTime())
     x, y = data(n=16 * 6)
     _, dgl = make("dgl", K=2, total_steps=6)
-    stats = AsyncSimulator(dgl, x, y, 16, 0, async_cfg(schedule="event", slowdown_factor=3, slowed_module=0)).run_epoch()
+    stats = AsyncSimulator(dgl, BatchStream(x, y, 16, 0), 0, async_cfg(schedule="event", slowdown_factor=3, slowed_module=0)).run_epoch()
     assert stats["steps_per_module"] == [6, 6]
     assert stats["finish_time_s_per_module"][0] == 18 and stats["sim_time_s"] == 18  # 6 steps of 3 s
     assert stats["finish_time_s_per_module"][1] < 18  # module 1 replays while module 0 is slow
     # DNI: the top module, slowed 4x, waits for nothing but its first input (ready at 1 s)
     _, dni = make("dni", K=2, total_steps=6)
-    sim = AsyncSimulator(dni, x, y, 16, 0, async_cfg(schedule="event", slowdown_factor=4, slowed_module=1, buffer_size=2))
+    sim = AsyncSimulator(dni, BatchStream(x, y, 16, 0), 0, async_cfg(schedule="event", slowdown_factor=4, slowed_module=1, buffer_size=2))
     made, put = [], sim.buffers[1].put
     sim.buffers[1].put = lambda entry: (made.append(entry.ready_at), put(entry))
     stats = sim.run_epoch()
@@ -310,7 +310,7 @@ def test_a_finished_module_keeps_forwarding_for_the_replay_buffer_above(monkeypa
     monkeypatch.setattr(clock, "time", FakeTime(c))
     x, y = data(n=16 * 12)
     _, dgl = make("dgl", K=3, total_steps=12)
-    sim = AsyncSimulator(dgl, x, y, 16, 0, async_cfg(schedule="event", slowdown_factor=4, slowed_module=2, buffer_size=2))
+    sim = AsyncSimulator(dgl, BatchStream(x, y, 16, 0), 0, async_cfg(schedule="event", slowdown_factor=4, slowed_module=2, buffer_size=2))
     take, uses = sim.buffers[2].take, []
 
     def spy_take():
@@ -341,7 +341,7 @@ def test_a_finished_module_stops_forwarding_when_no_module_above_learns():
     x, y = data(n=16 * 12)
     for slowed in (0, 1, 2):
         _, dgl = make("dgl", K=3, total_steps=12)
-        sim = AsyncSimulator(dgl, x, y, 16, 0, async_cfg(schedule="event", slowdown_factor=4, slowed_module=slowed, buffer_size=2))
+        sim = AsyncSimulator(dgl, BatchStream(x, y, 16, 0), 0, async_cfg(schedule="event", slowdown_factor=4, slowed_module=slowed, buffer_size=2))
         frozen = spy_frozen_forwards(sim)
         sim.run_epoch()
         assert all(min(steps[k + 1 :]) < 12 for k, steps in frozen)
@@ -358,7 +358,7 @@ def test_no_worker_starts_on_an_activation_before_it_was_made(monkeypatch, seed)
     monkeypatch.setattr(clock, "time", FakeTime(0.01))
     x, y = data(n=16 * 12)
     _, dgl = make("dgl", K=3, total_steps=12)
-    sim = AsyncSimulator(dgl, x, y, 16, seed, async_cfg(schedule="categorical", slowdown_factor=4, slowed_module=2, buffer_size=2))
+    sim = AsyncSimulator(dgl, BatchStream(x, y, 16, seed), seed, async_cfg(schedule="categorical", slowdown_factor=4, slowed_module=2, buffer_size=2))
     taken, early, puts = {}, [], []
     for k in (1, 2):
         buffer = sim.buffers[k]
@@ -399,11 +399,11 @@ def test_the_parallel_clock_resumes_where_it_stopped(monkeypatch, method):
         x, y = data(n=16 * 6)
         cfg = async_cfg(schedule="event", slowdown_factor=3, slowed_module=1, buffer_size=2)
         _, m = make(method, K=2, total_steps=12)
-        sim = AsyncSimulator(m, x, y, 16, 0, cfg)
+        sim = AsyncSimulator(m, BatchStream(x, y, 16, 0), 0, cfg)
         first = sim.run_epoch()
         if resume_after is not None:  # a fresh engine, from the state (the network's weights stay)
             state = sim.state_dict()
-            sim = AsyncSimulator(m, x, y, 16, 0, cfg)
+            sim = AsyncSimulator(m, BatchStream(x, y, 16, 0), 0, cfg)
             sim.load_state_dict(state)
         return first, sim.run_epoch()
 
@@ -414,9 +414,9 @@ def test_the_async_state_holds_the_queues_take_times():
     x, y = data(n=16 * 6)
     cfg = async_cfg(schedule="event", slowdown_factor=3, slowed_module=1, buffer_size=2)
     _, dni = make("dni", K=2, total_steps=12)
-    sim = AsyncSimulator(dni, x, y, 16, 0, cfg)
+    sim = AsyncSimulator(dni, BatchStream(x, y, 16, 0), 0, cfg)
     sim.run_epoch()
-    fresh = AsyncSimulator(dni, x, y, 16, 0, cfg)
+    fresh = AsyncSimulator(dni, BatchStream(x, y, 16, 0), 0, cfg)
     fresh.load_state_dict(sim.state_dict())
     assert list(sim.buffers[1].take_times) and list(fresh.buffers[1].take_times) == list(sim.buffers[1].take_times)
 
@@ -427,7 +427,7 @@ def test_the_simulator_gives_dgl_replay_buffers_of_the_configured_size_and_reuse
     buffer_size entries, each at most max_reuse times."""
     x, y = data(n=16 * 12)
     _, dgl = make("dgl", K=3, total_steps=12)
-    sim = AsyncSimulator(dgl, x, y, 16, 0, async_cfg(schedule="event", slowdown_factor=4, slowed_module=0, buffer_size=2, max_reuse=max_reuse, budget="time"))
+    sim = AsyncSimulator(dgl, BatchStream(x, y, 16, 0), 0, async_cfg(schedule="event", slowdown_factor=4, slowed_module=0, buffer_size=2, max_reuse=max_reuse, budget="time"))
     sizes, uses = [], []
     take = sim.buffers[1].take
 
@@ -451,6 +451,6 @@ def test_the_simulator_refuses_a_slowed_module_or_an_augmentation_that_does_not_
     x, y = data()
     _, dgl = make("dgl", K=3)
     with pytest.raises(ValueError, match="slowed module 3 does not exist with K=3"):
-        AsyncSimulator(dgl, x, y, 16, 0, async_cfg(slowdown_factor=2, slowed_module=3))
+        AsyncSimulator(dgl, BatchStream(x, y, 16, 0), 0, async_cfg(slowdown_factor=2, slowed_module=3))
     with pytest.raises(ValueError, match="unknown augment 'flip'"):
-        AsyncSimulator(dgl, x, y, 16, 0, async_cfg(), augment="flip")
+        BatchStream(x, y, 16, 0, augment="flip")

@@ -34,7 +34,7 @@ def test_defaults_are_filled_in():
         (lambda c: c["train"].update(lr=-1), "train.lr"),
         (lambda c: c["train"].update(epochs="many"), "train.epochs"),
         (lambda c: c["train"].update(learning_rate=0.1), "learning_rate"),
-        (lambda c: c["dataset"].update(name="imagenet"), "dataset.name"),
+        (lambda c: c["dataset"].update(name="imagenet21k"), "dataset.name"),
         (lambda c: c["grid"].update(modes=["sideways"]), "grid.modes.0"),
         (lambda c: c.update(overrides={"dgl": {"train": {"lr": 0}}}), "train.lr"),
         (lambda c: c["model"].update(split="lopsided"), "model.split"),

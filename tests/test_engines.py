@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from decoupled.engines.base import EpochInterrupted, StopRequest
-from decoupled.engines.batches import BatchStream
+from decoupled.data.batches import BatchStream, TensorTestSet
 from decoupled.engines.schedule import CategoricalSchedule
 from decoupled.engines.simulated import SimulatedEngine
 from decoupled.engines.simulated_async import AsyncSimulator
@@ -24,8 +24,8 @@ def engine(mode, augment="none", seed=0):
     _, dgl = make("dgl", K=2, total_steps=16)
     x, y = data(n=16 * 8)
     if mode == "sync":
-        return SimulatedEngine(dgl, x, y, 16, seed, augment=augment)
-    return AsyncSimulator(dgl, x, y, 16, seed, async_cfg(schedule="event"), augment=augment)
+        return SimulatedEngine(dgl, BatchStream(x, y, 16, seed, augment=augment))
+    return AsyncSimulator(dgl, BatchStream(x, y, 16, seed, augment=augment), seed, async_cfg(schedule="event"))
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
@@ -65,7 +65,7 @@ def test_an_evaluation_reads_back_to_the_host_a_fixed_number_of_times_however_ma
 
     def reads(batch_size: int) -> tuple[int, dict]:
         with HostReads() as host_reads:
-            result = evaluate(net, x, y, batch_size)
+            result = evaluate(net, TensorTestSet(x, y).batches(batch_size))
         return host_reads.count, result
 
     (one_batch, whole), (eight_batches, batched) = reads(64), reads(8)
@@ -163,7 +163,7 @@ def test_a_time_budget_epoch_plays_the_schedules_epoch_in_order():
     (no input yet, or a full queue above); what reached the output is the top module's steps."""
     _, ddg = make("ddg", K=3, total_steps=32)
     x, y = data(n=16 * 16)
-    sim = AsyncSimulator(ddg, x, y, 16, 0, async_cfg(schedule="categorical", slowdown_factor=4, slowed_module=2, buffer_size=8, budget="time"))
+    sim = AsyncSimulator(ddg, BatchStream(x, y, 16, 0), 0, async_cfg(schedule="categorical", slowdown_factor=4, slowed_module=2, buffer_size=8, budget="time"))
     expected = list(CategoricalSchedule([1.0, 1.0, 4.0], seed=0).epoch(16))
     ticks, worker_tick = [], sim.worker_tick
 
@@ -192,7 +192,7 @@ def test_staleness_is_summarised_as_mean_max_and_histogram():
 def test_an_epochs_losses_are_the_mean_of_what_each_module_reported(mode, method):
     _, m = make(method, K=3, total_steps=12)
     x, y = data(n=16 * 6)
-    sim = SimulatedEngine(m, x, y, 16, 0) if mode == "sync" else AsyncSimulator(m, x, y, 16, 0, async_cfg(schedule="event", slowdown_factor=2, slowed_module=1))
+    sim = SimulatedEngine(m, BatchStream(x, y, 16, 0)) if mode == "sync" else AsyncSimulator(m, BatchStream(x, y, 16, 0), 0, async_cfg(schedule="event", slowdown_factor=2, slowed_module=1))
     reported, module_step = [[] for _ in range(3)], m.module_step
 
     def spy(k, inputs, labels):
@@ -217,7 +217,7 @@ def test_a_sync_epoch_reports_every_modules_steps_and_each_gradients_delay(metho
     last ones of the epoch are still on their way."""
     _, m = make(method, K=3)
     x, y = data(n=16 * 6)
-    stats = SimulatedEngine(m, x, y, 16, 0).run_epoch()
+    stats = SimulatedEngine(m, BatchStream(x, y, 16, 0)).run_epoch()
     assert stats["steps_per_module"] == [6, 6, 6] and stats["images"] == 6 * 16
     assert [s["histogram"] for s in stats["grad_staleness"]] == [*staleness, {}]
 

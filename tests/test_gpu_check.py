@@ -104,3 +104,14 @@ def test_with_a_data_root_it_reads_cifar100_and_imagenet32_as_they_are(gpu_check
     with pytest.raises(UserError, match="no checksum known for .*val_data|no checksum known for .*train_data_batch_1"):
         gpu_check.dataset(str(tmp_path / "i32"), None, None, "imagenet32")
     assert gpu_check.dataset(str(tmp_path / "i32"), None, None, "imagenet32", verify_checksums=False)[0].num_classes == 1000
+
+
+@needs_fashion_mnist
+def test_it_streams_an_imagenet_config_from_a_stand_in_folder(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--config", "config/paper/dgl_vgg13_imagenet_cpu.yaml", "--methods", "dgl",
+                    "--dataset", "imagenet", "--epochs", "1", "--subset-per-class", "10", "--device", "cpu", "--out", str(out)],
+                   check=True, cwd=REPO, capture_output=True, timeout=600)
+    report = json.loads(out.read_text())
+    assert [(job["method"], job["K"]) for job in report["jobs"]] == [("dgl", 4)]
+    assert report["data"]["n_train"] == 100 and report["data"]["n_test"] == 100 and "streamed (a stand-in)" in report["data"]["name"]

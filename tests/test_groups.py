@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from decoupled import config, grid, methods, model
+from decoupled.data.batches import BatchStream, TensorTestSet
 from decoupled.engines.simulated import SimulatedEngine
 from decoupled.errors import UserError
 from decoupled.methods.gn_dgl import diversity
@@ -31,7 +32,7 @@ def data(n=16 * 12, seed=0):
 
 def train(net, method, epochs=1):
     x, y = data()
-    engine = SimulatedEngine(method, x, y, batch_size=16, seed=0)
+    engine = SimulatedEngine(method, BatchStream(x, y, 16, 0))
     for _ in range(epochs):
         stats = engine.run_epoch()
     return engine, stats
@@ -143,7 +144,7 @@ def test_gn_dgl_learns_with_groups_each_on_its_own_optimizer(detach):
     assert len(method.optimizers) == 3 * 4 + 1  # K modules x G groups, and the network's classifier
     engine, _ = train(net, method, epochs=2)
     x, y = data()
-    accuracy = engine.evaluate(net, x, y, 1000)
+    accuracy = engine.evaluate(net, TensorTestSet(x, y), 1000)
     assert accuracy["test_acc"] > 0.75 and min(accuracy["test_acc_per_module"]) > 0.75  # chance: 0.5
 
 
@@ -231,7 +232,7 @@ def test_a_grouped_resnets_group_loss_reaches_only_its_own_weights_and_it_learns
     net.zero_grad(set_to_none=True)
     method = methods.get("gn_dgl")(net, cfg["train"], total_steps=48)
     engine, stats = train(net, method, epochs=4)
-    assert engine.evaluate(net, *data(160, seed=1), 80)["test_acc"] > 0.7  # two classes
+    assert engine.evaluate(net, TensorTestSet(*data(160, seed=1)), 80)["test_acc"] > 0.7  # two classes
 
 
 def test_groups_need_a_cnn_or_a_resnet_with_projections():
@@ -267,10 +268,10 @@ def test_the_layerwise_ensemble_weighs_later_entries_double():
     assert net.layerwise_ensemble(x).argmax(1).tolist() == [0] * 6
     from decoupled.evaluate import evaluate
 
-    result = evaluate(net, x, torch.zeros(6, dtype=torch.long), 4)
+    result = evaluate(net, TensorTestSet(x, torch.zeros(6, dtype=torch.long)).batches(4))
     assert result["test_acc"] == 1.0 and result["test_acc_classifier"] == 0.0 == result["test_acc_per_module"][-1]
     net.ensemble = "none"
-    assert evaluate(net, x, torch.zeros(6, dtype=torch.long), 4)["test_acc"] == 0.0
+    assert evaluate(net, TensorTestSet(x, torch.zeros(6, dtype=torch.long)).batches(4))["test_acc"] == 0.0
 
 
 def test_a_grouped_resnets_he_init_is_drawn_for_the_whole_layer_as_the_codes_grouped_convs():

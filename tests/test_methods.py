@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from decoupled import config, grid, methods, model
+from decoupled.data.batches import BatchStream
 from decoupled.engines.simulated import SimulatedEngine
 
 MODEL = {"widths": [8, 16, 32], "aux_pool": 2, "aux_hidden": 16}
@@ -144,7 +145,7 @@ def test_engine_is_deterministic_for_a_seed():
     def losses(seed):
         net, m = make("dgl", K=3)
         x, y = batch(n=64)
-        engine = SimulatedEngine(m, x, y, batch_size=16, seed=seed)
+        engine = SimulatedEngine(m, BatchStream(x, y, 16, seed))
         return [engine.run_epoch()["train_loss_per_module"] for _ in range(2)]
 
     assert losses(3) == losses(3)
@@ -162,7 +163,7 @@ def test_registry_lists_methods_and_rejects_unknown():
 def run_engine_steps(net, method, steps, K=None):
     """Drive ``method`` through the sync engine's epoch on the fixed batches 100, 101, ..."""
     batches = iter([batch(seed=100 + s) for s in range(steps)])
-    engine = SimulatedEngine(method, torch.zeros(16 * steps, 1, 28, 28), torch.zeros(16 * steps, dtype=torch.long), batch_size=16, seed=0)
+    engine = SimulatedEngine(method, BatchStream(torch.zeros(16 * steps, 1, 28, 28), torch.zeros(16 * steps, dtype=torch.long), 16, 0))
     engine.batches.next = lambda: next(batches)
     engine.run_epoch()
     return net
@@ -342,7 +343,7 @@ def test_each_synthesizer_regresses_on_the_gradient_of_its_own_batch(method):
 
     dni.module_step, dni.receive_gradient, dni.prediction_for = spy_step, spy_receive, spy_prediction_for
     x, y = data(n=16 * 20)
-    sim = AsyncSimulator(dni, x, y, 16, 0, async_cfg(schedule="event", slowdown_factor=3, slowed_module=2, buffer_size=3, budget="time"))
+    sim = AsyncSimulator(dni, BatchStream(x, y, 16, 0), 0, async_cfg(schedule="event", slowdown_factor=3, slowed_module=2, buffer_size=3, budget="time"))
     sim.run_epoch()
     assert len(checked) > 10 and all(checked)
     assert max(sim.grad_staleness[0]) >= 2  # several activations waited at once
@@ -446,7 +447,7 @@ def test_every_method_reports_each_modules_loss_and_trains_its_probe_heads(metho
         net, m = make(method, K=3, probe_heads=probe_heads)
         initial = copy.deepcopy(net)
         x, y = batch(n=64)
-        losses = SimulatedEngine(m, x, y, batch_size=16, seed=0).run_epoch()["train_loss_per_module"]
+        losses = SimulatedEngine(m, BatchStream(x, y, 16, 0)).run_epoch()["train_loss_per_module"]
         own_loss = probe_heads or method == "dgl"
         assert [loss is not None and loss > 0 for loss in losses] == [own_loss, own_loss, True], losses
         for k in range(3):

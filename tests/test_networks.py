@@ -179,3 +179,60 @@ def test_dni_puts_a_synthesizer_above_every_archs_last_block(arch):
     out = dni.module_step(2, h, y).outputs
     assert dni.predict(2, out, y).shape == out.shape
     assert any(not torch.equal(a, b) for a, b in zip(net.blocks[2].parameters(), last_block.parameters()))
+
+
+@pytest.mark.parametrize("arch, dropout", [("vgg13", 0.5), ("vgg19", 0.0)])
+def test_the_imagenet_vgg_is_torchvisions_vgg_bn_layer_for_layer(arch, dropout):
+    """model.vgg_classifier mlp: the DGL code's ImageNet VGG (and, with model.dropout 0.5, its
+    baseline torchvision vgg*_bn): the same parameter shapes in the same order, the same maps
+    at 224 pixels, dropout where torchvision has it."""
+    from torchvision import models
+
+    theirs = getattr(models, f"{arch}_bn")(dropout=dropout or 0.5)
+    ours = model.build({"arch": arch, **BASE, "vgg_classifier": "mlp", "dropout": dropout}, 1, 3, 1000)
+    shapes = lambda parameters: [tuple(p.shape) for p in parameters]  # noqa: E731
+    assert shapes([*ours.blocks.parameters(), *ours.heads[-1].parameters()]) == shapes(theirs.parameters())
+    assert params(ours) == sum(p.numel() for p in theirs.parameters())  # 133 M (VGG-13), 144 M (VGG-19)
+    assert sum(isinstance(m, torch.nn.Dropout) for m in ours.modules()) == (2 if dropout else 0)
+    with torch.no_grad():
+        maps = torch.zeros(1, 3, 224, 224)
+        for block in ours.blocks:
+            maps = block(maps)
+        assert maps.shape == (1, 512, 14, 14)  # the classifier's max-pool makes the 7x7 its MLP reads
+        assert ours.heads[-1](maps).shape == (1, 1000)
+
+
+def test_the_vgg_aux_heads_are_drawn_as_the_dgl_codes_network():
+    """imagenet_dgl/models/vgg.py draws every module, its aux nets' too: convs He fan-out, BN 1
+    and 0, linear N(0, 0.01) and biases 0 (PyTorch's default linear is uniform, its bias not 0)."""
+    torch.manual_seed(0)
+    net = model.build({"arch": "vgg13", **BASE, "aux_head": "dgl", "aux_nlin": 1, "aux_mlp_layers": 1}, 2, 3, 10)
+    head = net.heads[0]
+    linears = [m for m in head.modules() if isinstance(m, torch.nn.Linear)]
+    assert all(float(m.bias.detach().abs().max()) == 0 for m in linears)
+    assert all(abs(float(m.weight.detach().std()) - 0.01) < 0.002 for m in linears)
+    conv = next(m for m in head.modules() if isinstance(m, torch.nn.Conv2d))
+    assert abs(float(conv.weight.detach().std()) - (2 / conv.out_channels) ** 0.5) < 0.1 * (2 / conv.out_channels) ** 0.5
+    assert all(float(m.weight.detach().min()) == 1 for m in head.modules() if isinstance(m, torch.nn.BatchNorm1d))
+
+
+def test_the_imagenet_resnet152_is_torchvisions_layer_for_layer_and_cut_as_the_dgl_code():
+    """imagenet_resnet152: the DGL code's imagenet_dgl/models/resnet.py, torchvision's ResNet-152
+    (60.2 M parameters, the same shapes in the same order); its 51 units (the stem, 50 blocks)."""
+    from torchvision import models
+
+    theirs = models.resnet152()
+    ours = model.build({"arch": "imagenet_resnet152", **BASE, "split": [26, 25], "aux_head": "dgl", "aux_first_pool": 2}, 2, 3, 1000)
+    shapes = lambda parameters: sorted(tuple(p.shape) for p in parameters)  # noqa: E731
+    assert shapes([*ours.blocks.parameters(), *ours.heads[-1].parameters()]) == shapes(theirs.parameters())
+    assert params(ours) == sum(p.numel() for p in theirs.parameters())
+    assert [len(b) for b in ours.blocks] == [26, 25]
+    with torch.no_grad():
+        ours.eval()
+        maps = ours.blocks[0](torch.zeros(1, 3, 224, 224))
+        assert maps.shape == (1, 1024, 14, 14)  # the first module ends inside stage 3, after its 14th block
+        pooled = []
+        hook = ours.heads[0].convs.register_forward_pre_hook(lambda m, args: pooled.append(args[0].shape))
+        assert ours.heads[0](maps).shape == (1, 1000)
+        hook.remove()
+        assert pooled == [(1, 1024, 2, 2)]  # model.aux_first_pool 2: the code's head pools 14x14 to 2x2 (a quarter of 7)

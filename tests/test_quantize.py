@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from decoupled import config, grid, methods, model
+from decoupled.data.batches import BatchStream, TensorTestSet
 from decoupled.engines import boundary
 from decoupled.engines.simulated import SimulatedEngine
 from decoupled.errors import UserError
@@ -116,13 +117,13 @@ def test_the_next_module_trains_on_the_quantized_tensor(method):
     g = torch.Generator().manual_seed(0)
     y = torch.randint(0, 2, (16 * 30,), generator=g)
     x = torch.randn(16 * 30, 1, 28, 28, generator=g) + (y[:, None, None, None] - 0.5)  # brighter or darker
-    engine = SimulatedEngine(m, x, y, batch_size=16, seed=0)
+    engine = SimulatedEngine(m, BatchStream(x, y, 16, 0))
     engine.run_epoch()
     stats = engine.run_epoch()
     vectors = torch.cat([boundary_vectors(s) for s in seen])
     assert len(vectors.unique(dim=0)) <= 4 * len(seen)  # a codebook of 4 per step (it learns between steps)
     assert all(len(boundary_vectors(s).unique(dim=0)) <= 4 for s in seen)
-    assert engine.evaluate(net, x, y, 480)["test_acc"] > 0.75  # learns (chance: 0.5) through the quantized boundary
+    assert engine.evaluate(net, TensorTestSet(x, y), 480)["test_acc"] > 0.75  # learns (chance: 0.5) through the quantized boundary
     assert stats["vq_recon_error_per_boundary"][0] > 0 and 1 <= stats["vq_perplexity_per_boundary"][0] <= 4
 
 
@@ -136,7 +137,7 @@ def test_the_simulator_counts_the_bytes_the_codes_take():
     torch.manual_seed(0)
     net = model.build(job["model"], 2, 1, 10)
     m = methods.get("dgl")(net, job["train"], total_steps=4)
-    engine = SimulatedEngine(m, torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,)), batch_size=16, seed=0)
+    engine = SimulatedEngine(m, BatchStream(torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,)), 16, 0))
     stats = engine.run_epoch()
     codes = 8 * 14 * 14 // 4 * 4 / 8  # bytes per image: 4 bits per 4 channels
     per_batch = 16 + 16 * 4 * 4 + 16 * 8  # header, codebook, labels

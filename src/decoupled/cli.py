@@ -56,6 +56,9 @@ def cmd_prepare_data(args) -> None:
         subset_per_class=dataset["subset_per_class"],
         test_subset_per_class=dataset["test_subset_per_class"],
         verify_checksums=dataset["verify_checksums"],
+        crop_size=dataset["crop_size"],
+        resize_size=dataset["resize_size"],
+        generate_from=dataset["generate_from"],
     )
     print(f"prepared {summary['name']}: {summary['n_train']} train / {summary['n_test']} test images from {summary['source']} -> {args.out}", file=sys.stderr)
 
@@ -205,7 +208,8 @@ def _evaluate_run(run_dir: Path, data) -> tuple[dict, dict]:
     except (KeyError, TypeError, RuntimeError) as e:  # a checkpoint of something else
         raise UserError(f"checkpoint {path} is not one of this pipeline's runs on this data ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
     with numerics.autocast(job["train"], "cpu"):  # the numerics it was trained (and evaluated per epoch) in
-        result = {**job["run"], **evaluate(net, data.test_x, data.test_y, job["train"]["eval_batch_size"])}
+        test = data.test_set(torch.device("cpu"), job["train"]["loader_workers"])
+        result = {**job["run"], **evaluate(net, test.batches(job["train"]["eval_batch_size"]))}
     return result, {"mlflow_run_id": checkpoint["mlflow_run_id"], "epoch": checkpoint["epoch"]}
 
 

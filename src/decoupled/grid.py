@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from decoupled import config as config_lib
-from decoupled import engines, methods
+from decoupled import dataset_traits, engines, methods
 from decoupled.errors import UserError
 from decoupled.networks import shapes
 
@@ -308,6 +308,7 @@ def _check_run(job: dict[str, Any], key: RunKey) -> None:
             f" it lists {len(split)} summing to {sum(split)}"
         )
     _check_groups_and_quantize(job, key)
+    dataset_traits.check_augment(job["dataset"]["name"], job["train"]["augment"])
     if key.mode == "async":
         factor, module = job["async"]["slowdown_factor"], job["async"]["slowed_module"]
         if module is not None and module >= key.K:

@@ -159,7 +159,7 @@ def _child_run(job: dict, data, data_path: Path, out_dir: Path, experiment: dict
         # mode and setting, its band over the seeds
         run_tags["group"] = name.rsplit(" ", 1)[0]
         run = ChildRun.start(experiment, name, params_of(job), run_tags, parent_id)
-        run.log_dataset(data.name, data_path, {"train_images": len(data.train_y), "test_images": len(data.test_y), "classes": data.num_classes,
+        run.log_dataset(data.name, data_path, {"train_images": data.n_train, "test_images": data.n_test, "classes": data.num_classes,
                                                "image": [data.in_channels, data.image_size, data.image_size]})
     logged = run.logged_steps(EPOCHS_METRIC)
     for record in resume["epochs"] if resume is not None else []:  # epochs an earlier attempt finished but had not logged here

@@ -183,7 +183,11 @@ def _plain(model_cfg: dict, counts: list[int], in_channels: int, num_classes: in
         blocks.append(nn.Sequential(*layers[start : start + count]))
         start += count
         last = k == K - 1
-        heads.append(arch.classifier(widths[start - 1], num_classes) if last else _head(model_cfg, widths[start - 1], num_classes, last=False))
+        if last:
+            heads.append(arch.classifier(widths[start - 1], num_classes))
+        else:  # an arch whose authors draw the aux heads as their network says how
+            head = _head(model_cfg, widths[start - 1], num_classes, last=False)
+            heads.append(arch.init_head(head) if hasattr(arch, "init_head") else head)
     return blocks, heads
 
 
@@ -193,7 +197,7 @@ def _head(model_cfg: dict, channels: int, num_classes: int, last: bool, hidden: 
     if kind == "cnn":
         return ConvAuxHead(channels, num_classes, model_cfg.get("kernel_size", 3))
     if kind == "dgl":
-        return DGLAuxHead(channels, num_classes, model_cfg.get("aux_nlin", 3), model_cfg.get("aux_mlp_layers", 3))
+        return DGLAuxHead(channels, num_classes, model_cfg.get("aux_nlin", 3), model_cfg.get("aux_mlp_layers", 3), model_cfg.get("aux_first_pool"))
     if kind == "1c2f":
         head = StridedConvHead(channels, num_classes, model_cfg["aux_hidden"] if hidden is None else hidden)
         if model_cfg.get("init", "pytorch") == "he_fan_out":  # the InfoPro and GN-DGL code draw their aux nets' convs as the network's

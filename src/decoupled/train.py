@@ -71,9 +71,9 @@ def build(job: dict, data: Dataset, split: dict | None = None):
 def check_fits(job: dict, data: Dataset) -> int:
     """The job's steps per epoch on ``data``; a UserError if not one batch fits."""
     batch_size = job["train"]["batch_size"]
-    if len(data.train_x) < batch_size:
-        raise UserError(f"config key 'train.batch_size': {batch_size} exceeds the {len(data.train_x)} training images")
-    return len(data.train_x) // batch_size
+    if data.n_train < batch_size:
+        raise UserError(f"config key 'train.batch_size': {batch_size} exceeds the {data.n_train} training images")
+    return data.n_train // batch_size
 
 
 def _split(job: dict, data: Dataset, K: int, engine_class) -> tuple[list[int], dict | None]:
@@ -82,7 +82,7 @@ def _split(job: dict, data: Dataset, K: int, engine_class) -> tuple[list[int], d
     from decoupled.profile import resolve_split
 
     def resolve():
-        return resolve_split(job["model"], K, data.in_channels, data.train_x.shape[-1], data.num_classes, job["train"]["batch_size"])
+        return resolve_split(job["model"], K, data.in_channels, data.image_size, data.num_classes, job["train"]["batch_size"])
 
     return resolve() if job["model"]["split"] != "balanced" else engine_class.agreed(resolve)
 
@@ -114,11 +114,8 @@ def _fit(job: dict, data: Dataset, checkpoint, resume: dict | None, stop: StopRe
         torch.set_rng_state(resume["torch_rng"])
         epochs, wall = list(resume["epochs"]), resume["wall_time_s"]
     engine.stop = stop
-    # the test set goes to the network's device once, as the training set does: on a GPU no
-    # evaluation batch is copied from the host
-    device = next(net.parameters()).device
-    test_x, test_y = data.test_x.to(device), data.test_y.to(device)
-    counts = compute.count(net, tuple(data.train_x.shape[1:]), method.traits.sync_only)
+    test = data.test_set(next(net.parameters()).device, job["train"]["loader_workers"])
+    counts = compute.count(net, data.input_shape, method.traits.sync_only)
     if engine.is_main:
         _announce(key, split, resume, job["train"]["epochs"])
 
@@ -145,7 +142,7 @@ def _fit(job: dict, data: Dataset, checkpoint, resume: dict | None, stop: StopRe
                 engine.progress.close()
         wall += stats["seconds"]
         _check_finite(key, epoch, stats["train_loss_per_module"], method)
-        record = _epoch_record(epoch, stats, engine.evaluate(net, test_x, test_y, job["train"]["eval_batch_size"]), wall)
+        record = _epoch_record(epoch, stats, engine.evaluate(net, test, job["train"]["eval_batch_size"]), wall)
         epochs.append(record)
         save(epoch)  # before the progress line, which thus means: this epoch is safe
         if engine.is_main:

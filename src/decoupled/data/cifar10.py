@@ -151,4 +151,5 @@ def batch_arrays(
     return data.reshape(-1, 3, 32, 32), labels - first_label
 
 
+TRAITS = {"storage": "memory"}  # prepared as tensors (decoupled.dataset_traits)
 SPEC = DatasetSpec("cifar10", CIFAR10_CLASSES, locate_cifar10, read_cifar10)

@@ -79,4 +79,5 @@ def read_cifar100_meta(path: str | Path, *, expected_md5: str | None = None) -> 
         raise UserError(f"{path} is corrupt: b'fine_label_names' holds a name that is not ASCII") from None
 
 
+TRAITS = {"storage": "memory"}  # prepared as tensors (decoupled.dataset_traits)
 SPEC = DatasetSpec("cifar100", CIFAR100_CLASSES, locate_cifar100, read_cifar100)

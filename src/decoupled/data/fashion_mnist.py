@@ -119,4 +119,5 @@ def _idx_path(directory: Path, stem: str) -> Path:
     raise UserError(f"missing dataset file: {directory / stem}.gz (nor uncompressed {stem}) in {directory}")
 
 
+TRAITS = {"storage": "memory"}  # prepared as tensors (decoupled.dataset_traits)
 SPEC = DatasetSpec("fashion_mnist", FASHION_MNIST_CLASSES, locate_fashion_mnist, read_fashion_mnist)

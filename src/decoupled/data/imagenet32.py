@@ -111,4 +111,5 @@ def find_file(directory: Path, stem: str) -> Path:
     raise UserError(f"missing dataset file: {directory / stem} (nor {stem}.npz, there or in {below})")
 
 
+TRAITS = {"storage": "memory"}  # prepared as tensors (decoupled.dataset_traits)
 SPEC = DatasetSpec("imagenet32", IMAGENET32_CLASSES, locate_imagenet32, read_imagenet32)

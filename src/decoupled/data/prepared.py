@@ -6,15 +6,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from decoupled.data.batches import BatchStream, TensorTestSet
+from decoupled.data.pixels import normalize
 from decoupled.errors import UserError
+
+if TYPE_CHECKING:
+    from decoupled.data.folders import FolderDataset
 
 @dataclass
 class Dataset:
-    """A prepared dataset in memory: normalized float32 images (N, C, H, W), int64 labels."""
+    """A prepared dataset in memory: normalized float32 images (N, C, H, W), int64 labels.
+
+    What training asks of any dataset (this one, or a streamed ``folders.FolderDataset``):
+    ``n_train``, ``n_test``, ``input_shape``, its classes, ``train_stream`` (the mini-batches)
+    and ``test_set`` (the test images, in order).
+    """
 
     train_x: Tensor
     train_y: Tensor
@@ -26,12 +37,33 @@ class Dataset:
     image_size: int
     name: str
 
+    @property
+    def n_train(self) -> int:
+        return len(self.train_y)
+
+    @property
+    def n_test(self) -> int:
+        return len(self.test_y)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.train_x.shape[1:])
+
+    def train_stream(self, batch_size: int, seed: int, augment: str, device: torch.device, workers: int = 0) -> BatchStream:
+        """The shuffled mini-batches, drawn from the training set copied once to ``device`` (no loader: ``workers`` is unused)."""
+        return BatchStream(self.train_x.to(device), self.train_y.to(device), batch_size, seed, augment)
+
+    def test_set(self, device: torch.device, workers: int = 0) -> TensorTestSet:
+        """The test set, copied once to ``device``: on a GPU no evaluation batch is copied from the host."""
+        return TensorTestSet(self.test_x.to(device), self.test_y.to(device))
+
 
 _PREPARED_KEYS = ("name", "train_x", "train_y", "test_x", "test_y", "classes", "mean", "std")
 
 
-def load_prepared(path: str | Path) -> Dataset:
-    """Load a file written by ``prepare`` and normalize its images once, up front."""
+def load_prepared(path: str | Path) -> Dataset | FolderDataset:
+    """Load a file written by ``prepare``: a dataset in memory, its images normalized once, up
+    front; or a streamed one's index (``folders.FolderDataset``)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"prepared dataset not found: {path}")
@@ -43,6 +75,8 @@ def load_prepared(path: str | Path) -> Dataset:
         stored = torch.load(path, weights_only=True)
     except Exception as e:  # torch raises several types for a file that is not its own (its message: advice on weights_only)
         raise UserError(f"{path} is not a prepared dataset file (damaged or foreign: torch cannot read it, {type(e).__name__}); {again}") from None
+    if isinstance(stored, dict) and stored.get("streamed"):
+        return _streamed(path, stored, again)
     missing = [k for k in _PREPARED_KEYS if not isinstance(stored, dict) or k not in stored]
     if missing:
         raise UserError(f"{path} is not a prepared dataset file: missing {', '.join(missing)}; {again}")
@@ -67,6 +101,21 @@ def load_prepared(path: str | Path) -> Dataset:
         image_size=train_x.shape[2],
         name=stored["name"],
     )
+
+
+_STREAMED_KEYS = ("name", "root", "train_files", "train_y", "test_files", "test_y", "classes", "mean", "std", "source", "crop_size", "resize_size")
+
+
+def _streamed(path: Path, stored: dict, again: str) -> FolderDataset:
+    from decoupled.data.folders import FolderDataset
+
+    missing = [k for k in _STREAMED_KEYS if k not in stored]
+    if missing:
+        raise UserError(f"{path} is not a prepared dataset file: missing {', '.join(missing)}; {again}")
+    if not Path(stored["root"]).is_dir():
+        raise UserError(f"{path}: its images' folder {stored['root']} is gone; {again} from where the images are now")
+    return FolderDataset(**{k: stored[k] for k in _STREAMED_KEYS if k not in ("train_y", "test_y", "classes")},
+                         train_y=stored["train_y"].long(), test_y=stored["test_y"].long(), classes=list(stored["classes"]))
 
 
 def balanced_subset(x: Tensor, y: Tensor, per_class: int, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -106,9 +155,3 @@ def channel_stats(x: Tensor) -> tuple[list[float], list[float]]:
         # a constant channel carries no information; dividing by 1 keeps it at 0, not NaN
         stds.append(std if std > 0 else 1.0)
     return means, stds
-
-
-def normalize(x: Tensor, mean: list[float], std: list[float]) -> Tensor:
-    shape = (1, -1, 1, 1)
-    out = x.to(torch.float32).div_(255)
-    return out.sub_(torch.tensor(mean, dtype=torch.float32).view(shape)).div_(torch.tensor(std, dtype=torch.float32).view(shape))

@@ -17,6 +17,12 @@ from decoupled.evaluate import evaluate
 from decoupled.model import SplitNet
 
 
+def train_stream(data, job: dict, device: torch.device):
+    """The job's training mini-batches (``data.train_stream``: from memory, or streamed from files)."""
+    train = job["train"]
+    return data.train_stream(train["batch_size"], job["run"]["seed"], train["augment"], device, train["loader_workers"])
+
+
 class StopRequest:
     """A request to stop (SIGTERM: a preemption) that an engine honours between two steps.
 
@@ -76,8 +82,7 @@ class Engine:
 
     @classmethod
     def for_job(cls, method, data, job: dict, device: torch.device) -> "Engine":
-        train = job["train"]
-        return cls(method, data.train_x.to(device), data.train_y.to(device), train["batch_size"], job["run"]["seed"], job.get("async"), train["augment"])
+        return cls(method, train_stream(data, job, device), job.get("async"))
 
     @contextlib.contextmanager
     def _stoppable(self):
@@ -99,8 +104,9 @@ class Engine:
         """Mini-batches in one pass over the training set (every engine reads them from ``self.batches``)."""
         return self.batches.batches_per_pass
 
-    def evaluate(self, net: SplitNet, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> dict:
-        return evaluate(net, x, y, batch_size)
+    def evaluate(self, net: SplitNet, test, batch_size: int) -> dict:
+        """The net's accuracies on ``test`` (``Dataset.test_set``'s, on the net's device)."""
+        return evaluate(net, test.batches(batch_size))
 
     def checkpoint_state(self) -> dict:
         """What a checkpoint needs besides the network's weights."""

@@ -51,18 +51,29 @@ import time
 import torch
 import torch.distributed as dist
 
+from decoupled.data.batches import Batches
 from decoupled.engines import boundary
-from decoupled.engines.base import Engine
-from decoupled.engines.batches import BatchStream
+from decoupled.engines.base import Engine, train_stream
 from decoupled.engines.buffers import Entry, ReplayBuffer
-from decoupled.engines.channels import DATA, END_EPOCH, STOP, Fanout, Gather, Inbox, Message, Outbox, PeerLost, TensorSpec, first_line
+from decoupled.engines.channels import (
+    DATA,
+    END_EPOCH,
+    STOP,
+    Fanout,
+    Gather,
+    Inbox,
+    Message,
+    Outbox,
+    PeerLost,
+    TensorSpec,
+    first_line,
+)
 from decoupled.engines.clock import settled_time
 from decoupled.engines.losses import LossTally
 from decoupled.engines.staleness import staleness_summary
 from decoupled.errors import UserError
 from decoupled.evaluate import evaluate
 from decoupled.methods.base import Method
-
 
 # One process per module, started by torchrun; real workers' wall clock. A locked method
 # (backprop) has no such form: its modules wait for one backward pass.
@@ -134,11 +145,11 @@ class DistributedEngine(Engine):
 
     @classmethod
     def for_job(cls, method, data, job, device):
-        train = job["train"]  # the data stays on the host: worker 0 reads the batches
-        return cls(method, data.train_x, data.train_y, train["batch_size"], job["run"]["seed"], job.get("async"), train["augment"],
-                   asynchronous=job["run"]["mode"] == "async", distributed_cfg=job["distributed"], device=device)
+        # the data stays on the host: worker 0 reads the batches and sends them on (the others never draw one)
+        batches = train_stream(data, job, torch.device("cpu"))
+        return cls(method, batches, job.get("async"), asynchronous=job["run"]["mode"] == "async", distributed_cfg=job["distributed"], device=device)
 
-    def __init__(self, method: Method, train_x: torch.Tensor, train_y: torch.Tensor, batch_size: int, seed: int, async_cfg: dict, augment: str = "none", *, asynchronous: bool, distributed_cfg: dict, device: torch.device):
+    def __init__(self, method: Method, batches: Batches, async_cfg: dict, *, asynchronous: bool, distributed_cfg: dict, device: torch.device):
         net = method.net
         K, G = net.K, net.groups
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -146,8 +157,8 @@ class DistributedEngine(Engine):
         self.k, self.g = divmod(self.rank, G)  # worker (k, g): group g of module k (g = 0 without groups)
         self.is_main = self.rank == 0
         self.asynchronous, self.device = asynchronous, device
-        self.batch_size = batch_size
-        self.batches = BatchStream(train_x, train_y, batch_size, seed, augment)
+        self.batch_size = batches.batch_size
+        self.batches = batches
         self.gradients_travel = method.traits.sends_gradients
         self.replay = asynchronous and method.traits.input_buffer == "replay"
         timeout, in_flight = distributed_cfg["timeout_s"], distributed_cfg["max_in_flight"]
@@ -162,8 +173,8 @@ class DistributedEngine(Engine):
         # a module's groups exchange their outputs and heads' logits at every step
         modules = [dist.new_group([rank(b, g) for g in range(G)], timeout=limit) for b in range(K)] if G > 1 else []
         self.module_group = modules[self.k] if G > 1 else None
-        act_specs = _boundary_specs(net, train_x, batch_size, device)
-        label_spec = TensorSpec((batch_size,), train_y.dtype)
+        act_specs = _boundary_specs(net, batches.input_shape, batches.batch_size, device)
+        label_spec = TensorSpec((batches.batch_size,), torch.long)
         k, g = self.k, self.g
         self.to_next = Fanout([Outbox(rank(k + 1, h), forward[k, g, h], in_flight, timeout, device, f"module {k} -> {k + 1}" + (f", group {g} -> {h}" if G > 1 else ""))
                                for h in range(G)]) if k < K - 1 else None
@@ -449,9 +460,9 @@ class DistributedEngine(Engine):
         heads = net.heads[k]
         return [net.blocks[k].branches[g], heads.group_heads[g]] + ([heads.final] if heads.final is not None and g == 0 else [])
 
-    def evaluate(self, net, x, y, batch_size) -> dict:
+    def evaluate(self, net, test, batch_size) -> dict:
         """Each worker evaluates every (K x G)-th test image; the counts are summed."""
-        part = evaluate(net, x[self.rank :: self.world], y[self.rank :: self.world], batch_size)
+        part = evaluate(net, test.batches(batch_size, part=(self.rank, self.world)))
         parts = [None] * self.world
         self._together("gathering the evaluation", dist.all_gather_object, parts, part, group=self.everyone)
         n = sum(p["n_test"] for p in parts)
@@ -550,14 +561,14 @@ def _per_module(workers: list[dict], G: int) -> list[dict]:
     return modules
 
 
-def _boundary_specs(net, train_x: torch.Tensor, batch_size: int, device: torch.device) -> list[TensorSpec]:
+def _boundary_specs(net, input_shape: tuple[int, ...], batch_size: int, device: torch.device) -> list[TensorSpec]:
     """Shape and dtype of the activations crossing each boundary, from a forward pass in eval
     mode (which leaves BatchNorm's running statistics alone)."""
     was_training = net.training
     net.eval()
     specs = []
     with torch.no_grad():
-        h = torch.zeros((batch_size, *train_x.shape[1:]), dtype=train_x.dtype, device=device)
+        h = torch.zeros((batch_size, *input_shape), device=device)
         for block in net.blocks[:-1]:
             h = block(h)
             specs.append(TensorSpec(tuple(h.shape), h.dtype))

@@ -6,15 +6,14 @@ import collections
 
 import torch
 
+from decoupled.data.batches import Batches
 from decoupled.engines import boundary
 from decoupled.engines.base import Engine, EpochInterrupted
-from decoupled.engines.batches import BatchStream
 from decoupled.engines.boundary import Traffic
 from decoupled.engines.clock import ParallelClock, settled_time
 from decoupled.engines.losses import LossTally
 from decoupled.engines.staleness import staleness_summary
 from decoupled.methods.base import Method
-
 
 # One process runs every module; its seconds are the simulated parallel clock's.
 SPEC = {"name": "simulated", "classes": {"sync": "simulated:SimulatedEngine", "async": "simulated_async:AsyncSimulator"}}
@@ -24,17 +23,17 @@ class SimulatedEngine(Engine):
     """Sync mode: each step takes a mini-batch through modules 0..K-1 in order.
 
     The gradient of the batch of step b reaches module k at the end of step
-    b + ``method.gradient_delay(k)``. Batches are slices of tensors held in memory
-    (``BatchStream``), so the loop has no per-sample Python. The ``ParallelClock`` times the
+    b + ``method.gradient_delay(k)``. Batches come whole from ``batches`` (slices of tensors
+    held in memory, or a loader's read ahead), so the loop has no per-sample Python. The ``ParallelClock`` times the
     run as K workers in a pipeline would take it; a locked method (backprop) cannot start a
     batch before the last one's backward is done.
     """
 
-    def __init__(self, method: Method, train_x: torch.Tensor, train_y: torch.Tensor, batch_size: int, seed: int, async_cfg: dict | None = None, augment: str = "none"):
+    def __init__(self, method: Method, batches: Batches, async_cfg: dict | None = None):
         K = method.net.K
         self.method = method
-        self.batches = BatchStream(train_x, train_y, batch_size, seed, augment)
-        self.device = train_x.device  # where the modules compute: the clock waits for it
+        self.batches = batches
+        self.device = batches.device  # where the modules compute: the clock waits for it
         self.step = 0  # global step count = the batch index, the clock of gradient deliveries
         # gradients on their way down: in_flight[k] holds (due step, batch step, sent at, d loss / d outputs of module k)
         self.in_flight = [collections.deque() for _ in range(K - 1)]

@@ -31,9 +31,9 @@ import collections
 
 import torch
 
+from decoupled.data.batches import Batches
 from decoupled.engines import boundary
-from decoupled.engines.base import Engine, EpochInterrupted
-from decoupled.engines.batches import BatchStream
+from decoupled.engines.base import Engine, EpochInterrupted, train_stream
 from decoupled.engines.buffers import Entry, FifoQueue, ReplayBuffer
 from decoupled.engines.clock import ParallelClock, settled_time
 from decoupled.engines.losses import LossTally
@@ -43,11 +43,15 @@ from decoupled.methods.base import Method
 
 
 class AsyncSimulator(Engine):
-    def __init__(self, method: Method, train_x: torch.Tensor, train_y: torch.Tensor, batch_size: int, seed: int, async_cfg: dict, augment: str = "none"):
+    @classmethod
+    def for_job(cls, method, data, job, device):
+        return cls(method, train_stream(data, job, device), job["run"]["seed"], job["async"])
+
+    def __init__(self, method: Method, batches: Batches, seed: int, async_cfg: dict):
         K = method.net.K
         self.method = method
-        self.batches = BatchStream(train_x, train_y, batch_size, seed, augment)
-        self.device = train_x.device  # where the modules compute: the clock waits for it
+        self.batches = batches
+        self.device = batches.device  # where the modules compute: the clock waits for it
         slowed = async_cfg["slowed_module"]
         if slowed is not None and slowed >= K:
             raise ValueError(f"slowed module {slowed} does not exist with K={K}")

@@ -51,8 +51,9 @@ class DGLAuxHead(nn.Module):
     ``mlp_layers`` linear layers of 4C units each with BatchNorm1d and ReLU, and a linear layer to
     the classes (with no MLP: BN, then that linear layer)."""
 
-    def __init__(self, channels: int, num_classes: int, n_lin: int, mlp_layers: int):
+    def __init__(self, channels: int, num_classes: int, n_lin: int, mlp_layers: int, first_pool: int | None = None):
         super().__init__()
+        self.first_pool = first_pool  # None: a quarter of the input's side
         self.convs = nn.Sequential(*(nn.Sequential(nn.Conv2d(channels, channels, 1, bias=False), nn.BatchNorm2d(channels), nn.ReLU())
                                      for _ in range(n_lin)))
         features = 4 * channels
@@ -61,7 +62,7 @@ class DGLAuxHead(nn.Module):
         self.classifier = nn.Sequential(*mlp, nn.Linear(features, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        quarter = (-(-x.shape[-2] // 4), -(-x.shape[-1] // 4))
+        quarter = (-(-x.shape[-2] // 4), -(-x.shape[-1] // 4)) if self.first_pool is None else self.first_pool
         out = nn.functional.adaptive_avg_pool2d(x, quarter)
         out = nn.functional.adaptive_avg_pool2d(self.convs(out), 2)
         return self.classifier(self.bn(out).flatten(1))

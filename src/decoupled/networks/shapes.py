@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import re
 
-ARCH = re.compile(r"^(cnn|resnet|wrn|vgg)(?:(\d+)(?:_(\d+))?)?$")
+ARCH = re.compile(r"^(cnn|resnet|wrn|vgg|imagenet_resnet)(?:(\d+)(?:_(\d+))?)?$")
+# blocks per stage of the ImageNet ResNets (bottleneck blocks)
+IMAGENET_RESNET_BLOCKS = {50: [3, 4, 6, 3], 101: [3, 4, 23, 3], 152: [3, 8, 36, 3]}
 
 VGG_CONFIGS = {
     11: [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512],
@@ -33,7 +35,7 @@ def parse(model_cfg: dict) -> tuple[str, list[int]]:
     match = ARCH.match(name)
     family, depth, k = match.groups() if match else (None, None, None)
     if family is None or (family == "cnn") != (depth is None) or (family == "wrn") != (k is not None):
-        raise ValueError(f"model.arch {name!r} is not one of cnn, resnet<depth>, wrn<depth>_<k>, vgg<depth>")
+        raise ValueError(f"model.arch {name!r} is not one of cnn, resnet<depth>, wrn<depth>_<k>, vgg<depth>, imagenet_resnet<depth>")
     numbers = [int(v) for v in (depth, k) if v is not None]
     if family in ("resnet", "wrn"):
         extra = 2 if family == "resnet" else 4
@@ -42,7 +44,14 @@ def parse(model_cfg: dict) -> tuple[str, list[int]]:
             raise ValueError(f"model.arch {name!r}: depth {numbers[0]} is not 6n+{extra} with n >= 1")
     if family == "vgg" and numbers[0] not in VGG_CONFIGS:
         raise ValueError(f"model.arch {name!r}: depth {numbers[0]} is not one of VGG's {sorted(VGG_CONFIGS)}")
+    if family == "imagenet_resnet" and numbers[0] not in IMAGENET_RESNET_BLOCKS:
+        raise ValueError(f"model.arch {name!r}: depth {numbers[0]} is not one of {sorted(IMAGENET_RESNET_BLOCKS)}")
     return family, numbers
+
+
+def imagenet_resnet_stages(model_cfg: dict) -> tuple[int, list[int]]:
+    """An ImageNet ResNet's stem width (64, or ``model.base_width``) and its blocks per stage."""
+    return model_cfg.get("base_width") or 64, IMAGENET_RESNET_BLOCKS[parse(model_cfg)[1][0]]
 
 
 def stage_widths(model_cfg: dict) -> tuple[int, list[int], int]:
@@ -67,6 +76,9 @@ def channels(model_cfg: dict) -> list[int]:
         return list(model_cfg["widths"])
     if family == "vgg":
         return [v for v in vgg_config(model_cfg) if v != "M"]
+    if family == "imagenet_resnet":  # the stem, then each bottleneck block (4x its stage's planes)
+        base, blocks = imagenet_resnet_stages(model_cfg)
+        return [base] + [4 * base * 2**stage for stage, n in enumerate(blocks) for _ in range(n)]
     base, widths, n = stage_widths(model_cfg)
     stem = [base] if model_cfg.get("stem", "with_first") == "own" else []
     return stem + [w for w in widths for _ in range(n)]

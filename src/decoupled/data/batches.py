@@ -1,11 +1,34 @@
-"""Mini-batches drawn from tensors in memory, reshuffled at every pass over the data."""
+"""Mini-batches drawn from tensors in memory, reshuffled at every pass over the data; the test
+set's batches, in order."""
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 
 # train.augment: the padding of crop_flip's crops (zeros, as the FDG/DDG/DGL code; reflected, as the InfoPro code)
 PADDING_MODES = {"crop_flip": "constant", "crop_flip_reflect": "reflect"}
+
+
+class Batches(Protocol):
+    """What an engine draws its training mini-batches from (``BatchStream`` here, from memory;
+    ``folders.FolderStream``, from image files): ``next()`` gives the next (images, labels) on
+    ``device``, endlessly, ``batches_per_pass`` to a pass over the data; its state (order,
+    position, random streams) goes into checkpoints."""
+
+    batch_size: int
+    device: torch.device
+    input_shape: tuple[int, ...]  # of one image
+
+    @property
+    def batches_per_pass(self) -> int: ...
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 class BatchStream:
@@ -17,6 +40,7 @@ class BatchStream:
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int, augment: str = "none"):
         self.x, self.y = x, y
+        self.device, self.input_shape = x.device, tuple(x.shape[1:])
         self.batch_size = batch_size
         self.rng = torch.Generator().manual_seed(seed)
         if augment != "none" and augment not in PADDING_MODES:
@@ -49,6 +73,20 @@ class BatchStream:
         self.rng.set_state(state["rng"])
         self.augment_rng.set_state(state["augment_rng"])
         self.order, self.position = state["order"], state["position"]
+
+
+class TensorTestSet:
+    """A test set held as tensors (on the network's device): its batches in order, as views.
+    ``part=(rank, world)``: every world-th image from the rank-th (a distributed worker's share)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        self.x, self.y = x, y
+
+    def batches(self, batch_size: int, part: tuple[int, int] = (0, 1)):
+        rank, world = part
+        x, y = self.x[rank::world], self.y[rank::world]
+        for start in range(0, len(x), batch_size):
+            yield x[start : start + batch_size], y[start : start + batch_size]
 
 
 def crop_flip(x: torch.Tensor, rng: torch.Generator, padding: int = 4, mode: str = "constant") -> torch.Tensor:
