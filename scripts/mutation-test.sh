@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Mutation testing of src/decoupled/methods/, src/decoupled/engines/ and quantize.py with mutmut (PyPI).
+# Mutation testing of src/decoupled/methods/, engines/, quantize.py and the batches engines draw
+# (data/batches.py, data/folders.py) with mutmut (PyPI).
 # mutmut changes one thing at a time in those files (an operator, a constant, a call left out)
 # and runs the tests that cover the changed function; a mutant that every test still passes
 # (a *survivor*) is a behaviour no test pins: kill it with a test, or explain why it is

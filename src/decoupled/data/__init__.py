@@ -18,33 +18,12 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from decoupled.data import cifar10, cifar100, fashion_mnist, imagenet, imagenet32
-from decoupled.data.cifar10 import (
-    CIFAR10_CLASSES,
-    CIFAR10_DIR_NAME,
-    CIFAR10_MD5,
-    read_cifar10,
-    read_cifar_batch,
-)
-from decoupled.data.cifar100 import (
-    CIFAR100_CLASSES,
-    CIFAR100_DIR_NAME,
-    CIFAR100_MD5,
-    read_cifar100,
-)
-from decoupled.data.fashion_mnist import (
-    FASHION_MNIST_CLASSES,
-    FASHION_MNIST_SHA256,
-    read_fashion_mnist,
-    read_idx,
-)
+from decoupled.data.cifar10 import CIFAR10_CLASSES, CIFAR10_DIR_NAME, CIFAR10_MD5, read_cifar10, read_cifar_batch
+from decoupled.data.cifar100 import CIFAR100_CLASSES, CIFAR100_DIR_NAME, CIFAR100_MD5, read_cifar100
+from decoupled.data.fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_SHA256, read_fashion_mnist, read_idx
 from decoupled.data.folders import FolderDataset, FolderIndex, write_image_folder
 from decoupled.data.imagenet32 import IMAGENET32_CLASSES, read_imagenet32
-from decoupled.data.prepared import (
-    Dataset,
-    balanced_subset,
-    channel_stats,
-    load_prepared,
-)
+from decoupled.data.prepared import Dataset, balanced_subset, channel_stats, load_prepared
 from decoupled.data.raw import DatasetSpec, RawData
 from decoupled.dataset_traits import traits
 from decoupled.errors import UserError

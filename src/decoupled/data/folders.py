@@ -29,10 +29,8 @@ import torch
 from torch import Tensor
 
 from decoupled.data.pixels import normalize
+from decoupled.dataset_traits import check_augment
 from decoupled.errors import UserError
-
-# train.augment of a streamed dataset: its training transform
-FOLDER_AUGMENTS = ("none", "resized_crop_flip")
 
 
 @dataclass
@@ -78,7 +76,7 @@ class FolderImages(torch.utils.data.Dataset):
             return self.transform(image)
 
 
-def collate(items: list) -> tuple[Tensor, None] | str:
+def collate(items: list) -> Tensor | str:
     """Stack the images of a batch (uint8), or return the first unreadable file's message."""
     for item in items:
         if isinstance(item, str):
@@ -106,8 +104,7 @@ class FolderStream:
     starts none."""
 
     def __init__(self, data: "FolderDataset", batch_size: int, seed: int, augment: str, device: torch.device, workers: int):
-        if augment not in FOLDER_AUGMENTS:
-            raise UserError(f"config key 'train.augment': {augment} does not apply to {data.name}, which is streamed from image folders ({', '.join(FOLDER_AUGMENTS)})")
+        check_augment(data.name, augment)  # as the grid checked the job
         self.images = FolderImages(data.root, data.train_files, transforms(augment, data.crop_size, data.resize_size))
         self.labels, self.normalize = data.train_y, data.normalizer(device)
         self.batch_size, self.device, self.workers = batch_size, device, workers

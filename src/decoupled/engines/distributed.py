@@ -55,25 +55,14 @@ from decoupled.data.batches import Batches
 from decoupled.engines import boundary
 from decoupled.engines.base import Engine, train_stream
 from decoupled.engines.buffers import Entry, ReplayBuffer
-from decoupled.engines.channels import (
-    DATA,
-    END_EPOCH,
-    STOP,
-    Fanout,
-    Gather,
-    Inbox,
-    Message,
-    Outbox,
-    PeerLost,
-    TensorSpec,
-    first_line,
-)
+from decoupled.engines.channels import DATA, END_EPOCH, STOP, Fanout, Gather, Inbox, Message, Outbox, PeerLost, TensorSpec, first_line
 from decoupled.engines.clock import settled_time
 from decoupled.engines.losses import LossTally
 from decoupled.engines.staleness import staleness_summary
 from decoupled.errors import UserError
 from decoupled.evaluate import evaluate
 from decoupled.methods.base import Method
+
 
 # One process per module, started by torchrun; real workers' wall clock. A locked method
 # (backprop) has no such form: its modules wait for one backward pass.

@@ -15,6 +15,7 @@ from decoupled.engines.losses import LossTally
 from decoupled.engines.staleness import staleness_summary
 from decoupled.methods.base import Method
 
+
 # One process runs every module; its seconds are the simulated parallel clock's.
 SPEC = {"name": "simulated", "classes": {"sync": "simulated:SimulatedEngine", "async": "simulated_async:AsyncSimulator"}}
 
@@ -24,9 +25,9 @@ class SimulatedEngine(Engine):
 
     The gradient of the batch of step b reaches module k at the end of step
     b + ``method.gradient_delay(k)``. Batches come whole from ``batches`` (slices of tensors
-    held in memory, or a loader's read ahead), so the loop has no per-sample Python. The ``ParallelClock`` times the
-    run as K workers in a pipeline would take it; a locked method (backprop) cannot start a
-    batch before the last one's backward is done.
+    held in memory, or a loader's, read ahead), so the loop has no per-sample Python. The
+    ``ParallelClock`` times the run as K workers in a pipeline would take it; a locked method
+    (backprop) cannot start a batch before the last one's backward is done.
     """
 
     def __init__(self, method: Method, batches: Batches, async_cfg: dict | None = None):
