@@ -403,3 +403,29 @@ def test_prepare_and_load_imagenet32_normalizes_each_channel(tmp_path):
 @pytest.mark.parametrize("name", ["cifar100", "imagenet32"])
 def test_registered(name):
     assert data.dataset_spec(name).name == name
+
+
+def test_fixed_constants_normalize_in_place_of_the_training_sets_statistics(tmp_path):
+    """dataset.normalize: the papers' fixed mean and std (the GN-DGL code's CIFAR-10 constants
+    for CIFAR-100), not the training set's own."""
+    checksums, arrays = make_cifar100(tmp_path / "raw")
+    constants = {"mean": [0.4914, 0.4822, 0.4467], "std": [0.2471, 0.2435, 0.2616]}
+    data.prepare("cifar100", tmp_path / "fixed.pt", tmp_path / "raw", checksums=checksums, normalize=constants)
+    ds = data.load_prepared(tmp_path / "fixed.pt")
+    raw = torch.from_numpy(arrays["test"][0]).float() / 255
+    expected = (raw - torch.tensor(constants["mean"]).view(1, 3, 1, 1)) / torch.tensor(constants["std"]).view(1, 3, 1, 1)
+    assert torch.allclose(ds.test_x, expected, atol=1e-5)
+    with pytest.raises(UserError, match=r"^config key 'dataset.normalize.std': 1 values for images of 3 channel\(s\)$"):
+        data.prepare("cifar100", tmp_path / "bad.pt", tmp_path / "raw", checksums=checksums, normalize={"mean": [0, 0, 0], "std": [1]})
+    assert not (tmp_path / "bad.pt").exists()
+
+
+def test_the_gn_dgl_configs_normalize_as_their_code():
+    from decoupled import config
+
+    cifar = {"mean": [125.3 / 255, 123.0 / 255, 113.9 / 255], "std": [63.0 / 255, 62.1 / 255, 66.7 / 255]}
+    for name, expected in (("gn_dgl_resnet32", cifar), ("gn_dgl_resnet32_cifar100", cifar),
+                           ("gn_dgl_resnet32_imagenet32", {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]})):
+        normalize = config.load(Path(__file__).parents[1] / "config" / "paper" / f"{name}.yaml")["dataset"]["normalize"]
+        for key in ("mean", "std"):
+            assert normalize[key] == pytest.approx(expected[key], abs=1e-8), name

@@ -278,3 +278,12 @@ def test_the_simulators_sync_and_async_draw_the_same_batches_from_the_stream(tmp
         fit(grid.job_config(cfg, key), load_prepared(tmp_path / "imagenet.pt"))
     sync, asynchronous = drawn
     assert len(sync) == 2 * (24 // 6) and asynchronous[: len(sync)] == sync[: len(asynchronous)]
+
+
+def test_fixed_constants_replace_imagenets_for_a_streamed_dataset_too(tmp_path):
+    root = image_folder(tmp_path / "imagenet")
+    prepare("imagenet", tmp_path / "c.pt", root, normalize={"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}, crop_size=16, resize_size=20)
+    data = load_prepared(tmp_path / "c.pt")
+    assert (data.mean, data.std) == ([0.5] * 3, [0.25] * 3)
+    with pytest.raises(UserError, match="'dataset.normalize.mean': 1 values for images of 3 channel"):
+        prepare("imagenet", tmp_path / "d.pt", root, normalize={"mean": [0.5], "std": [0.25]})

@@ -59,6 +59,7 @@ def cmd_prepare_data(args) -> None:
         crop_size=dataset["crop_size"],
         resize_size=dataset["resize_size"],
         generate_from=dataset["generate_from"],
+        normalize=dataset["normalize"],
     )
     print(f"prepared {summary['name']}: {summary['n_train']} train / {summary['n_test']} test images from {summary['source']} -> {args.out}", file=sys.stderr)
 

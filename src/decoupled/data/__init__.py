@@ -74,11 +74,13 @@ def prepare(
     crop_size: int = 224,
     resize_size: int = 256,
     generate_from: str | None = None,
+    normalize: Mapping[str, list[float]] | None = None,
 ) -> dict:
     """Read dataset ``name``, optionally subset it, and write it to ``out_path`` atomically.
 
     The normalization statistics are computed here, over the (subset) training set, so that
-    every run loading this file normalizes identically. Returns a short summary.
+    every run loading this file normalizes identically, unless ``normalize`` (``{"mean": [...],
+    "std": [...]}``, one value per channel) fixes them, as a paper's code does. Returns a short summary.
 
     A streamed dataset (``dataset_traits``) is written as the list of its files instead, with
     the sizes of its transforms' crops (``crop_size``) and resizes (``resize_size``) and its
@@ -87,7 +89,7 @@ def prepare(
     """
     if traits(name).storage == "streamed":
         return _prepare_streamed(name, out_path, root, download, download_dir, subset_per_class, test_subset_per_class, seed,
-                                 checksums, verify_checksums, crop_size, resize_size, generate_from)
+                                 checksums, verify_checksums, crop_size, resize_size, generate_from, normalize)
     raw = read_raw(
         name, root, download=download, download_dir=download_dir,
         checksums=checksums, verify_checksums=verify_checksums,
@@ -97,7 +99,7 @@ def prepare(
         train_x, train_y = balanced_subset(train_x, train_y, subset_per_class, seed)
     if test_subset_per_class is not None:
         test_x, test_y = balanced_subset(test_x, test_y, test_subset_per_class, seed)
-    mean, std = channel_stats(train_x)
+    mean, std = fixed_stats(normalize, train_x.shape[1]) if normalize is not None else channel_stats(train_x)
     payload = {
         "name": name,
         "train_x": train_x.contiguous(),
@@ -122,7 +124,7 @@ def prepare(
 
 
 def _prepare_streamed(name, out_path, root, download, download_dir, subset_per_class, test_subset_per_class, seed,
-                      checksums, verify_checksums, crop_size, resize_size, generate_from) -> dict:
+                      checksums, verify_checksums, crop_size, resize_size, generate_from, normalize) -> dict:
     if generate_from is not None:
         if root is None:
             raise UserError(f"config key 'dataset.generate_from': {generate_from} needs dataset.root, the folder to write its images to")
@@ -139,11 +141,20 @@ def _prepare_streamed(name, out_path, root, download, download_dir, subset_per_c
         train_files, train_y = _subset_files(train_files, train_y, subset_per_class, seed)
     if test_subset_per_class is not None:
         test_files, test_y = _subset_files(test_files, test_y, test_subset_per_class, seed)
+    mean, std = fixed_stats(normalize, 3) if normalize is not None else (index.mean, index.std)
     payload = {"name": name, "streamed": True, "root": index.root, "train_files": train_files, "train_y": train_y, "test_files": test_files,
-               "test_y": test_y, "classes": list(index.classes), "mean": index.mean, "std": index.std, "crop_size": crop_size,
+               "test_y": test_y, "classes": list(index.classes), "mean": mean, "std": std, "crop_size": crop_size,
                "resize_size": resize_size, "source": index.source, "subset_per_class": subset_per_class, "test_subset_per_class": test_subset_per_class}
     save_torch(payload, out_path)
     return {"name": name, "n_train": len(train_y), "n_test": len(test_y), "source": index.source, "shape": [3, crop_size, crop_size]}
+
+
+def fixed_stats(normalize: Mapping[str, list[float]], channels: int) -> tuple[list[float], list[float]]:
+    """``dataset.normalize``'s mean and std, checked to have one value per channel of the images."""
+    for key in ("mean", "std"):
+        if len(normalize[key]) != channels:
+            raise UserError(f"config key 'dataset.normalize.{key}': {len(normalize[key])} values for images of {channels} channel(s)")
+    return [float(v) for v in normalize["mean"]], [float(v) for v in normalize["std"]]
 
 
 def _subset_files(files: list[str], labels, per_class: int, seed: int):
