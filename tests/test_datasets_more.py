@@ -420,11 +420,11 @@ def test_fixed_constants_normalize_in_place_of_the_training_sets_statistics(tmp_
     assert not (tmp_path / "bad.pt").exists()
 
 
-def test_the_gn_dgl_configs_normalize_as_their_code():
+def test_the_gn_dgl_and_infopro_configs_normalize_as_their_code():
     from decoupled import config
 
     cifar = {"mean": [125.3 / 255, 123.0 / 255, 113.9 / 255], "std": [63.0 / 255, 62.1 / 255, 66.7 / 255]}
-    for name, expected in (("gn_dgl_resnet32", cifar), ("gn_dgl_resnet32_cifar100", cifar),
+    for name, expected in (("gn_dgl_resnet32", cifar), ("gn_dgl_resnet32_cifar100", cifar), ("infopro_dgl_resnet32", cifar),
                            ("gn_dgl_resnet32_imagenet32", {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]})):
         normalize = config.load(Path(__file__).parents[1] / "config" / "paper" / f"{name}.yaml")["dataset"]["normalize"]
         for key in ("mean", "std"):
