@@ -52,7 +52,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from decoupled import config, grid  # noqa: E402
 from decoupled.data import Dataset, balanced_subset, channel_stats, load_prepared, prepare, read_raw, write_image_folder  # noqa: E402
-from decoupled.data.pixels import normalize  # noqa: E402
+from decoupled.data import fixed_stats  # noqa: E402
+from decoupled.data.pixels import normalize as normalized  # noqa: E402
 from decoupled.files import write_json  # noqa: E402
 from decoupled.train import fit  # noqa: E402
 
@@ -81,20 +82,21 @@ def streamed(data_root: str | None, fashion_mnist_root: str | None, subset_per_c
 
 
 def dataset(data_root: str | None, fashion_mnist_root: str | None, subset_per_class: int | None, name: str = "cifar10",
-            verify_checksums: bool = True) -> tuple[Dataset, dict]:
+            verify_checksums: bool = True, normalize: dict | None = None) -> tuple[Dataset, dict]:
     """Dataset ``name`` (of ``ABOUT``: 32x32 colour images) from ``data_root``; without one,
     Fashion-MNIST in their shape (28x28 zero-padded to 32x32, its one channel repeated to 3).
-    Normalized as ``load_prepared`` does."""
+    Normalized as ``load_prepared`` does: by the config's ``dataset.normalize`` where it fixes
+    constants (the real data only), else by the training set's statistics."""
     raw = read_raw(name, data_root, verify_checksums=verify_checksums) if data_root else read_raw("fashion_mnist", fashion_mnist_root)
     shaped = (lambda x: x) if data_root else (lambda x: F.pad(x, (2, 2, 2, 2)).repeat(1, 3, 1, 1))  # noqa: E731
     x_train, y_train = raw.train_x, raw.train_y
     if subset_per_class is not None:
         x_train, y_train = balanced_subset(x_train, y_train, subset_per_class)
     x_train, x_test = shaped(x_train), shaped(raw.test_x)
-    mean, std = channel_stats(x_train)
-    train = normalize(x_train, mean, std)
+    mean, std = fixed_stats(normalize, 3) if normalize is not None and data_root else channel_stats(x_train)
+    train = normalized(x_train, mean, std)
     name = name if data_root else "fashion_mnist_cifar_shaped"
-    data = Dataset(train, y_train.long(), normalize(x_test, mean, std), raw.test_y.long(), list(raw.classes), len(raw.classes), train.shape[1], train.shape[2], name)
+    data = Dataset(train, y_train.long(), normalized(x_test, mean, std), raw.test_y.long(), list(raw.classes), len(raw.classes), train.shape[1], train.shape[2], name)
     about = ABOUT[name] if data_root else "Fashion-MNIST zero-padded to 32x32, its channel repeated to 3 (a stand-in for CIFAR's shape)"
     return data, {"name": about, "source": raw.source}
 
@@ -152,7 +154,8 @@ def main() -> None:
     if args.dataset == "imagenet":
         data, about = streamed(args.data_root, args.fashion_mnist_root, args.subset_per_class, cfg["dataset"], workdir)
     else:
-        data, about = dataset(args.data_root, args.fashion_mnist_root, args.subset_per_class, args.dataset, not args.no_verify_checksums)
+        data, about = dataset(args.data_root, args.fashion_mnist_root, args.subset_per_class, args.dataset, not args.no_verify_checksums,
+                              cfg["dataset"]["normalize"] if cfg["dataset"]["name"] == args.dataset else None)
     Ks, seeds = split(args.K), split(args.seeds)
     todo = jobs(cfg, split(args.methods), None if Ks is None else [int(k) for k in Ks], None if seeds is None else [int(s) for s in seeds])
     if not todo:

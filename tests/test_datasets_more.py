@@ -420,12 +420,15 @@ def test_fixed_constants_normalize_in_place_of_the_training_sets_statistics(tmp_
     assert not (tmp_path / "bad.pt").exists()
 
 
-def test_the_gn_dgl_and_infopro_configs_normalize_as_their_code():
+def test_the_paper_configs_normalize_as_their_authors_code():
     from decoupled import config
 
     cifar = {"mean": [125.3 / 255, 123.0 / 255, 113.9 / 255], "std": [63.0 / 255, 62.1 / 255, 66.7 / 255]}
-    for name, expected in (("gn_dgl_resnet32", cifar), ("gn_dgl_resnet32_cifar100", cifar), ("infopro_dgl_resnet32", cifar),
-                           ("gn_dgl_resnet32_imagenet32", {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]})):
-        normalize = config.load(Path(__file__).parents[1] / "config" / "paper" / f"{name}.yaml")["dataset"]["normalize"]
+    fdg_dgl = {"mean": [0.4914, 0.4822, 0.4465], "std": [0.2023, 0.1994, 0.2010]}  # the FDG code's and the DGL code's CIFAR-10 constants
+    for name, expected in (("paper/gn_dgl_resnet32", cifar), ("paper/gn_dgl_resnet32_cifar100", cifar), ("paper/infopro_dgl_resnet32", cifar),
+                           ("paper/gn_dgl_resnet32_imagenet32", {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}),
+                           ("paper/fdg_resnet56", fdg_dgl), ("paper/fdg_wrn28_10_speed", fdg_dgl), ("paper/dgl_ddg_resnet110", fdg_dgl),
+                           ("paper_dni_cifar10", fdg_dgl)):
+        normalize = config.load(Path(__file__).parents[1] / "config" / f"{name}.yaml")["dataset"]["normalize"]
         for key in ("mean", "std"):
             assert normalize[key] == pytest.approx(expected[key], abs=1e-8), name

@@ -79,6 +79,10 @@ def test_with_a_cifar_root_it_reads_cifar10_as_it_is(gpu_check, tmp_path, monkey
     # the test images keep their pixels' order: normalization is one increasing map per channel
     assert torch.equal(torch.argsort(data.test_x[3, 1].flatten(), stable=True), torch.argsort(torch.from_numpy(images[3, 1]).float().flatten(), stable=True))
     assert data.test_y.tolist() == labels
+    # a config's dataset.normalize (its authors' constants) in place of the statistics
+    fixed, _ = gpu_check.dataset(str(tmp_path), None, None, normalize={"mean": [0.5] * 3, "std": [0.25] * 3})
+    expected = (torch.from_numpy(images).float() / 255 - 0.5) / 0.25
+    torch.testing.assert_close(fixed.test_x, expected, atol=1e-5, rtol=0)
 
 
 def test_with_a_data_root_it_reads_cifar100_and_imagenet32_as_they_are(gpu_check, tmp_path, monkeypatch):

@@ -36,7 +36,7 @@ DATASETS: dict[str, DatasetSpec] = {
 
 __all__ = ["CIFAR100_CLASSES", "CIFAR100_DIR_NAME", "CIFAR100_MD5", "CIFAR10_CLASSES", "CIFAR10_DIR_NAME", "CIFAR10_MD5",
            "DATASETS", "DEFAULT_DOWNLOAD_DIR", "FASHION_MNIST_CLASSES", "FASHION_MNIST_SHA256", "IMAGENET32_CLASSES", "Dataset",
-           "DatasetSpec", "FolderDataset", "FolderIndex", "RawData", "balanced_subset", "channel_stats", "dataset_spec", "load_prepared", "prepare",
+           "DatasetSpec", "FolderDataset", "FolderIndex", "RawData", "balanced_subset", "channel_stats", "dataset_spec", "fixed_stats", "load_prepared", "prepare",
            "read_cifar10", "read_cifar100", "read_cifar_batch", "read_fashion_mnist", "read_idx", "read_imagenet32", "read_raw"]
 
 
