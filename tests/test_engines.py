@@ -263,3 +263,13 @@ def test_an_engine_is_known_by_its_spec_alone():
     assert engines.spec("distributed").gpus(job) == 3 and engines.spec("simulated").gpus({**job, "train": {"device": "cpu"}}) == 0
     assert engines.spec("distributed").command(job) == ["torchrun", "--standalone", "--nnodes=1", "--nproc-per-node=3", "-m", "decoupled"]
     assert engines.spec("simulated").command(job) == ["python", "-m", "decoupled"]
+
+
+def test_a_test_set_in_memory_gives_every_image_once_in_order_and_each_worker_its_share():
+    x, y = torch.arange(10.0).view(10, 1), torch.arange(10)
+    test = TensorTestSet(x, y)
+    batches = list(test.batches(4))
+    assert [len(b[1]) for b in batches] == [4, 4, 2]
+    assert torch.equal(torch.cat([b[0] for b in batches]), x) and torch.equal(torch.cat([b[1] for b in batches]), y)
+    shares = [torch.cat([b[1] for b in test.batches(2, part=(rank, 3))]).tolist() for rank in range(3)]
+    assert shares == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]

@@ -215,8 +215,11 @@ def test_a_stand_in_folder_is_written_once_from_an_in_memory_dataset(tmp_path, m
     import decoupled.data as data_module
 
     monkeypatch.setattr(data_module, "read_raw", lambda name, root, **kw: raw if name == "fashion_mnist" else read_raw(name, root, **kw))
-    root = tmp_path / "stand_in"
+    root = tmp_path / "nested" / "stand_in"  # its parent made too
+    (tmp_path / "nested" / ".stand_in.partial" / "train").mkdir(parents=True)  # a crashed attempt's leftovers
+    (tmp_path / "nested" / ".stand_in.partial" / "train" / "stale.jpg").write_bytes(b"")
     summary = prepare("imagenet", tmp_path / "a.pt", root, generate_from="fashion_mnist", crop_size=8, resize_size=10, test_subset_per_class=2)
+    assert not (root / "train" / "stale.jpg").exists()
     assert sorted(p.name for p in (root / "train").iterdir()) == ["0", "1"]  # the class numbers (a name may hold a slash)
     assert (summary["n_train"], summary["n_test"]) == (20, 4)
     data = load_prepared(tmp_path / "a.pt")
@@ -228,7 +231,18 @@ def test_a_stand_in_folder_is_written_once_from_an_in_memory_dataset(tmp_path, m
     written = (root / "train" / "0").stat().st_mtime_ns
     prepare("imagenet", tmp_path / "b.pt", root, generate_from="fashion_mnist", crop_size=8, resize_size=10)
     assert (root / "train" / "0").stat().st_mtime_ns == written  # there already: not written again
-    assert not list(tmp_path.glob(".stand_in*"))  # no partial folder left
+    assert not list((tmp_path / "nested").glob(".stand_in*"))  # no partial folder left
+
+
+def test_a_stand_in_of_colour_images_keeps_their_channels(tmp_path):
+    from decoupled.data import RawData
+    from decoupled.data.folders import write_image_folder
+
+    red = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+    red[:, 0] = 200
+    write_image_folder(RawData(red, torch.tensor([0, 1]), red[:1], torch.tensor([0]), ["a", "b"], "memory"), tmp_path / "colour")
+    pixels = np.asarray(Image.open(next((tmp_path / "colour" / "train" / "0").iterdir())))
+    assert pixels.shape == (8, 8, 3) and abs(int(pixels[..., 0].mean()) - 200) <= 3 and pixels[..., 1:].max() <= 8
 
 
 def job(data_root, engine="simulated", mode="sync", method="dgl"):
@@ -287,3 +301,22 @@ def test_fixed_constants_replace_imagenets_for_a_streamed_dataset_too(tmp_path):
     assert (data.mean, data.std) == ([0.5] * 3, [0.25] * 3)
     with pytest.raises(UserError, match="'dataset.normalize.mean': 1 values for images of 3 channel"):
         prepare("imagenet", tmp_path / "d.pt", root, normalize={"mean": [0.5], "std": [0.25]})
+
+
+def test_loader_workers_hold_nothing_the_training_process_had_locked(tmp_path):
+    """A worker forked from the training process would keep a lock its other thread held at that
+    moment (MLflow's store lock: the next job's start then hung); the workers come from a fork server."""
+    import fcntl
+    import subprocess
+    import sys
+
+    data = prepared(tmp_path)
+    lock_path = tmp_path / "store.lock"
+    with open(lock_path, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        stream = data.train_stream(4, 0, "none", torch.device("cpu"), 1)
+        stream.next()  # its worker starts while the lock is held
+    # released: closed here; the worker is still alive, reading ahead
+    probe = "import fcntl, sys; fcntl.flock(open(sys.argv[1], 'a'), fcntl.LOCK_EX | fcntl.LOCK_NB)"
+    assert subprocess.run([sys.executable, "-c", probe, str(lock_path)], capture_output=True, timeout=60).returncode == 0
+    assert stream.next()[0].shape == (4, 3, 16, 16)
