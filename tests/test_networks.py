@@ -236,3 +236,12 @@ def test_the_imagenet_resnet152_is_torchvisions_layer_for_layer_and_cut_as_the_d
         assert ours.heads[0](maps).shape == (1, 1000)
         hook.remove()
         assert pooled == [(1, 1024, 2, 2)]  # model.aux_first_pool 2: the code's head pools 14x14 to 2x2 (a quarter of 7)
+
+
+def test_the_imagenet_resnets_aux_heads_are_drawn_as_its_convs():
+    """imagenet_dgl/models/resnet.py's init loop covers its aux nets: their convs He fan-out too."""
+    torch.manual_seed(0)
+    net = model.build({"arch": "imagenet_resnet50", **BASE, "base_width": 16, "split": [9, 8], "aux_head": "dgl"}, 2, 3, 10)
+    conv = next(m for m in net.heads[0].modules() if isinstance(m, torch.nn.Conv2d))
+    he = (2 / conv.out_channels) ** 0.5  # PyTorch's default would be about 0.4 of it
+    assert abs(float(conv.weight.detach().std()) - he) < 0.1 * he

@@ -1,5 +1,5 @@
 """What a dataset declares of itself, read from its file's text without importing torch (as a
-method's ``TRAITS``): ``TRAITS = {"storage": ...}`` at the top of ``data/<name>.py``.
+method's ``TRAITS``): ``TRAITS = {"storage": ...}`` in ``data/<name>.py``, beside its ``SPEC``.
 
 ``storage``: ``memory``, prepared once as tensors and held in memory (on the GPU, once per job)
 by training; ``streamed``, prepared as a list of image files that a loader's worker processes

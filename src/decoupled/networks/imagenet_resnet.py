@@ -50,18 +50,22 @@ class ImageNetResNet:
                 layers.append(Bottleneck(channels, planes, 2 if stage > 0 and i == 0 else 1))
                 channels = 4 * planes
         for layer in layers:
-            self.init_head(layer)
+            initialize(layer)
         return layers
 
     def classifier(self, channels: int, num_classes: int) -> nn.Module:
         return PoolLinear(channels, num_classes)
 
-    def init_head(self, module: nn.Module) -> nn.Module:
-        """That code's initialization loop, which runs over its aux nets too: convs and BN2d only."""
-        for m in module.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        return module
+    def init_head(self, head: nn.Module) -> nn.Module:
+        return initialize(head)  # that code's loop runs over its aux nets too
+
+
+def initialize(module: nn.Module) -> nn.Module:
+    """That code's initialization: convs He normal (fan out), BN2d 1 and 0; nothing else."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return module
