@@ -171,11 +171,11 @@ def test_training_takes_random_resized_crops_and_flips_drawn_from_each_images_se
     data = prepared(tmp_path, crop=16, resize=20)
     stream = data.train_stream(6, 0, "resized_crop_flip", torch.device("cpu"), 0)
     x, _ = stream.next()
-    for i, (index, seed) in enumerate(zip(stream.order[:6].tolist(), stream.seeds[:6].tolist())):
+    for i, (index, seed) in enumerate(zip(stream.passes.order[:6].tolist(), stream.seeds[:6].tolist())):
         expected = reference(tmp_path / "imagenet" / data.train_files[index], "train", seed, 16, 20)
         assert torch.allclose(x[i], expected, atol=1e-5)
     # the crops differ from the evaluation's, and between the images' seeds
-    assert not torch.allclose(x[0], reference(tmp_path / "imagenet" / data.train_files[stream.order[0]], "eval", 0, 16, 20), atol=1e-3)
+    assert not torch.allclose(x[0], reference(tmp_path / "imagenet" / data.train_files[stream.passes.order[0]], "eval", 0, 16, 20), atol=1e-3)
 
 
 def test_the_distributed_workers_take_their_share_of_the_test_images(tmp_path):

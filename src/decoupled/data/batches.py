@@ -31,6 +31,39 @@ class Batches(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
+class PassOrder:
+    """The order a training set of ``n`` items is read in, the same for data in memory and data
+    read from files: at each pass a new permutation, drawn from the run's seed; ``take()`` gives
+    the next batch's indices (on the CPU, the same on every device) and whether a pass began
+    with it. The last incomplete batch of a pass is dropped."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size = n, batch_size
+        self.rng = torch.Generator().manual_seed(seed)
+        self.order: torch.Tensor | None = None
+        self.position = 0  # batches taken from the current pass
+
+    @property
+    def batches_per_pass(self) -> int:
+        return self.n // self.batch_size
+
+    def take(self) -> tuple[torch.Tensor, bool]:
+        new_pass = self.order is None or self.position == self.batches_per_pass
+        if new_pass:
+            self.order = torch.randperm(self.n, generator=self.rng)
+            self.position = 0
+        indices = self.order[self.position * self.batch_size : (self.position + 1) * self.batch_size]
+        self.position += 1
+        return indices, new_pass
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.get_state(), "order": self.order, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.set_state(state["rng"])
+        self.order, self.position = state["order"], state["position"]
+
+
 class BatchStream:
     """Endless shuffled mini-batches; each pass over the data uses a new permutation.
 
@@ -42,37 +75,29 @@ class BatchStream:
         self.x, self.y = x, y
         self.device, self.input_shape = x.device, tuple(x.shape[1:])
         self.batch_size = batch_size
-        self.rng = torch.Generator().manual_seed(seed)
+        self.passes = PassOrder(len(x), batch_size, seed)
         if augment != "none" and augment not in PADDING_MODES:
             raise ValueError(f"unknown augment {augment!r}: none, {', '.join(PADDING_MODES)}")
         self.augment = augment
         self.augment_rng = torch.Generator().manual_seed(seed + 2)  # apart from the order's stream
-        self.order: torch.Tensor | None = None
-        self.position = 0  # batches taken from the current pass
 
     @property
     def batches_per_pass(self) -> int:
-        return len(self.x) // self.batch_size
+        return self.passes.batches_per_pass
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.order is None or self.position == self.batches_per_pass:
-            self.order = torch.randperm(len(self.x), generator=self.rng)
-            self.position = 0
-        # the order is drawn on the CPU (the same on every device); a batch's indices go to the data
-        idx = self.order[self.position * self.batch_size : (self.position + 1) * self.batch_size].to(self.x.device)
-        self.position += 1
+        idx = self.passes.take()[0].to(self.x.device)  # a batch's indices go to the data
         x = self.x[idx]
         if self.augment != "none":
             x = crop_flip(x, self.augment_rng, mode=PADDING_MODES[self.augment])
         return x, self.y[idx]
 
     def state_dict(self) -> dict:
-        return {"rng": self.rng.get_state(), "augment_rng": self.augment_rng.get_state(), "order": self.order, "position": self.position}
+        return {**self.passes.state_dict(), "augment_rng": self.augment_rng.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.rng.set_state(state["rng"])
+        self.passes.load_state_dict(state)
         self.augment_rng.set_state(state["augment_rng"])
-        self.order, self.position = state["order"], state["position"]
 
 
 class TensorTestSet:

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from decoupled.data.batches import PassOrder
 from decoupled.data.pixels import normalize
 from decoupled.dataset_traits import check_augment
 from decoupled.errors import UserError
@@ -109,42 +110,38 @@ class FolderStream:
         self.labels, self.normalize = data.train_y, data.normalizer(device)
         self.batch_size, self.device, self.workers = batch_size, device, workers
         self.input_shape = data.input_shape
-        self.rng = torch.Generator().manual_seed(seed)
+        self.passes = PassOrder(len(self.labels), batch_size, seed)  # BatchStream's order
         self.augment_rng = torch.Generator().manual_seed(seed + 2)  # apart from the order's stream, as BatchStream's
-        self.order: Tensor | None = None
         self.seeds: Tensor | None = None  # each image's transform seed, this pass
-        self.position = 0
         self.loader: Iterator | None = None
 
     @property
     def batches_per_pass(self) -> int:
-        return len(self.labels) // self.batch_size
+        return self.passes.batches_per_pass
 
     def next(self) -> tuple[Tensor, Tensor]:
-        if self.order is None or self.position == self.batches_per_pass:
-            self.order = torch.randperm(len(self.labels), generator=self.rng)
+        indices, new_pass = self.passes.take()
+        if new_pass:
             self.seeds = torch.randint(0, 2**62, (len(self.labels),), generator=self.augment_rng)
-            self.position, self.loader = 0, None
+            self.loader = None
         if self.loader is None:
-            self.loader = self._load_from(self.position)
-        indices = self.order[self.position * self.batch_size : (self.position + 1) * self.batch_size]
-        self.position += 1
+            self.loader = self._load_from(self.passes.position - 1)  # from the batch just taken
         return self.normalize(_checked(next(self.loader))), self.labels[indices].to(self.device)
 
     def _load_from(self, position: int) -> Iterator:
-        """The pass's remaining batches, read ahead by the loader's workers."""
+        """The pass's batches from ``position`` on, read ahead by the loader's workers."""
         b = self.batch_size
-        items = list(zip(self.order.tolist(), self.seeds.tolist()))
+        items = list(zip(self.passes.order.tolist(), self.seeds.tolist()))
         batches = [items[i * b : (i + 1) * b] for i in range(position, self.batches_per_pass)]
         return iter(_loader(self.images, batches, self.workers, self.device))
 
     def state_dict(self) -> dict:
-        return {"rng": self.rng.get_state(), "augment_rng": self.augment_rng.get_state(), "order": self.order, "seeds": self.seeds, "position": self.position}
+        return {**self.passes.state_dict(), "augment_rng": self.augment_rng.get_state(), "seeds": self.seeds}
 
     def load_state_dict(self, state: dict) -> None:
-        self.rng.set_state(state["rng"])
+        self.passes.load_state_dict(state)
         self.augment_rng.set_state(state["augment_rng"])
-        self.order, self.seeds, self.position = state["order"], state["seeds"], state["position"]
+        self.seeds = state["seeds"]
         self.loader = None  # read again from the saved position
 
 
